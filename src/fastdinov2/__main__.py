@@ -1,0 +1,3 @@
+from fastdinov2.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,437 @@
+"""One typed configuration schema for fastdinov2.
+
+The schema is a tree of dataclasses loaded through OmegaConf structured configs, so YAML presets and
+DINOv2-style ``key=value`` overrides are type-checked and unknown keys are rejected by name. Values
+that are well-typed but impossible (a crop not divisible by the patch size, stage lengths that do not
+add up, ...) are rejected by :func:`validate` with the dotted key of the offending field.
+
+Presets live in ``configs/<name>.yaml`` and are named by their file stem.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "vit_custom")
+LOWPASS_METHODS = ("resize", "fourier", "jpeg_draft")
+NOISE_KINDS = ("none", "gaussian", "blur")
+CENTERINGS = ("softmax", "sinkhorn_knopp")
+SWITCH_MODES = ("continuous", "restart")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+NAN_POLICIES = ("halt", "skip")
+FFN_LAYERS = ("mlp", "swiglu")
+
+
+_MISSING = object()
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or impossible. The message names the key."""
+
+
+@dataclass
+class StudentConfig:
+    """The backbone. ``arch`` picks a width/depth; ``vit_custom`` takes ``embed_dim``/``depth``/``num_heads``."""
+
+    arch: str = "vit_small"
+    patch_size: int = 16
+    embed_dim: int = 384  # used by vit_custom only
+    depth: int = 12  # used by vit_custom only
+    num_heads: int = 6  # used by vit_custom only
+    mlp_ratio: float = 4.0
+    ffn_layer: str = "mlp"
+    num_register_tokens: int = 0
+    layerscale: float | None = 1.0e-5  # LayerScale init; null disables LayerScale
+    drop_path_rate: float = 0.0
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    pretrained: str | None = None  # a backbone file (ours, official DINOv2, seed) to start from
+
+
+@dataclass
+class DinoConfig:
+    loss_weight: float = 1.0
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_hidden_dim: int = 2048
+    head_nlayers: int = 3
+    koleo_loss_weight: float = 0.1
+    centering: str = "softmax"
+
+
+@dataclass
+class IbotConfig:
+    loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5
+    mask_ratio_min: float = 0.1
+    mask_ratio_max: float = 0.5
+    separate_head: bool = False
+    head_n_prototypes: int = 65536
+    head_bottleneck_dim: int = 256
+    head_hidden_dim: int = 2048
+    head_nlayers: int = 3
+
+
+@dataclass
+class TeacherConfig:
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: float = 30.0
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    base_lr: float = 0.004  # per `lr_reference_batch` images, scaled by the rule below
+    lr_reference_batch: int = 1024
+    scaling_rule: str = "sqrt"  # "sqrt" | "linear" | "none"
+    min_lr: float = 1.0e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    freeze_last_layer_epochs: float = 1.0
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+
+
+@dataclass
+class CropsConfig:
+    """DINOv2 multi-crop geometry at full resolution. Stages may shrink the output sizes."""
+
+    global_crops_scale_min: float = 0.32
+    global_crops_scale_max: float = 1.0
+    local_crops_scale_min: float = 0.05
+    local_crops_scale_max: float = 0.32
+    local_crops_number: int = 8
+    global_crops_size: int = 224
+    local_crops_size: int = 96
+
+
+@dataclass
+class NoiseConfig:
+    """Gaussian noise patching (FastDINOv2): additive N(0,1)*U(0,max_scale) noise on a random square."""
+
+    kind: str = "none"  # "none" | "gaussian" | "blur"
+    p: float = 1.0
+    max_scale: float = 0.5  # gaussian: sigma ~ U(0, max_scale) on [0, 1] pixel values
+    blur_sigma_min: float = 0.1  # blur: sigma ~ U(min, max) in pixels
+    blur_sigma_max: float = 2.0
+
+
+@dataclass
+class StageConfig:
+    """One stage of the frequency curriculum.
+
+    Its length is either ``epochs`` or ``fraction`` (of ``optim.epochs``); exactly one is set, and
+    the stages' lengths add up to ``optim.epochs``.
+    """
+
+    name: str = "full"
+    epochs: float | None = None
+    fraction: float | None = None
+    global_size: int = 224
+    local_size: int = 96
+    lowpass: str = "resize"
+    batch_size_per_gpu: int | None = None
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+
+
+@dataclass
+class CurriculumConfig:
+    switch_mode: str = "continuous"  # "continuous" | "restart"
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig(fraction=1.0)])
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # None: the embedded synthetic dataset
+    num_workers: int = 4
+    max_bad_samples: int = 0
+    cache_dir: str | None = None  # where the embedded dataset is written; default ~/.cache/fastdinov2
+    photometric_on: str = "worker"  # "worker": colour ops in loader workers; "device": batched on the GPU
+
+
+@dataclass
+class TrainConfig:
+    batch_size_per_gpu: int = 64
+    seed: int = 0
+    max_steps: int | None = None  # stop after this many steps (smoke tests); schedules keep their length
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last_checkpoints: int = 2
+    grad_accum_steps: int = 1
+    nan_policy: str = "halt"
+    max_consecutive_skips: int = 10
+    knn_at_end: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ComputeConfig:
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class Config:
+    student: StudentConfig = field(default_factory=StudentConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+
+DEFAULT_PRESET = "fastdinov2_tiny"
+
+
+def presets_dir() -> Path:
+    """The folder holding the shipped presets (inside the wheel, or ``configs/`` of a source tree)."""
+    packaged = Path(str(resources.files("fastdinov2"))) / "configs"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def _resolve_config_file(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    preset = presets_dir() / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(
+            f"unknown preset {name_or_path!r}: not a file, and not one of {', '.join(list_presets())}"
+        )
+    return preset
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml errors carry the line
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
+def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
+    try:
+        merged = OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        raise ConfigError(f"{source}: invalid key or value {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}") from exc
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def load_config(config: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from a preset name or YAML file plus ``key=value`` overrides.
+
+    A preset may name another with a top-level ``base: NAME`` key; it is applied first.
+    """
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_struct(schema, True)
+    layers: list[tuple[Path, DictConfig]] = []
+    name: str | None = config or DEFAULT_PRESET
+    while name is not None:
+        path = _resolve_config_file(name).resolve()
+        if any(path == p for p, _ in layers):
+            raise ConfigError(f"config {path}: 'base' chain loops back to itself")
+        raw = _load_yaml(path)
+        name = raw.pop("base", None)
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"config {path}: 'base' must be a preset name or file")
+        layers.append((path, raw))
+    merged = schema
+    for path, raw in reversed(layers):
+        merged = _merge(merged, raw, str(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        try:
+            parsed = OmegaConf.select(OmegaConf.from_dotlist([f"{key}={value}"]), key)
+            if isinstance(parsed, DictConfig | ListConfig):
+                parsed = OmegaConf.to_container(parsed)
+            if OmegaConf.select(merged, key, default=_MISSING) is _MISSING:
+                raise ConfigError(f"override {key}: unknown key {key!r}")
+            OmegaConf.update(merged, key, parsed, merge=True)
+        except (OmegaConfBaseException, TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"override {key}: invalid key or value {value!r}: {exc}") from exc
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid config: {exc}") from exc
+    assert isinstance(cfg, Config)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    out = OmegaConf.to_container(OmegaConf.structured(cfg))
+    assert isinstance(out, dict)
+    return out  # type: ignore[return-value]
+
+
+def diff_configs(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs (``ignore`` lists prefixes to skip)."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if isinstance(d, dict):
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+        elif isinstance(d, list):
+            for i, v in enumerate(d):
+                out.update(flat(v, f"{prefix}{i}."))
+        else:
+            out[prefix[:-1]] = d
+        return out
+
+    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    keys = sorted(set(fa) | set(fb))
+    return [k for k in keys if fa.get(k) != fb.get(k) and not any(k.startswith(p) for p in ignore)]
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def stage_epochs(cfg: Config) -> list[float]:
+    """Length of each curriculum stage in epochs (validated to add up to ``optim.epochs``)."""
+    out = []
+    for st in cfg.curriculum.stages:
+        out.append(float(st.epochs) if st.epochs is not None else float(st.fraction or 0.0) * cfg.optim.epochs)
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values; each error names the dotted key."""
+    s = cfg.student
+    _choice(s.arch, "student.arch", ARCHS)
+    _choice(s.ffn_layer, "student.ffn_layer", FFN_LAYERS)
+    _check(s.patch_size > 0, "student.patch_size", "must be positive")
+    _check(s.num_register_tokens >= 0, "student.num_register_tokens", "must be >= 0")
+    _check(0.0 <= s.drop_path_rate < 1.0, "student.drop_path_rate", "must be in [0, 1)")
+    if s.arch == "vit_custom":
+        _check(s.embed_dim % s.num_heads == 0, "student.embed_dim", "must be divisible by student.num_heads")
+    _choice(cfg.dino.centering, "dino.centering", CENTERINGS)
+    for sec in ("dino", "ibot"):
+        head = getattr(cfg, sec)
+        _check(head.head_n_prototypes > 0, f"{sec}.head_n_prototypes", "must be positive")
+        _check(head.head_nlayers >= 1, f"{sec}.head_nlayers", "must be >= 1")
+    i = cfg.ibot
+    _check(0.0 <= i.mask_sample_probability <= 1.0, "ibot.mask_sample_probability", "must be in [0, 1]")
+    _check(0.0 <= i.mask_ratio_min <= i.mask_ratio_max <= 1.0, "ibot.mask_ratio_min",
+           "need 0 <= ibot.mask_ratio_min <= ibot.mask_ratio_max <= 1")
+    t = cfg.teacher
+    _check(0.0 <= t.momentum_teacher <= t.final_momentum_teacher <= 1.0, "teacher.momentum_teacher",
+           "need 0 <= teacher.momentum_teacher <= teacher.final_momentum_teacher <= 1")
+    _check(t.warmup_teacher_temp > 0 and t.teacher_temp > 0, "teacher.teacher_temp", "must be positive")
+    o = cfg.optim
+    _check(o.epochs > 0, "optim.epochs", "must be positive")
+    _check(o.base_lr > 0, "optim.base_lr", "must be positive")
+    _check(o.lr_reference_batch > 0, "optim.lr_reference_batch", "must be positive")
+    _choice(o.scaling_rule, "optim.scaling_rule", ("sqrt", "linear", "none"))
+    _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", "must be in [0, optim.epochs]")
+    _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+    _check(0 < o.layerwise_decay <= 1.0, "optim.layerwise_decay", "must be in (0, 1]")
+    c = cfg.crops
+    _check(0 < c.global_crops_scale_min <= c.global_crops_scale_max <= 1.0, "crops.global_crops_scale_min",
+           "need 0 < min <= max <= 1")
+    _check(0 < c.local_crops_scale_min <= c.local_crops_scale_max <= 1.0, "crops.local_crops_scale_min",
+           "need 0 < min <= max <= 1")
+    _check(c.local_crops_number >= 0, "crops.local_crops_number", "must be >= 0")
+    _check(c.local_crops_size <= c.global_crops_size, "crops.local_crops_size",
+           f"{c.local_crops_size} is larger than crops.global_crops_size={c.global_crops_size}")
+    for key, size in (("crops.global_crops_size", c.global_crops_size), ("crops.local_crops_size", c.local_crops_size)):
+        _check(size > 0 and size % s.patch_size == 0, key,
+               f"{size} is not a positive multiple of student.patch_size={s.patch_size}")
+    cur = cfg.curriculum
+    _choice(cur.switch_mode, "curriculum.switch_mode", SWITCH_MODES)
+    _check(len(cur.stages) >= 1, "curriculum.stages", "needs at least one stage")
+    for n, st in enumerate(cur.stages):
+        k = f"curriculum.stages.{n}"
+        _check((st.epochs is None) != (st.fraction is None), f"{k}.epochs",
+               "set exactly one of epochs and fraction")
+        length = st.epochs if st.epochs is not None else st.fraction
+        assert length is not None
+        _check(length > 0, f"{k}.{'epochs' if st.epochs is not None else 'fraction'}", "must be positive")
+        for name, size in (("global_size", st.global_size), ("local_size", st.local_size)):
+            _check(size > 0 and size % s.patch_size == 0, f"{k}.{name}",
+                   f"{size} is not a positive multiple of student.patch_size={s.patch_size}")
+        _check(st.local_size <= st.global_size, f"{k}.local_size",
+               f"{st.local_size} is larger than the stage's global_size={st.global_size}")
+        _check(st.global_size <= c.global_crops_size, f"{k}.global_size",
+               f"{st.global_size} is larger than crops.global_crops_size={c.global_crops_size}")
+        _check(st.local_size <= c.local_crops_size, f"{k}.local_size",
+               f"{st.local_size} is larger than crops.local_crops_size={c.local_crops_size}")
+        _choice(st.lowpass, f"{k}.lowpass", LOWPASS_METHODS)
+        _check(st.batch_size_per_gpu is None or st.batch_size_per_gpu > 0, f"{k}.batch_size_per_gpu",
+               "must be positive")
+        _choice(st.noise.kind, f"{k}.noise.kind", NOISE_KINDS)
+        _check(0.0 <= st.noise.p <= 1.0, f"{k}.noise.p", "must be in [0, 1]")
+        _check(st.noise.max_scale >= 0.0, f"{k}.noise.max_scale", "must be >= 0")
+        _check(0 < st.noise.blur_sigma_min <= st.noise.blur_sigma_max, f"{k}.noise.blur_sigma_min",
+               "need 0 < blur_sigma_min <= blur_sigma_max")
+    total = sum(stage_epochs(cfg))
+    _check(math.isclose(total, o.epochs, rel_tol=1e-6, abs_tol=1e-6), "curriculum.stages",
+           f"stage lengths add up to {total:g} epochs, but optim.epochs={o.epochs}")
+    d = cfg.data
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(d.max_bad_samples >= 0, "data.max_bad_samples", "must be >= 0")
+    _choice(d.photometric_on, "data.photometric_on", ("worker", "device"))
+    tr = cfg.train
+    _check(tr.batch_size_per_gpu > 0, "train.batch_size_per_gpu", "must be positive")
+    if cfg.dino.koleo_loss_weight > 0:  # KoLeo needs a nearest neighbour within each rank's batch
+        _check(tr.batch_size_per_gpu >= 2, "train.batch_size_per_gpu", "must be >= 2 when dino.koleo_loss_weight > 0")
+        for n, st in enumerate(cur.stages):
+            _check(st.batch_size_per_gpu is None or st.batch_size_per_gpu >= 2,
+                   f"curriculum.stages.{n}.batch_size_per_gpu", "must be >= 2 when dino.koleo_loss_weight > 0")
+    _check(tr.max_steps is None or tr.max_steps > 0, "train.max_steps", "must be positive")
+    _check(tr.log_every > 0, "train.log_every", "must be positive")
+    _check(tr.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
+    _check(tr.keep_last_checkpoints >= 2, "train.keep_last_checkpoints", "must be >= 2")
+    _check(tr.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+    _choice(tr.nan_policy, "train.nan_policy", NAN_POLICIES)
+    _check(tr.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
+    _choice(cfg.compute.device, "compute.device", DEVICES)
+    _choice(cfg.compute.precision, "compute.precision", PRECISIONS)

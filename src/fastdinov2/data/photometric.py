@@ -1,0 +1,311 @@
+"""DINOv2 photometric augmentation as one batched torch function with per-crop parameters.
+
+DINOv2 applies, per crop: colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in a
+random order) with p=0.8, grayscale with p=0.2, Gaussian blur (p=1.0 on global crop 1, 0.1 on global
+crop 2, 0.5 on local crops), solarize (threshold 128/255) with p=0.2 on global crop 2 only, then
+ImageNet mean/std normalisation.
+
+The random parameters are drawn on the CPU from a sample's numpy generator by
+:func:`sample_photometric_params` and kept as tensors in :class:`PhotometricParams`; the pixels are
+transformed by :func:`apply_photometric`, which takes a whole batch of crops of one size. The same
+function therefore runs inside a data-loader worker (per sample) or on the GPU (per batch) and gives the
+same result up to floating-point rounding.
+
+Blur kernel: DINOv2 uses a 9-tap kernel with sigma ~ U(0.1, 2.0) px for both 224 px global and 96 px
+local crops. A crop rendered at a fraction ``r`` of its full size (``stage size / full size``, e.g. 0.5
+in the low-resolution stage) gets kernel size ``max(3, odd_round(9 r))`` and sigma scaled by ``r``,
+i.e. the blur a full-resolution crop would get, seen at the lower resolution. At ``r = 1`` this is plain
+DINOv2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CropKind = Literal["global1", "global2", "local"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# colour jitter strengths (torchvision ColorJitter arguments used by DINOv2)
+BRIGHTNESS = 0.4
+CONTRAST = 0.4
+SATURATION = 0.2
+HUE = 0.1
+P_JITTER = 0.8
+P_GRAYSCALE = 0.2
+BLUR_SIGMA = (0.1, 2.0)
+BLUR_KERNEL_FULL = 9  # DINOv2's kernel size at full resolution
+SOLARIZE_THRESHOLD = 128.0 / 255.0
+P_BLUR: dict[str, float] = {"global1": 1.0, "global2": 0.1, "local": 0.5}
+P_SOLARIZE: dict[str, float] = {"global1": 0.0, "global2": 0.2, "local": 0.0}
+
+# jitter op ids, as in torchvision's ColorJitter
+OP_BRIGHTNESS, OP_CONTRAST, OP_SATURATION, OP_HUE = 0, 1, 2, 3
+
+_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision / PIL "L"
+
+
+def blur_kernel_size(resolution_scale: float) -> int:
+    """Odd Gaussian-blur kernel size for a crop rendered at ``resolution_scale`` of its full size.
+
+    9 at full size (DINOv2), scaled linearly, rounded to the nearest odd integer, at least 3.
+    """
+    if resolution_scale <= 0:
+        raise ValueError(f"resolution_scale must be positive, got {resolution_scale}")
+    k = 2 * math.floor((BLUR_KERNEL_FULL * resolution_scale - 1) / 2 + 0.5) + 1
+    return max(3, k)
+
+
+@dataclass
+class PhotometricParams:
+    """Per-crop photometric parameters for ``n`` crops; every field is a tensor with leading dim ``n``.
+
+    ``jitter_order[i]`` is a permutation of the op ids (brightness 0, contrast 1, saturation 2, hue 3).
+    Factors follow torchvision: brightness/contrast/saturation multiply (1 = identity), hue is a shift
+    in turns (0 = identity). ``blur_sigma`` is in pixels of the rendered crop.
+    """
+
+    jitter: torch.Tensor  # bool [n]
+    jitter_order: torch.Tensor  # int64 [n, 4]
+    brightness: torch.Tensor  # float32 [n]
+    contrast: torch.Tensor  # float32 [n]
+    saturation: torch.Tensor  # float32 [n]
+    hue: torch.Tensor  # float32 [n]
+    grayscale: torch.Tensor  # bool [n]
+    blur: torch.Tensor  # bool [n]
+    blur_sigma: torch.Tensor  # float32 [n]
+    blur_kernel_size: torch.Tensor  # int64 [n]
+    solarize: torch.Tensor  # bool [n]
+
+    def __len__(self) -> int:
+        return int(self.jitter.shape[0])
+
+    def _map(self, fn) -> PhotometricParams:  # type: ignore[no-untyped-def]
+        return PhotometricParams(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PhotometricParams:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> PhotometricParams:
+        return self._map(lambda t: t.pin_memory())
+
+    def select(self, idx: torch.Tensor | slice | list[int]) -> PhotometricParams:
+        """The parameters of a subset of crops (``idx`` indexes the leading dim)."""
+        return self._map(lambda t: t[idx])
+
+    @staticmethod
+    def cat(parts: list[PhotometricParams]) -> PhotometricParams:
+        """Concatenate along the crop dimension."""
+        if not parts:
+            raise ValueError("PhotometricParams.cat needs at least one part")
+        return PhotometricParams(
+            **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(PhotometricParams)}
+        )
+
+    @staticmethod
+    def stack_crop_major(per_sample: list[PhotometricParams]) -> PhotometricParams:
+        """B samples with k crops each -> k*B crops ordered crop-major ([all crop 0; all crop 1; ...])."""
+        if not per_sample:
+            raise ValueError("PhotometricParams.stack_crop_major needs at least one sample")
+
+        def stack(name: str) -> torch.Tensor:
+            t = torch.stack([getattr(p, name) for p in per_sample])  # [B, k, ...]
+            return t.transpose(0, 1).reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+        return PhotometricParams(**{f.name: stack(f.name) for f in fields(PhotometricParams)})
+
+
+def identity_params(n: int, kernel_size: int = BLUR_KERNEL_FULL) -> PhotometricParams:
+    """Parameters that leave crops unchanged except for the final normalisation (tests, evaluation)."""
+    return PhotometricParams(
+        jitter=torch.zeros(n, dtype=torch.bool),
+        jitter_order=torch.arange(4).repeat(n, 1),
+        brightness=torch.ones(n),
+        contrast=torch.ones(n),
+        saturation=torch.ones(n),
+        hue=torch.zeros(n),
+        grayscale=torch.zeros(n, dtype=torch.bool),
+        blur=torch.zeros(n, dtype=torch.bool),
+        blur_sigma=torch.ones(n),
+        blur_kernel_size=torch.full((n,), kernel_size, dtype=torch.int64),
+        solarize=torch.zeros(n, dtype=torch.bool),
+    )
+
+
+def sample_photometric_params(
+    rng: np.random.Generator, n: int, crop_kind: CropKind, resolution_scale: float = 1.0
+) -> PhotometricParams:
+    """Draw DINOv2 photometric parameters for ``n`` crops of one kind from ``rng``.
+
+    ``resolution_scale`` = rendered crop size / full crop size scales the blur kernel and sigma (see the
+    module docstring). The number of draws does not depend on the outcomes, so the stream is stable.
+    """
+    if crop_kind not in P_BLUR:
+        raise ValueError(f"crop_kind must be one of {', '.join(P_BLUR)}, got {crop_kind!r}")
+    jitter = rng.random(n) < P_JITTER
+    order = np.argsort(rng.random((n, 4)), axis=1)
+    brightness = rng.uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS, n)
+    contrast = rng.uniform(1 - CONTRAST, 1 + CONTRAST, n)
+    saturation = rng.uniform(1 - SATURATION, 1 + SATURATION, n)
+    hue = rng.uniform(-HUE, HUE, n)
+    gray = rng.random(n) < P_GRAYSCALE
+    blur = rng.random(n) < P_BLUR[crop_kind]
+    sigma = rng.uniform(*BLUR_SIGMA, n) * resolution_scale
+    solarize = rng.random(n) < P_SOLARIZE[crop_kind]
+    f32 = torch.float32
+    return PhotometricParams(
+        jitter=torch.from_numpy(jitter),
+        jitter_order=torch.from_numpy(order.astype(np.int64)),
+        brightness=torch.from_numpy(brightness).to(f32),
+        contrast=torch.from_numpy(contrast).to(f32),
+        saturation=torch.from_numpy(saturation).to(f32),
+        hue=torch.from_numpy(hue).to(f32),
+        grayscale=torch.from_numpy(gray),
+        blur=torch.from_numpy(blur),
+        blur_sigma=torch.from_numpy(sigma).to(f32),
+        blur_kernel_size=torch.full((n,), blur_kernel_size(resolution_scale), dtype=torch.int64),
+        solarize=torch.from_numpy(solarize),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-crop ops on float images in [0, 1]; x: [n, 3, H, W], factors: [n]
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """[n,3,H,W] -> [n,1,H,W] luma."""
+    r, g, b = x.unbind(1)
+    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = factor.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * other).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(x, mean, factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, _gray(x), factor)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``shift`` turns (in [-0.5, 0.5]) in HSV space, as torchvision does for float images.
+
+    Uses the hexcone identities: with ``max``, ``delta = max - min`` and hue ``h`` in sextants,
+    channel c of the result is ``max - delta * clamp(min(k, 4 - k), 0, 1)``, ``k = (o_c + h) mod 6``
+    with ``o = (5, 3, 1)`` for (R, G, B); value and saturation are unchanged.
+    """
+    r, g, b = x.unbind(1)
+    maxc = x.amax(dim=1)
+    delta = maxc - x.amin(dim=1)
+    r_max = maxc == r
+    g_max = (maxc == g) & ~r_max
+    num = torch.where(r_max, g - b, torch.where(g_max, b - r, r - g))
+    sextant = torch.where(r_max, 0.0, torch.where(g_max, 2.0, 4.0))
+    h6 = num / delta.clamp_min(1e-12) + sextant + (6.0 * shift).view(-1, 1, 1)  # grey pixels: delta = 0
+    out = torch.empty_like(x)
+    for c, offset in enumerate((5.0, 3.0, 1.0)):
+        k = torch.remainder(h6 + offset, 6.0)
+        w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+        torch.sub(maxc, delta * w, out=out[:, c])
+    return out
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Per-crop separable Gaussian blur with reflect padding (as torchvision's ``gaussian_blur``).
+
+    x: [n,C,H,W] float, sigma: [n] (pixels) -> [n,C,H,W]. Implemented as shifted multiply-adds, which is
+    faster than a grouped convolution on the CPU for these kernel sizes.
+    """
+    n, _, hgt, wid = x.shape
+    half = (kernel_size - 1) / 2
+    t = torch.linspace(-half, half, kernel_size, device=x.device, dtype=x.dtype)
+    k1 = torch.exp(-0.5 * (t.view(1, -1) / sigma.to(x.dtype).view(-1, 1)) ** 2)
+    k1 = k1 / k1.sum(dim=1, keepdim=True)  # [n, k]
+    pad = kernel_size // 2
+    xp = F.pad(x, (pad, pad, 0, 0), mode="reflect")
+    taps = [k1[:, i].view(-1, 1, 1, 1) for i in range(kernel_size)]
+    y = xp[..., :wid] * taps[0]
+    for i in range(1, kernel_size):
+        y.addcmul_(xp[..., i:i + wid], taps[i])
+    yp = F.pad(y, (0, 0, pad, pad), mode="reflect")
+    out = yp[..., :hgt, :] * taps[0]
+    for i in range(1, kernel_size):
+        out.addcmul_(yp[..., i:i + hgt, :], taps[i])
+    return out
+
+
+_JITTER_OPS = {
+    OP_BRIGHTNESS: ("brightness", adjust_brightness),
+    OP_CONTRAST: ("contrast", adjust_contrast),
+    OP_SATURATION: ("saturation", adjust_saturation),
+    OP_HUE: ("hue", adjust_hue),
+}
+
+
+def _apply_subset(x: torch.Tensor, sel: torch.Tensor, fn, *args: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """x with ``fn`` applied to the crops where ``sel`` is True (the whole batch without copies if all)."""
+    idx = sel.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    if idx.numel() == x.shape[0]:
+        return fn(x, *args)
+    x[idx] = fn(x[idx], *(a[idx] for a in args))
+    return x
+
+
+def _solarize(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x)
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    return _gray(x).expand(-1, 3, -1, -1).contiguous()
+
+
+def apply_photometric(
+    crops: torch.Tensor, params: PhotometricParams, normalize: bool = True
+) -> torch.Tensor:
+    """DINOv2 photometric augmentation of a batch of crops of one size.
+
+    crops: uint8 [N,3,S,S] (or float in [0,1]); params: N crops' parameters on the same device.
+    Returns float32 [N,3,S,S]: ImageNet-normalised (``normalize=True``) or in [0, 1].
+    Order: colour jitter (per-crop op order), grayscale, blur, solarize, normalise.
+    """
+    if crops.ndim != 4 or crops.shape[1] != 3:
+        raise ValueError(f"crops must be [N,3,H,W], got {tuple(crops.shape)}")
+    if len(params) != crops.shape[0]:
+        raise ValueError(f"{crops.shape[0]} crops but parameters for {len(params)}")
+    x = crops.float().mul_(1.0 / 255.0) if crops.dtype == torch.uint8 else crops.float().clone()
+    if x.shape[0] > 0:
+        for pos in range(4):
+            op_at_pos = params.jitter_order[:, pos]
+            for op, (name, fn) in _JITTER_OPS.items():
+                x = _apply_subset(x, params.jitter & (op_at_pos == op), fn, getattr(params, name))
+        x = _apply_subset(x, params.grayscale, _grayscale)
+        if params.blur.any():
+            sizes = params.blur_kernel_size[params.blur].unique()
+            if sizes.numel() != 1:
+                raise ValueError(f"crops of one batch must share one blur kernel size, got {sizes.tolist()}")
+            ksize = int(sizes.item())
+            x = _apply_subset(x, params.blur, lambda t, s: gaussian_blur(t, s, ksize), params.blur_sigma)
+        x = _apply_subset(x, params.solarize, _solarize)
+    if normalize:
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        x = x.sub_(mean).div_(std)
+    return x

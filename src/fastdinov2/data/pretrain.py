@@ -1,0 +1,177 @@
+"""The pre-training dataset: one request ``(index, sample_key, stage)`` -> that stage's crops of one image.
+
+Nothing here is mutated during training. The dataset holds the immutable stage list of
+``cfg.curriculum.stages``; the sampler decides, per request, which stage a sample belongs to (the
+curriculum is a pure function of the global step), so data-loader workers never need to be told about a
+stage switch. All randomness of a sample comes from ``(seed, sample_key)`` (:func:`.augment.sample_rngs`).
+
+Per sample: decode (reduced-scale JPEG decode for ``jpeg_draft``) -> noise patching on the whole image
+(the stage's ``noise``) -> 2 global + ``crops.local_crops_number`` local crops at the stage's sizes
+(uint8) -> iBOT masks of the global crops on the stage's patch grid -> photometric parameters, applied
+here (``photometric_on="worker"``: normalised float crops) or later on the device
+(``photometric_on="device"``: uint8 crops plus :class:`.photometric.PhotometricParams`).
+
+A file that cannot be decoded gives a :class:`BadSample` marker (never an exception, never another
+image); the collate function records it and the trainer applies the bad-sample policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, TypedDict
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from fastdinov2.config import Config, CropsConfig, IbotConfig, StageConfig
+from fastdinov2.data.augment import N_GLOBAL_CROPS, multicrop, sample_rngs
+from fastdinov2.data.datasets import BadImageError, ImageRecord
+from fastdinov2.data.lowpass import DecodedImage, decode_image
+from fastdinov2.data.masking import sample_ibot_masks
+from fastdinov2.data.noise_patch import NoisePatchRecord, apply_noise_patch
+from fastdinov2.data.photometric import PhotometricParams, apply_photometric, sample_photometric_params
+
+PhotometricOn = Literal["worker", "device"]
+Request = tuple[int, int, int]  # (index into records, sample_key, stage index)
+
+
+@dataclass(frozen=True)
+class StageShape:
+    """What a batch of one stage looks like (known even when every sample of the batch is bad)."""
+
+    stage: int
+    global_size: int
+    local_size: int
+    n_local_crops: int
+    mask_grid: tuple[int, int]
+    photometric_on: PhotometricOn
+
+
+@dataclass(frozen=True)
+class BadSample:
+    """Marker returned for an image that could not be decoded."""
+
+    path: str
+    reason: str
+    index: int = -1
+    sample_key: int = -1
+    shape: StageShape | None = None
+
+
+class PretrainSample(TypedDict):
+    """One sample's crops. Float crops are ImageNet-normalised (worker) or uint8 (device)."""
+
+    index: int
+    sample_key: int
+    label: int
+    path: str
+    shape: StageShape
+    global_crops: torch.Tensor  # [2, 3, G, G] float32 | uint8
+    local_crops: torch.Tensor  # [nL, 3, L, L] float32 | uint8
+    masks: torch.Tensor  # bool [2, N], N = (G / patch)^2, row-major over the patch grid
+    global_params: PhotometricParams | None  # 2 crops (device mode only)
+    local_params: PhotometricParams | None  # nL crops (device mode only)
+    noise: NoisePatchRecord
+
+
+def stage_shape(cfg: Config, stage: int, photometric_on: PhotometricOn) -> StageShape:
+    st = cfg.curriculum.stages[stage]
+    grid = st.global_size // cfg.student.patch_size
+    return StageShape(stage, st.global_size, st.local_size, cfg.crops.local_crops_number, (grid, grid),
+                      photometric_on)
+
+
+class PretrainDataset(Dataset):
+    """Multi-crop pre-training samples of ``records`` for the curriculum stages of ``cfg``.
+
+    ``dataset[(index, sample_key, stage)]`` -> :class:`PretrainSample` or :class:`BadSample`.
+    ``sample_key`` is any non-negative int unique per draw of a sample (e.g. its position in the data
+    stream); ``stage`` indexes ``cfg.curriculum.stages``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        cfg: Config,
+        seed: int,
+        photometric_on: PhotometricOn = "worker",
+    ) -> None:
+        if photometric_on not in ("worker", "device"):
+            raise ValueError(f"photometric_on must be 'worker' or 'device', got {photometric_on!r}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        self.records: tuple[ImageRecord, ...] = tuple(records)
+        self.stages: tuple[StageConfig, ...] = tuple(cfg.curriculum.stages)
+        self.crops: CropsConfig = cfg.crops
+        self.ibot: IbotConfig = cfg.ibot
+        self.seed = int(seed)
+        self.photometric_on: PhotometricOn = photometric_on
+        self.shapes = tuple(stage_shape(cfg, i, photometric_on) for i in range(len(self.stages)))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _parse(self, request: Request) -> tuple[int, int, int]:
+        try:
+            index, key, stage = (int(v) for v in request)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"PretrainDataset expects (index, sample_key, stage) requests, got {request!r}") from exc
+        if not 0 <= index < len(self.records):
+            raise IndexError(f"index {index} out of range for {len(self.records)} images")
+        if not 0 <= stage < len(self.stages):
+            raise IndexError(f"stage {stage} out of range: the curriculum has {len(self.stages)} stages")
+        if key < 0:
+            raise ValueError(f"sample_key must be non-negative, got {key}")
+        return index, key, stage
+
+    def __getitem__(self, request: Request) -> PretrainSample | BadSample:  # type: ignore[override]
+        index, key, stage = self._parse(request)
+        record = self.records[index]
+        st, shape, crops = self.stages[stage], self.shapes[stage], self.crops
+        rngs = sample_rngs(self.seed, key)
+        ratio = max(st.global_size / crops.global_crops_size, st.local_size / crops.local_crops_size)
+        try:
+            decoded = decode_image(record.path, st.lowpass, ratio)
+        except BadImageError as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            return BadSample(str(record.path), str(reason), index, key, shape)
+
+        noise = NoisePatchRecord("none", False)
+        if st.noise.kind != "none":
+            pixels, noise = apply_noise_patch(np.asarray(decoded.image), st.noise, rngs.noise)
+            decoded = DecodedImage(Image.fromarray(pixels), decoded.full_size, decoded.scale)
+
+        views = multicrop(decoded, crops, st, rngs.geometry)
+        masks = torch.from_numpy(sample_ibot_masks(rngs.masks, shape.mask_grid, self.ibot, N_GLOBAL_CROPS))
+
+        prng = rngs.photometric
+        g_scale = st.global_size / crops.global_crops_size
+        l_scale = st.local_size / crops.local_crops_size
+        gparams = PhotometricParams.cat([
+            sample_photometric_params(prng, 1, "global1", g_scale),
+            sample_photometric_params(prng, 1, "global2", g_scale),
+        ])
+        lparams = sample_photometric_params(prng, crops.local_crops_number, "local", l_scale)
+        gcrops, lcrops = views.global_crops, views.local_crops
+        if self.photometric_on == "worker":
+            gcrops = apply_photometric(gcrops, gparams)
+            lcrops = apply_photometric(lcrops, lparams)
+            keep_g, keep_l = None, None
+        else:
+            keep_g, keep_l = gparams, lparams
+        return PretrainSample(
+            index=index,
+            sample_key=key,
+            label=int(record.label),
+            path=str(record.path),
+            shape=shape,
+            global_crops=gcrops,
+            local_crops=lcrops,
+            masks=masks,
+            global_params=keep_g,
+            local_params=keep_l,
+            noise=noise,
+        )

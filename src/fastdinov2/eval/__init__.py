@@ -1,0 +1,1 @@
+"""fastdinov2.eval"""

@@ -1,0 +1,332 @@
+"""``fastdinov2 eval knn|linear|corruption|frequency|retrieval``: parse, call the protocol, write JSON, print.
+
+Common options: ``--checkpoint PATH`` (anything :func:`fastdinov2.interop.load_backbone` accepts), ``--data DIR``
+(a root with ``train/`` and ``val/`` class folders; default: the embedded synthetic dataset), ``--output FILE``
+(default ``RUN/eval/<protocol>.json`` when the checkpoint is a run directory, else ``./eval_<protocol>.json``),
+``--image-size``, ``--batch-size``, ``--num-workers``, ``--device``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastdinov2.eval.results import EvalError, write_result
+
+RUN_DIR_MARKERS = ("config.yaml", "metrics.jsonl", "teacher_backbone.safetensors", "checkpoints")
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A training run directory (not a single checkpoint directory): holds config.yaml, metrics.jsonl,
+    teacher_backbone.safetensors or checkpoints/."""
+    p = Path(path)
+    return p.is_dir() and not (p / "model.pt").exists() and any((p / m).exists() for m in RUN_DIR_MARKERS)
+
+
+def default_output(checkpoint: str | Path, protocol: str) -> Path:
+    """``RUN/eval/<protocol>.json`` for a run directory, else ``./eval_<protocol>.json``."""
+    if is_run_dir(checkpoint):
+        return Path(checkpoint) / "eval" / f"{protocol}.json"
+    return Path(f"eval_{protocol}.json")
+
+
+def head_path_for(linear_output: str | Path) -> Path:
+    """Where the linear probe saves its best head: ``<output stem>_head.safetensors`` beside its JSON."""
+    p = Path(linear_output)
+    return p.with_name(p.stem + "_head.safetensors")
+
+
+def data_root(data: str | Path | None) -> Path:
+    """``--data`` or, when not given, the embedded synthetic dataset (written once to the cache)."""
+    if data is not None:
+        return Path(data)
+    from fastdinov2.data.synthetic import default_dataset_root
+
+    return Path(default_dataset_root())
+
+
+def split_dir(root: Path, split: str) -> Path:
+    path = root / split
+    if not path.is_dir():
+        raise EvalError(f"{root} has no {split}/ folder (expected {root}/{split}/<class>/<image>)")
+    return path
+
+
+def _add_common(p: argparse.ArgumentParser, protocol: str, image_size: int | None = 224) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="backbone: our export (.safetensors + .json), a run dir, a checkpoint dir, the seed's "
+                        "teacher_checkpoint.pth, an official DINOv2 or a timm file")
+    p.add_argument("--data", default=None,
+                   help="dataset root with train/ and val/ class folders (default: the embedded synthetic data)")
+    p.add_argument("--output", type=Path, default=None,
+                   help=f"result JSON (default: RUN/eval/{protocol}.json for a run dir, else ./eval_{protocol}.json)")
+    size_help = "eval resolution: resize to round(S*256/224), centre-crop S" + (
+        " (default: 224)" if image_size else " (default: the head's)")
+    p.add_argument("--image-size", type=int, default=image_size, help=size_help)
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
+    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default: 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_head_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--head", type=Path, default=None,
+                   help="linear head (.safetensors + .json) from `fastdinov2 eval linear` (default: the linear "
+                        "probe's head next to its default output for this checkpoint)")
+    p.add_argument("--max-per-class", type=int, default=None, help="evaluate at most N images per class")
+    p.add_argument("--seed", type=int, default=0, help="seed for subsampling and generated corruptions")
+
+
+def _add_corruption_source(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--corrupted-root", type=Path, default=None,
+                   help="ImageNet-C style ROOT/<type>/<severity>/<wnid>/* or the seed's "
+                        "ROOT/<type>/<severity>/val/<wnid>/*")
+    g.add_argument("--generate", action="store_true",
+                   help="corrupt the val folder of --data on the fly with imagecorruptions")
+    p.add_argument("--corruptions", nargs="+", default=None, metavar="TYPE",
+                   help="corruption types to evaluate (default: all found / all 19 when generating)")
+    p.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="default: 1 2 3 4 5")
+    p.add_argument("--corruption-size", type=int, default=224,
+                   help="generated corruptions are applied at this size, then resized to --image-size "
+                        "(default 224, ImageNet-C's calibration; 0: at --image-size)")
+
+
+def add_eval_commands(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``eval`` and its protocols on the top-level sub-parsers."""
+    p = subparsers.add_parser(
+        "eval", help="evaluate a backbone: knn, linear, corruption, frequency, retrieval",
+        description="Evaluation protocols on a frozen backbone; each writes a JSON result (see docs/evaluation.md).",
+    )
+    sub = p.add_subparsers(dest="eval_command", required=True, metavar="PROTOCOL")
+
+    k = sub.add_parser("knn", help="weighted kNN on CLS features (DINOv2 protocol)",
+                       description="kNN top-1/top-5 with L2-normalised CLS features, cosine similarity and "
+                                   "exp(sim/T) weighted votes.")
+    _add_common(k, "knn")
+    k.add_argument("--ks", nargs="+", type=int, default=[10, 20, 100, 200], help="default: 10 20 100 200")
+    k.add_argument("--temperature", type=float, default=0.07, help="default: 0.07")
+    k.add_argument("--cache-dir", type=Path, default=None, help="keep extracted features here for reuse")
+    k.set_defaults(func=_guard(run_knn_command))
+
+    lin = sub.add_parser("linear", help="linear probe grid on frozen features (DINOv2 protocol)",
+                         description="Trains 13 learning rates x {last 1, last 4 blocks} x {CLS, CLS+avgpool} "
+                                     "linear heads on precomputed eval-transform features, keeps the best.")
+    _add_common(lin, "linear")
+    lin.add_argument("--epochs", type=int, default=10, help="passes over the training features (default: 10)")
+    lin.add_argument("--iterations", type=int, default=None, help="train this many iterations instead of --epochs")
+    lin.add_argument("--head-batch-size", type=int, default=128,
+                     help="mini-batch of the linear heads; learning rates are scaled by it / 256 (default: 128)")
+    lin.add_argument("--learning-rates", nargs="+", type=float, default=None, help="default: 1e-5 ... 0.1 (13)")
+    lin.add_argument("--n-last-blocks", nargs="+", type=int, default=[1, 4], help="default: 1 4")
+    lin.add_argument("--val-from-train", action="store_true",
+                     help="select the best head on a stratified hold-out of train instead of val")
+    lin.add_argument("--val-fraction", type=float, default=0.1, help="hold-out fraction (default: 0.1)")
+    lin.add_argument("--seed", type=int, default=0)
+    lin.add_argument("--head-output", type=Path, default=None,
+                     help="where to save the best head (default: <output stem>_head.safetensors)")
+    lin.add_argument("--cache-dir", type=Path, default=None, help="keep extracted features here for reuse")
+    lin.set_defaults(func=_guard(run_linear_command))
+
+    c = sub.add_parser("corruption", help="ImageNet-C style robustness of the linear head",
+                       description="Top-1 of the saved linear head per corruption type and severity, mean over "
+                                   "the 15 standard and all 19 types, mCE against --reference.")
+    _add_common(c, "corruption", image_size=None)
+    _add_head_args(c)
+    _add_corruption_source(c, required=True)
+    c.add_argument("--reference", type=Path, default=None, help="corruption result JSON of a reference model (mCE)")
+    c.set_defaults(func=_guard(run_corruption_command))
+
+    f = sub.add_parser("frequency", help="accuracy under low/high-pass Fourier filtering; corruptions by band",
+                       description="Top-1 of the saved linear head on low- and high-pass filtered val images, and "
+                                   "corruption accuracy grouped by frequency band.")
+    _add_common(f, "frequency", image_size=None)
+    _add_head_args(f)
+    f.add_argument("--radii", nargs="+", type=float, default=None,
+                   help="filter radii in cycles per image (default: 2 4 8 ... up to image_size/2)")
+    f.add_argument("--corruption-result", type=Path, default=None,
+                   help="corruption result JSON to group by band (default: the corruption protocol's default "
+                        "output for this checkpoint, if it exists)")
+    _add_corruption_source(f, required=False)
+    f.set_defaults(func=_guard(run_frequency_command))
+
+    from fastdinov2.eval.retrieval import add_retrieval_command
+
+    add_retrieval_command(sub)
+    return p
+
+
+def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn an :class:`EvalError` into a one-line message and exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except EvalError as exc:
+            print(f"fastdinov2: error: {exc}", file=sys.stderr)
+            return 2
+
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from fastdinov2.eval.features import resolve_device
+    from fastdinov2.interop import load_backbone
+
+    dev = resolve_device(args.device)
+    return load_backbone(args.checkpoint, device=dev), dev
+
+
+def _output(args: argparse.Namespace, protocol: str) -> Path:
+    return Path(args.output) if args.output is not None else default_output(args.checkpoint, protocol)
+
+
+def _head(args: argparse.Namespace) -> Path:
+    if args.head is not None:
+        return Path(args.head)
+    path = head_path_for(default_output(args.checkpoint, "linear"))
+    if not path.is_file():
+        raise EvalError(f"no linear head at {path}: run `fastdinov2 eval linear --checkpoint {args.checkpoint}` "
+                        "first or pass --head")
+    return path
+
+
+def _common_config(args: argparse.Namespace, root: Path | None) -> dict:
+    return {"data": None if root is None else str(root), "image_size": args.image_size,
+            "batch_size": args.batch_size, "device": str(args.device)}
+
+
+def run_knn_command(args: argparse.Namespace) -> int:
+    """``fastdinov2 eval knn``."""
+    from fastdinov2.eval.knn import evaluate_knn
+
+    root = data_root(args.data)
+    train, val = split_dir(root, "train"), split_dir(root, "val")
+    model, dev = _load(args)
+    res = evaluate_knn(model, train, val, ks=args.ks, temperature=args.temperature, image_size=args.image_size,
+                       batch_size=args.batch_size, num_workers=args.num_workers, device=dev,
+                       progress=not args.no_progress, cache_dir=args.cache_dir, checkpoint=args.checkpoint)
+    config = {**_common_config(args, root), "ks": list(args.ks), "temperature": args.temperature}
+    out = write_result(_output(args, "knn"), "knn", args.checkpoint, config, res)
+    print(f"kNN (T={args.temperature}) on {res['num_test']} val images, {res['num_classes']} classes, "
+          f"{res['num_train']} train images")
+    print(f"{'k':>5s} {'top-1':>7s} {'top-5':>7s}")
+    for k, v in res["ks"].items():
+        print(f"{k:>5s} {v['top1']:7.2f} {v['top5']:7.2f}")
+    print(f"best: k={res['best_k']} top-1 {res['top1']:.2f} top-5 {res['top5']:.2f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def run_linear_command(args: argparse.Namespace) -> int:
+    """``fastdinov2 eval linear``."""
+    from fastdinov2.eval.linear import LEARNING_RATES, evaluate_linear
+
+    root = data_root(args.data)
+    train = split_dir(root, "train")
+    val = split_dir(root, "val") if not args.val_from_train or (root / "val").is_dir() else None
+    out_path = _output(args, "linear")
+    head_path = args.head_output or head_path_for(out_path)
+    lrs = args.learning_rates or list(LEARNING_RATES)
+    model, dev = _load(args)
+    res = evaluate_linear(
+        model, train, val, image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
+        device=dev, learning_rates=lrs, n_last_blocks_list=args.n_last_blocks, epochs=args.epochs,
+        iterations=args.iterations, head_batch_size=args.head_batch_size, val_from_train=args.val_from_train,
+        val_fraction=args.val_fraction, seed=args.seed, head_path=head_path, checkpoint=args.checkpoint,
+        cache_dir=args.cache_dir, progress=not args.no_progress,
+    )
+    config = {**_common_config(args, root), "epochs": args.epochs, "iterations": args.iterations,
+              "head_batch_size": args.head_batch_size, "learning_rates": lrs, "n_last_blocks": args.n_last_blocks,
+              "poolings": ["cls", "cls+avgpool"], "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0,
+              "schedule": "cosine", "augment": False, "val_from_train": args.val_from_train,
+              "val_fraction": args.val_fraction if args.val_from_train else None, "seed": args.seed}
+    out = write_result(out_path, "linear", args.checkpoint, config, res)
+    b = res["best"]
+    print(f"linear probe: {len(res['heads'])} heads, {res['num_train']} train images, selected on "
+          f"{res['selection_split']} ({res['num_selection']} images)")
+    top = sorted(res["heads"], key=lambda h: -h["selection_top1"])[:5]
+    print(f"{'head':<32s} {'select':>7s} {'top-1':>7s} {'top-5':>7s}")
+    for h in top:
+        print(f"{h['name']:<32s} {h['selection_top1']:7.2f} {h['top1']:7.2f} {h['top5']:7.2f}")
+    print(f"best: {b['name']} top-1 {b['top1']:.2f} ({res['evaluation_split']})")
+    print(f"wrote {out} and {res['head_file']}")
+    return 0
+
+
+def _run_corruption(args: argparse.Namespace, model: Any, dev: Any, head: Path, root: Path | None) -> dict:
+    from fastdinov2.eval.corruption import evaluate_corruption
+
+    return evaluate_corruption(
+        model, head, corrupted_root=args.corrupted_root,
+        generate_from=split_dir(root, "val") if args.generate and root is not None else None,
+        clean_val_dir=split_dir(root, "val") if args.corrupted_root is not None and root is not None else None,
+        corruptions=args.corruptions, severities=args.severities, image_size=args.image_size,
+        corruption_size=args.corruption_size, max_per_class=args.max_per_class, batch_size=args.batch_size,
+        num_workers=args.num_workers, device=dev, seed=args.seed, reference=getattr(args, "reference", None),
+        progress=not args.no_progress,
+    )
+
+
+def run_corruption_command(args: argparse.Namespace) -> int:
+    """``fastdinov2 eval corruption``."""
+    from fastdinov2.eval.corruption import corruption_markdown, plot_corruption_heatmap
+
+    # the clean val set comes from --data when generating, or when --data is given explicitly
+    root = data_root(args.data) if args.generate or args.data is not None else None
+    head = _head(args)
+    out_path = _output(args, "corruption")
+    model, dev = _load(args)
+    res = _run_corruption(args, model, dev, head, root)
+    res["heatmap"] = str(plot_corruption_heatmap(res, out_path.with_suffix(".png")))
+    table = corruption_markdown(res)
+    md = out_path.with_suffix(".md")
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(table)
+    res["table"] = str(md)
+    config = {**_common_config(args, root), "head": str(head), "corrupted_root": args.corrupted_root,
+              "generate": args.generate, "corruptions": args.corruptions, "severities": args.severities,
+              "corruption_size": args.corruption_size if args.generate else None,
+              "max_per_class": args.max_per_class, "seed": args.seed, "reference": args.reference}
+    out = write_result(out_path, "corruption", args.checkpoint, config, res)
+    print(table, end="")
+    print(f"wrote {out}, {res['heatmap']} and {md}")
+    return 0
+
+
+def run_frequency_command(args: argparse.Namespace) -> int:
+    """``fastdinov2 eval frequency``."""
+    from fastdinov2.eval.frequency import evaluate_frequency, frequency_table, group_by_band, plot_frequency_curves
+
+    root = data_root(args.data)
+    head = _head(args)
+    out_path = _output(args, "frequency")
+    model, dev = _load(args)
+    res = evaluate_frequency(model, head, split_dir(root, "val"), radii=args.radii, image_size=args.image_size,
+                             max_per_class=args.max_per_class, batch_size=args.batch_size,
+                             num_workers=args.num_workers, device=dev, seed=args.seed,
+                             progress=not args.no_progress)
+    source: str | None = None
+    if args.corrupted_root is not None or args.generate:
+        res["bands"] = group_by_band({"results": _run_corruption(args, model, dev, head, root)})
+        source = str(args.corrupted_root) if args.corrupted_root is not None else "generated"
+    else:
+        path = args.corruption_result
+        if path is None and default_output(args.checkpoint, "corruption").is_file():
+            path = default_output(args.checkpoint, "corruption")
+            print(f"grouping corruption accuracy by band from {path}")
+        res["bands"] = group_by_band(path) if path is not None else None
+        source = None if path is None else str(path)
+    res["corruption_source"] = source
+    res["curves"] = str(plot_frequency_curves(res, out_path.with_suffix(".png")))
+    config = {**_common_config(args, root), "head": str(head), "radii": args.radii,
+              "max_per_class": args.max_per_class, "seed": args.seed, "corruption_source": source}
+    out = write_result(out_path, "frequency", args.checkpoint, config, res)
+    print(frequency_table(res))
+    print(f"wrote {out} and {res['curves']}")
+    return 0

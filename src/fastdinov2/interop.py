@@ -1,0 +1,557 @@
+"""Loading and exporting backbones: our exports and checkpoints, official DINOv2, the seed code, timm.
+
+Every path to a backbone goes through :func:`load_backbone` (evaluation, the hub entry points) or
+:func:`load_pretrained_into` (continued pre-training). Accepted inputs:
+
+- our export ``X.safetensors`` with ``X.json`` beside it (``{"format": "fastdinov2-backbone", "layout",
+  "config"}``); a bare ``.safetensors`` (e.g. timm's) is read with its layout and architecture inferred;
+- our checkpoint directory ``RUN/checkpoints/step_XXXXXXXX/`` (``model.pt`` + ``COMMITTED``), or a run
+  directory (``RUN/teacher_backbone.safetensors``, else its newest committed checkpoint);
+- torch files read with ``torch.load(weights_only=True)`` only: the seed's ``teacher_checkpoint.pth``
+  (``{"teacher": {"backbone.*", "dino_head.*"}}``), DINOv2-style training checkpoints
+  (``{"model": {"teacher.backbone.*", ...}}``), official DINOv2 backbone state dicts, timm state dicts.
+
+Key layouts. Ours == official DINOv2 (block-chunked FSDP names ``blocks.C.I.*`` are read as
+``blocks.I.*``). timm differs as timm's own DINOv2 converter does: no ``mask_token``;
+``register_tokens`` -> ``reg_token``; SwiGLU ``mlp.w12``/``mlp.w3`` -> ``mlp.fc1``/``mlp.fc2``; and with
+registers timm's model has no class position, so ``cls_token`` absorbs ``pos_embed[:, 0]`` and
+``pos_embed`` keeps only the patch positions. Reading timm back puts a zero class position and a zero
+``mask_token`` in, which gives identical features.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fastdinov2.models.vit import ARCH_WIDTHS, DinoVisionTransformer, build_vit, interpolate_pos_embed
+
+StateDict = dict[str, Tensor]
+Layout = Literal["fastdinov2", "official", "timm"]
+LAYOUTS: tuple[str, ...] = ("fastdinov2", "official", "timm")
+EXPORT_FORMAT = "fastdinov2-backbone"
+_SHOW = 8  # how many keys of each kind an error lists
+
+# Heads of the named widths (DINOv2 uses 64-dim heads except for ViT-S/B/L's classic choices).
+_HEADS_BY_DIM = {192: 3, 384: 6, 768: 12, 1024: 16, 1536: 24}
+
+_BLOCK_PARTS = r"(?:norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|mlp\.w12|mlp\.w3)\.(?:weight|bias)|ls[12]\.gamma"
+_OFFICIAL_KEY = re.compile(
+    r"^(?:cls_token|pos_embed|register_tokens|mask_token|patch_embed\.proj\.(?:weight|bias)|norm\.(?:weight|bias)"
+    rf"|blocks\.\d+\.(?:{_BLOCK_PARTS}))$"
+)
+_TIMM_KEY = re.compile(
+    r"^(?:cls_token|pos_embed|reg_token|patch_embed\.proj\.(?:weight|bias)|norm\.(?:weight|bias)"
+    r"|blocks\.\d+\.(?:(?:norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(?:weight|bias)|ls[12]\.gamma))$"
+)
+_CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
+
+
+class CheckpointError(ValueError):
+    """A file or state dict cannot be read as a backbone; the message names the file and the keys."""
+
+
+def _listing(items: list[str]) -> str:
+    more = f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+    return ", ".join(items[:_SHOW]) + more
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Architecture from tensors
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _swiglu_mlp_ratio(embed_dim: int, hidden: int, source: str) -> float:
+    """An ``mlp_ratio`` whose DINOv2 SwiGLU rule gives ``hidden`` (4.0 for ViT-g: 6144 -> 4096)."""
+    from fastdinov2.models.vit import swiglu_hidden_features
+
+    candidates = [int(embed_dim * 4.0)] + list(range(math.ceil(1.5 * (hidden - 8)), math.ceil(1.5 * hidden) + 2))
+    for h in candidates:
+        ratio = h / embed_dim
+        if h > 0 and int(embed_dim * ratio) == h and swiglu_hidden_features(h) == hidden:
+            return ratio
+    raise CheckpointError(f"{source}: SwiGLU hidden width {hidden} cannot come from the DINOv2 rule "
+                          f"(hidden=int(dim*mlp_ratio), then (int(hidden*2/3)+7)//8*8) for dim {embed_dim}")
+
+
+def infer_vit_config(state_dict: Mapping[str, Tensor], source: str = "state dict") -> dict[str, Any]:
+    """Constructor arguments of :class:`DinoVisionTransformer` that fit an official-layout state dict.
+
+    Reads embed_dim and patch size from ``patch_embed.proj.weight`` ``[D, C, p, p]``, ``img_size`` from the
+    square grid of ``pos_embed`` ``[1, 1+M*M, D]``, depth from the block indices, num_heads from the width
+    (192->3, 384->6, 768->12, 1024->16, 1536->24, else D//64), registers from ``register_tokens``, SwiGLU from
+    ``mlp.w12`` keys, LayerScale and biases from whether their keys exist. Works on meta tensors.
+    """
+    need = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in state_dict]
+    if need:
+        found = _listing(sorted(state_dict)) or "no keys"
+        raise CheckpointError(f"{source}: not a DINOv2 ViT state dict: missing {', '.join(need)} (found: {found})")
+    w = state_dict["patch_embed.proj.weight"]
+    if w.ndim != 4 or w.shape[-1] != w.shape[-2]:
+        raise CheckpointError(f"{source}: patch_embed.proj.weight has shape {list(w.shape)}, expected [D, C, p, p]")
+    embed_dim, in_chans, patch_size = int(w.shape[0]), int(w.shape[1]), int(w.shape[-1])
+    pos = state_dict["pos_embed"]
+    n_patches = int(pos.shape[1]) - 1
+    side = math.isqrt(max(n_patches, 0))
+    if pos.ndim != 3 or side * side != n_patches or side == 0:
+        raise CheckpointError(f"{source}: pos_embed has shape {list(pos.shape)}: expected [1, 1+M*M, D] "
+                              "(class position then a square patch grid)")
+    block_ids = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
+    if not block_ids or block_ids != list(range(len(block_ids))):
+        raise CheckpointError(f"{source}: block indices {block_ids[:_SHOW]} are not 0..depth-1")
+    depth = len(block_ids)
+    try:
+        if "blocks.0.mlp.w12.weight" in state_dict:
+            ffn_layer = "swiglu"
+            mlp_ratio = _swiglu_mlp_ratio(embed_dim, int(state_dict["blocks.0.mlp.w3.weight"].shape[1]), source)
+        else:
+            ffn_layer = "mlp"
+            hidden = int(state_dict["blocks.0.mlp.fc1.weight"].shape[0])
+            mlp_ratio = hidden / embed_dim
+            if int(embed_dim * mlp_ratio) != hidden:
+                raise CheckpointError(f"{source}: MLP width {hidden} is not int({embed_dim} * ratio) for any ratio")
+    except KeyError as exc:
+        raise CheckpointError(f"{source}: block 0 has no feed-forward weights ({exc.args[0]} missing)") from exc
+    registers = state_dict.get("register_tokens")
+    return dict(
+        img_size=side * patch_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=_HEADS_BY_DIM.get(embed_dim, max(1, embed_dim // 64)),
+        mlp_ratio=mlp_ratio,
+        qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
+        proj_bias="blocks.0.attn.proj.bias" in state_dict,
+        ffn_bias=f"blocks.0.mlp.{'w12' if ffn_layer == 'swiglu' else 'fc1'}.bias" in state_dict,
+        drop_path_rate=0.0,
+        layerscale_init=1e-5 if "blocks.0.ls1.gamma" in state_dict else None,  # init value is not stored
+        ffn_layer=ffn_layer,
+        num_register_tokens=int(registers.shape[1]) if registers is not None else 0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Key layouts
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _as_state_dict(model_or_sd: nn.Module | Mapping[str, Tensor]) -> StateDict:
+    if isinstance(model_or_sd, nn.Module):
+        return dict(model_or_sd.state_dict())
+    return dict(model_or_sd)
+
+
+def _check_names(sd: Mapping[str, Any], pattern: re.Pattern[str], layout: str, source: str) -> None:
+    bad = sorted(k for k in sd if not pattern.match(k))
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} keys are not {layout} ViT backbone names: {_listing(bad)}")
+    not_tensors = sorted(k for k, v in sd.items() if not isinstance(v, Tensor))
+    if not_tensors:
+        raise CheckpointError(f"{source}: values of {_listing(not_tensors)} are not tensors")
+
+
+def from_official_state_dict(state_dict: Mapping[str, Tensor], source: str = "state dict") -> StateDict:
+    """Official DINOv2 / seed backbone keys -> ours. Names are the same; FSDP block-chunked names
+    ``blocks.<chunk>.<i>.*`` become ``blocks.<i>.*``. Raises :class:`CheckpointError` on other names."""
+    out = {_CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in state_dict.items()}
+    _check_names(out, _OFFICIAL_KEY, "official DINOv2", source)
+    return out
+
+
+def to_official_state_dict(model_or_sd: nn.Module | Mapping[str, Tensor], source: str = "state dict") -> StateDict:
+    """Ours -> official DINOv2 keys (the same names; validated). Loads into ``dinov2.models.vision_transformer``
+    built with ``block_chunks=0`` and the same ``img_size``/``patch_size``/registers."""
+    sd = _as_state_dict(model_or_sd)
+    _check_names(sd, _OFFICIAL_KEY, "official DINOv2", source)
+    return sd
+
+
+def to_timm_state_dict(model_or_sd: nn.Module | Mapping[str, Tensor], source: str = "state dict") -> StateDict:
+    """Ours -> timm ``VisionTransformer`` (``vit_*_patch14_dinov2`` / ``*_reg4_dinov2``) keys.
+
+    Drops ``mask_token``; renames SwiGLU ``w12``/``w3`` to ``fc1``/``fc2``; with registers, renames
+    ``register_tokens`` -> ``reg_token`` ``[1, R, D]``, folds the class position into ``cls_token`` and keeps
+    ``pos_embed[:, 1:]`` ``[1, M*M, D]`` (timm's ``no_embed_class``), exactly as timm's converter does.
+    """
+    sd = to_official_state_dict(model_or_sd, source)
+    out: StateDict = {}
+    for k, v in sd.items():
+        if k == "mask_token":
+            continue
+        out[k.replace(".mlp.w12.", ".mlp.fc1.").replace(".mlp.w3.", ".mlp.fc2.")] = v
+    if "register_tokens" in out:
+        out["reg_token"] = out.pop("register_tokens")
+        out["cls_token"] = sd["cls_token"] + sd["pos_embed"][:, :1]
+        out["pos_embed"] = sd["pos_embed"][:, 1:]
+    return out
+
+
+def from_timm_state_dict(state_dict: Mapping[str, Tensor], source: str = "state dict") -> StateDict:
+    """timm DINOv2 keys -> ours (inverse of :func:`to_timm_state_dict` up to the folded class position).
+
+    A ``pos_embed`` without class position (``[1, M*M, D]``) gets a zero one in front (its value is already
+    in ``cls_token``); ``reg_token`` -> ``register_tokens``; ``fc1``/``fc2`` shaped as SwiGLU
+    (``fc1`` out == 2 x ``fc2`` in) -> ``w12``/``w3``; a zero ``mask_token`` ``[1, D]`` is added.
+    """
+    _check_names(state_dict, _TIMM_KEY, "timm", source)
+    sd = dict(state_dict)
+    if "pos_embed" not in sd or "cls_token" not in sd:
+        raise CheckpointError(f"{source}: timm state dict without cls_token/pos_embed")
+    pos = sd["pos_embed"]
+    n = int(pos.shape[1])
+    if math.isqrt(n) ** 2 == n:  # no class position (timm no_embed_class)
+        sd["pos_embed"] = torch.cat((torch.zeros_like(pos[:, :1]), pos), dim=1)
+    elif math.isqrt(n - 1) ** 2 != n - 1:
+        raise CheckpointError(f"{source}: pos_embed has {n} positions: neither a square grid nor 1 + a square grid")
+    if "reg_token" in sd:
+        sd["register_tokens"] = sd.pop("reg_token")
+    out: StateDict = {}
+    for k, v in sd.items():
+        m = re.match(r"^(blocks\.\d+\.mlp\.)fc([12])\.(weight|bias)$", k)
+        if m:
+            fc1, fc2 = sd[f"{m.group(1)}fc1.weight"], sd[f"{m.group(1)}fc2.weight"]
+            if fc1.shape[0] == 2 * fc2.shape[1]:  # packed SwiGLU
+                k = f"{m.group(1)}{'w12' if m.group(2) == '1' else 'w3'}.{m.group(3)}"
+        out[k] = v
+    cls = sd["cls_token"]
+    out["mask_token"] = torch.zeros(1, cls.shape[-1], dtype=cls.dtype, device=cls.device)
+    return out
+
+
+def _detect_layout(sd: Mapping[str, Tensor]) -> str:
+    """timm state dicts have no ``mask_token`` (official and seed ones always do)."""
+    return "timm" if "reg_token" in sd or "mask_token" not in sd else "official"
+
+
+def _to_ours(sd: Mapping[str, Tensor], layout: str, source: str, strict: bool) -> StateDict:
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"{source}: unknown layout {layout!r}, expected one of {', '.join(LAYOUTS)}")
+    pattern = _TIMM_KEY if layout == "timm" else _OFFICIAL_KEY
+    if not strict:
+        dropped = sorted(k for k in sd if not pattern.match(_CHUNKED_BLOCK.sub(r"blocks.\1.", k)))
+        if dropped:
+            warnings.warn(f"{source}: ignoring {len(dropped)} non-backbone keys: {_listing(dropped)}", stacklevel=3)
+            sd = {k: v for k, v in sd.items() if k not in set(dropped)}
+    if layout == "timm":
+        return from_timm_state_dict(sd, source)
+    return from_official_state_dict(sd, source)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; never an unsafe fallback."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" in text:
+            reason = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), "unsupported content")
+            raise CheckpointError(
+                f"{path}: torch.load(weights_only=True) refused this file ({reason}). It holds Python objects "
+                "besides tensors and plain containers, so it may not be a plain checkpoint; it is not loaded "
+                "unsafely. Save the state dict alone (torch.save(model.state_dict(), ...)) and load that."
+            ) from exc
+        raise CheckpointError(f"{path}: not a torch checkpoint ({exc})") from exc
+    except Exception as exc:  # torch raises many types (RuntimeError, EOFError, KeyError, IndexError, ...)
+        raise CheckpointError(
+            f"{path}: cannot read it as a torch checkpoint: truncated, corrupt or another kind of file "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+
+
+def _take_prefix(sd: Mapping[str, Any], prefix: str, source: str) -> dict[str, Any]:
+    out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not out:
+        raise CheckpointError(f"{source}: no keys start with {prefix!r} (found: {_listing(sorted(sd))})")
+    return out
+
+
+def _strip_wrappers(sd: dict[str, Any]) -> dict[str, Any]:
+    """Remove prefixes every key shares from DDP (``module.``), torch.compile (``_orig_mod.``) or a bare
+    ``backbone.`` (a meta-architecture's backbone saved without its parent)."""
+    changed = True
+    while changed and sd:
+        changed = False
+        for prefix in ("module.", "_orig_mod.", "backbone."):
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def _state_dict_from_object(obj: Any, source: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The teacher/backbone state dict (and our ``backbone_config``, if any) inside a loaded torch object."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: holds a {type(obj).__name__}, not a checkpoint dict")
+    config = None
+    if isinstance(obj.get("teacher"), Mapping):  # ours (model.pt) or the seed's teacher_checkpoint.pth
+        config = obj.get("backbone_config")
+        if config is not None and not isinstance(config, Mapping):
+            raise CheckpointError(f"{source}: backbone_config is a {type(config).__name__}, not a dict")
+        sd = _take_prefix(obj["teacher"], "backbone.", f"{source} ['teacher']")
+    elif isinstance(obj.get("model"), Mapping) and any(str(k).startswith("teacher.") for k in obj["model"]):
+        sd = _take_prefix(obj["model"], "teacher.backbone.", f"{source} ['model']")  # DINOv2 training ckpt
+    elif isinstance(obj.get("model"), Mapping):
+        sd = dict(obj["model"])
+    elif isinstance(obj.get("state_dict"), Mapping):
+        sd = dict(obj["state_dict"])
+    else:
+        sd = dict(obj)
+    sd = _strip_wrappers(sd)
+    flat = [k for k in sd if "flat_param" in str(k) or "_fsdp_wrapped_module" in str(k)]
+    if flat:
+        raise CheckpointError(f"{source}: holds FSDP-sharded parameters ({_listing(flat)}); it cannot be read "
+                              "alone. Use the consolidated teacher_checkpoint.pth (or an export) instead")
+    not_tensors = sorted(str(k) for k, v in sd.items() if not isinstance(v, Tensor))
+    if not_tensors:
+        raise CheckpointError(f"{source}: not a backbone state dict: {_listing(not_tensors)} are not tensors")
+    return sd, (dict(config) if config is not None else None)
+
+
+def _read_export_info(st_path: Path, metadata: Mapping[str, str] | None) -> dict[str, Any] | None:
+    json_path = st_path.with_suffix(".json")
+    if json_path.is_file():
+        try:
+            info = json.loads(json_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{json_path}: not valid JSON ({exc})") from exc
+        source = str(json_path)
+    elif metadata and EXPORT_FORMAT in metadata:
+        info = json.loads(metadata[EXPORT_FORMAT])
+        source = f"{st_path} (metadata)"
+    else:
+        return None
+    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{source}: expected {{'format': '{EXPORT_FORMAT}', 'layout', 'config'}}")
+    if info.get("layout") not in LAYOUTS or not isinstance(info.get("config"), dict):
+        raise CheckpointError(f"{source}: 'layout' must be one of {', '.join(LAYOUTS)} and 'config' a dict")
+    return info
+
+
+def _read_safetensors(path: Path, strict: bool) -> tuple[StateDict, dict[str, Any] | None, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata()
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: cannot read it as safetensors: truncated, corrupt or another kind of "
+                              f"file ({type(exc).__name__}: {exc})") from exc
+    info = _read_export_info(path, metadata)
+    if info is None:
+        sd = _strip_wrappers(sd)
+        return _to_ours(sd, _detect_layout(sd), str(path), strict), None, str(path)
+    return _to_ours(sd, info["layout"], str(path), strict), dict(info["config"]), str(path)
+
+
+def _read_torch_file(path: Path, strict: bool) -> tuple[StateDict, dict[str, Any] | None, str]:
+    sd, config = _state_dict_from_object(_torch_load(path), str(path))
+    return _to_ours(sd, _detect_layout(sd), str(path), strict), config, str(path)
+
+
+def _step_of(d: Path) -> int | None:
+    m = re.fullmatch(r"step_(\d+)", d.name)
+    return int(m.group(1)) if m else None
+
+
+def _read_dir(d: Path, strict: bool) -> tuple[StateDict, dict[str, Any] | None, str]:
+    if (d / "model.pt").is_file():
+        if not (d / "COMMITTED").exists():
+            raise CheckpointError(f"{d}: checkpoint has no COMMITTED marker, so it was not completely written")
+        return _read_torch_file(d / "model.pt", strict)
+    if (d / "teacher_backbone.safetensors").is_file():
+        return _read_safetensors(d / "teacher_backbone.safetensors", strict)
+    ckpt_root = d / "checkpoints"
+    steps = []
+    if ckpt_root.is_dir():
+        for sub in ckpt_root.iterdir():
+            step = _step_of(sub)
+            if step is not None and (sub / "COMMITTED").exists() and (sub / "model.pt").is_file():
+                steps.append((step, sub))
+    if steps:
+        return _read_torch_file(max(steps)[1] / "model.pt", strict)
+    raise CheckpointError(f"{d}: not a run or checkpoint directory: found no teacher_backbone.safetensors, no "
+                          "committed checkpoints/step_*/model.pt and no model.pt + COMMITTED")
+
+
+def read_backbone_weights(path: str | os.PathLike[str], strict: bool = True
+                          ) -> tuple[StateDict, dict[str, Any] | None, str]:
+    """Read any supported file or directory into ``(state dict in our layout, config or None, source)``.
+
+    ``config`` is the stored constructor config (our exports and checkpoints), else None. ``source`` is the
+    file actually read, for messages. ``strict=False`` drops (with a warning) keys that are not backbone keys.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory")
+    if p.is_dir():
+        return _read_dir(p, strict)
+    if p.suffix == ".json":
+        st = p.with_suffix(".safetensors")
+        if not st.is_file():
+            raise CheckpointError(f"{p}: an export description without its weights {st.name}")
+        p = st
+    if p.suffix == ".safetensors":
+        return _read_safetensors(p, strict)
+    return _read_torch_file(p, strict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading into models
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _mismatch_report(model: nn.Module, sd: Mapping[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k}: file {list(sd[k].shape)} vs model {list(v.shape)}"
+              for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    return missing, unexpected, shapes
+
+
+def _describe(model: DinoVisionTransformer) -> str:
+    c = model.config
+    extra = f", {c['num_register_tokens']} registers" if c["num_register_tokens"] else ""
+    return (f"ViT {c['embed_dim']}d x {c['depth']} blocks, patch {c['patch_size']}, img {c['img_size']}"
+            f"{extra}, {c['ffn_layer']}{', no LayerScale' if not c['layerscale_init'] else ''}")
+
+
+def check_state_dict(model: DinoVisionTransformer, sd: Mapping[str, Tensor], source: str,
+                     strict: bool = True) -> None:
+    """Raise :class:`CheckpointError` naming ``source`` and listing missing/unexpected keys (when
+    ``strict``) and shape mismatches (always); warn about missing/unexpected keys when not strict."""
+    missing, unexpected, shapes = _mismatch_report(model, sd)
+    if shapes or (strict and (missing or unexpected)):
+        parts = [f"{len(missing)} missing keys: {_listing(missing)}" if missing else "",
+                 f"{len(unexpected)} unexpected keys: {_listing(unexpected)}" if unexpected else "",
+                 f"{len(shapes)} shape mismatches: {_listing(shapes)}" if shapes else ""]
+        raise CheckpointError(f"{source}: weights do not fit the backbone ({_describe(model)}): "
+                              + "; ".join(p for p in parts if p))
+    if missing or unexpected:
+        warnings.warn(f"{source}: loaded non-strictly; missing: {_listing(missing) or 'none'}; "
+                      f"unexpected: {_listing(unexpected) or 'none'}", stacklevel=3)
+
+
+def load_state_dict_checked(model: DinoVisionTransformer, sd: Mapping[str, Tensor], source: str,
+                            strict: bool = True, assign: bool = False) -> None:
+    """:func:`check_state_dict`, then ``model.load_state_dict`` of the keys the model has."""
+    check_state_dict(model, sd, source, strict)
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=strict, assign=assign)
+
+
+def _apply_arch(arch: str, config: dict[str, Any], inferred: bool, source: str) -> dict[str, Any]:
+    """Check ``config`` against a named width; an inferred head count (a guess) is replaced by the arch's."""
+    if arch == "vit_custom":
+        return config
+    if arch not in ARCH_WIDTHS:
+        raise ValueError(f"unknown arch {arch!r}: not one of {', '.join([*ARCH_WIDTHS, 'vit_custom'])}")
+    dim, depth, heads = ARCH_WIDTHS[arch]
+    have = (config.get("embed_dim"), config.get("depth"))
+    if have != (dim, depth) or (not inferred and config.get("num_heads") != heads):
+        raise CheckpointError(f"{source}: holds a backbone of (embed_dim, depth, num_heads) = "
+                              f"{(*have, config.get('num_heads'))}, but arch={arch} is {(dim, depth, heads)}")
+    return {**config, "num_heads": heads}
+
+
+def load_backbone(path: str | os.PathLike[str], device: str | torch.device = "cpu", arch: str | None = None,
+                  strict: bool = True) -> DinoVisionTransformer:
+    """Build and load the backbone stored at ``path`` (any input listed in the module docstring).
+
+    The architecture comes from the stored config (our exports and checkpoints) or is inferred from the
+    tensors (:func:`infer_vit_config`); ``arch`` (e.g. ``"vit_small"``), when given, must agree with its
+    width and depth, and supplies the head count, which tensors alone do not determine.
+    Returns the model on ``device`` in eval mode, in float32. Errors name the file and list missing /
+    unexpected keys and shape mismatches. ``strict=False`` tolerates missing/unexpected keys (with a
+    warning), never shape mismatches.
+    """
+    sd, config, source = read_backbone_weights(path, strict=strict)
+    inferred = config is None
+    if config is None:
+        config = infer_vit_config(sd, source)
+    if arch is not None:
+        config = _apply_arch(arch, config, inferred, source)
+    try:
+        with torch.device("meta"):  # no random init of weights that are overwritten anyway
+            model = build_vit(**config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{source}: stored backbone config {config} is not valid ({exc})") from exc
+    check_state_dict(model, sd, source, strict)
+    if strict:
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+    else:  # missing tensors keep a real initialisation
+        model = build_vit(**config)
+        load_state_dict_checked(model, sd, source, strict=False)
+    return model.to(device).eval()
+
+
+def load_pretrained_into(model: DinoVisionTransformer, path: str | os.PathLike[str]) -> None:
+    """Load backbone weights from ``path`` into ``model`` strictly (continued pre-training,
+    ``student.pretrained=PATH``). Position embeddings stored for another grid are resampled (bicubic) to the
+    model's native grid; everything else must match exactly."""
+    sd, _, source = read_backbone_weights(path, strict=True)
+    pos = sd.get("pos_embed")
+    target = model.pos_embed
+    if pos is not None and pos.shape != target.shape and pos.ndim == 3 and pos.shape[-1] == target.shape[-1]:
+        side = math.isqrt(pos.shape[1] - 1)
+        if side * side == pos.shape[1] - 1:
+            sd = {**sd, "pos_embed": interpolate_pos_embed(pos, (model.native_grid, model.native_grid))}
+    load_state_dict_checked(model, sd, source, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exporting
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_backbone(model: DinoVisionTransformer, out_stem: str | os.PathLike[str],
+                    layout: Layout = "fastdinov2") -> Path:
+    """Write ``<stem>.safetensors`` (keys in ``layout``) and ``<stem>.json``
+    (``{"format": "fastdinov2-backbone", "layout", "config": model.config}``), each atomically; the JSON is
+    also stored in the safetensors metadata. ``"official"`` keys equal ours; ``"timm"`` loads strictly into
+    timm's ``VisionTransformer`` of the same shape. Returns the ``.safetensors`` path."""
+    from safetensors.torch import save_file
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    stem = Path(out_stem)
+    if stem.suffix in (".safetensors", ".json"):
+        stem = stem.with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    sd = to_timm_state_dict(sd) if layout == "timm" else to_official_state_dict(sd)
+    sd = {k: v.to("cpu").clone().contiguous() for k, v in sd.items()}
+    info = {"format": EXPORT_FORMAT, "layout": layout, "config": dict(model.config)}
+    text = json.dumps(info, indent=2, sort_keys=True)
+    st_path = stem.with_name(stem.name + ".safetensors")
+    json_path = stem.with_name(stem.name + ".json")
+    _atomic_write(st_path, lambda p: save_file(sd, str(p), metadata={"format": "pt", EXPORT_FORMAT: text}))
+    _atomic_write(json_path, lambda p: p.write_text(text + "\n"))
+    return st_path

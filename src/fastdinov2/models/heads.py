@@ -1,0 +1,79 @@
+"""The DINO projection head (shared by the DINO and iBOT losses unless ``ibot.separate_head``).
+
+MLP -> L2 normalisation -> weight-normalised prototype layer, as in DINO/DINOv2. Key names match the
+official and seed checkpoints: ``mlp.0``, ``mlp.2``, ``mlp.4`` (``mlp.weight``/``mlp.bias`` for one layer),
+``last_layer.weight_g`` ``[out, 1]`` and ``last_layer.weight_v`` ``[out, bottleneck]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _build_mlp(nlayers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int, bias: bool) -> nn.Module:
+    """One Linear for ``nlayers == 1``; else Linear-GELU-(Linear-GELU)*(nlayers-2)-Linear."""
+    if nlayers < 1:
+        raise ValueError(f"nlayers must be >= 1, got {nlayers}")
+    if nlayers == 1:
+        return nn.Linear(in_dim, bottleneck_dim, bias=bias)
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim, bias=bias), nn.GELU()]
+    for _ in range(nlayers - 2):
+        layers += [nn.Linear(hidden_dim, hidden_dim, bias=bias), nn.GELU()]
+    layers.append(nn.Linear(hidden_dim, bottleneck_dim, bias=bias))
+    return nn.Sequential(*layers)
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer with weight ``g * v / ||v||`` (row norms), i.e. ``weight_norm(dim=0)``.
+
+    Explicit parameters ``weight_g [out, 1]`` (initialised to 1) and ``weight_v [out, in]`` keep the key
+    names of checkpoints written with ``torch.nn.utils.weight_norm``. ``[..., in] -> [..., out]``.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        # nn.Linear's default init, which DINOv2's prototype layer keeps.
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective weight ``[out, in]``."""
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+class DINOHead(nn.Module):
+    """``[N, in_dim] -> [N, out_dim]`` prototype scores: MLP to ``bottleneck_dim``, L2-normalise, then
+    the weight-normalised prototype layer. MLP linear layers: trunc-normal(0.02) weights, zero biases."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        nlayers: int = 3,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        mlp_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.mlp = _build_mlp(nlayers, in_dim, bottleneck_dim, hidden_dim, mlp_bias)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.mlp(x)
+        eps = 1e-6 if x.dtype == torch.float16 else 1e-12  # 1e-12 underflows in fp16
+        x = F.normalize(x, dim=-1, p=2, eps=eps)
+        return self.last_layer(x)

@@ -1,0 +1,442 @@
+"""The DINOv2 Vision Transformer, read top to bottom: patch embedding, attention, feed-forward layers,
+layer scale, stochastic depth, the block, and the whole network.
+
+Parameter names are those of the official DINOv2 backbones (``cls_token``, ``pos_embed``,
+``register_tokens``, ``mask_token``, ``patch_embed.proj.*``, ``blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,
+norm2,mlp.fc1,mlp.fc2,ls2.gamma}.*``, ``norm.*``; SwiGLU blocks use ``mlp.w12``/``mlp.w3``), so official and
+seed checkpoints load without renaming (see :mod:`fastdinov2.interop`).
+
+Shapes: ``B`` batch, ``D`` embed dim, ``R`` register tokens, ``N`` patch tokens of the input grid.
+Token order inside the network is ``[cls, registers..., patches...]``; registers carry no position embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from fastdinov2.config import StudentConfig
+
+FFNLayer = Literal["mlp", "swiglu"]
+Arch = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "vit_custom"]
+
+# (embed_dim, depth, num_heads) of the named widths.
+ARCH_WIDTHS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+    "vit_giant2": (1536, 40, 24),
+}
+
+LAYER_NORM_EPS = 1e-6  # DINOv2 uses LayerNorm(eps=1e-6) everywhere
+
+
+def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Resample position embeddings to another patch grid (bicubic; the class position is kept).
+
+    Args:
+        pos_embed: ``[1, 1 + M*M, D]`` (class position first, then a square ``M x M`` patch grid).
+        grid: target ``(rows, cols)``; they may differ.
+    Returns:
+        ``[1, 1 + rows*cols, D]`` in the dtype of ``pos_embed``. The input tensor itself when the grid
+        is already ``(M, M)`` (no interpolation call, so the native grid is exactly the identity).
+    """
+    n_patches = pos_embed.shape[1] - 1
+    side = math.isqrt(n_patches)
+    if side * side != n_patches:
+        raise ValueError(f"pos_embed holds {n_patches} patch positions, which is not a square grid")
+    rows, cols = grid
+    if (rows, cols) == (side, side):
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    class_pos = pos_embed[:, :1]
+    patch_pos = pos_embed[:, 1:]
+    if patch_pos.dtype not in (torch.float32, torch.float64):  # interpolate half precision in fp32
+        patch_pos = patch_pos.float()
+    patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # [1, D, M, M]
+    patch_pos = F.interpolate(patch_pos, size=(rows, cols), mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).to(pos_embed.dtype)
+    return torch.cat((class_pos, patch_pos), dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch_size`` patches -> tokens: ``[B, C, H, W] -> [B, (H/p)*(W/p), D]``."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, _, h, w = x.shape
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {p}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``: ``[B, T, D] -> [B, T, D]``."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [B, heads, T, D/heads]
+        x = F.scaled_dot_product_attention(q, k, v)  # default scale is head_dim ** -0.5
+        return self.proj(x.transpose(1, 2).reshape(b, t, d))
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear: ``[..., D] -> [..., D]``."""
+
+    def __init__(self, dim: int, hidden_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_features, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def swiglu_hidden_features(hidden_features: int) -> int:
+    """DINOv2's SwiGLU width: 2/3 of the MLP width, rounded up to a multiple of 8 (giant2: 6144 -> 4096)."""
+    return (int(hidden_features * 2 / 3) + 7) // 8 * 8
+
+
+class SwiGLUFFN(nn.Module):
+    """SwiGLU feed-forward (DINOv2 names): ``w12`` makes both halves, ``w3`` projects back.
+
+    ``[..., D] -> [..., D]``; ``hidden_features`` is the MLP width ``int(D * mlp_ratio)`` before the 2/3 rule.
+    """
+
+    def __init__(self, dim: int, hidden_features: int, bias: bool = True) -> None:
+        super().__init__()
+        hidden = swiglu_hidden_features(hidden_features)
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.w3 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scale ``x * gamma`` (CaiT), ``gamma`` initialised to ``init_values``."""
+
+    def __init__(self, dim: int, init_values: float) -> None:
+        super().__init__()
+        self.init_values = init_values
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample: in training, zero the residual branch of a sample with probability
+    ``drop_prob`` and rescale the kept ones by ``1 / (1 - drop_prob)``. Draws from torch's default
+    generator (the trainer seeds it). Identity in eval mode or when ``drop_prob == 0``."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))`` then ``x + ls2(mlp(norm2(x)))``.
+
+    ``[B, T, D] -> [B, T, D]``. ``layerscale_init=None`` builds no LayerScale (no ``ls1``/``ls2`` keys).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        drop_path: float = 0.0,
+        layerscale_init: float | None = 1e-5,
+        ffn_layer: FFNLayer = "mlp",
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.ls1: nn.Module = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        hidden = int(dim * mlp_ratio)
+        if ffn_layer == "mlp":
+            self.mlp: nn.Module = Mlp(dim, hidden, bias=ffn_bias)
+        elif ffn_layer == "swiglu":
+            self.mlp = SwiGLUFFN(dim, hidden, bias=ffn_bias)
+        else:
+            raise ValueError(f"ffn_layer {ffn_layer!r} is not one of 'mlp', 'swiglu'")
+        self.ls2: nn.Module = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class DinoVisionTransformer(nn.Module):
+    """DINOv2 ViT backbone working on any input whose sides are multiples of ``patch_size``.
+
+    Position embeddings are stored for the native grid ``img_size // patch_size`` (official DINOv2
+    backbones: ``img_size=518`` with patch 14, a 37x37 grid) and bicubically resampled to other grids.
+    Stochastic depth uses the same rate in every block (DINOv2's ``drop_path_uniform``).
+    ``config`` holds the constructor arguments: ``DinoVisionTransformer(**model.config)`` rebuilds it.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        layerscale_init: float | None = 1e-5,
+        ffn_layer: FFNLayer = "mlp",
+        num_register_tokens: int = 0,
+    ) -> None:
+        super().__init__()
+        if patch_size <= 0 or img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a positive multiple of patch_size {patch_size}")
+        if num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
+        self.config: dict[str, Any] = dict(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+            num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_bias=proj_bias, ffn_bias=ffn_bias,
+            drop_path_rate=drop_path_rate, layerscale_init=layerscale_init, ffn_layer=ffn_layer,
+            num_register_tokens=num_register_tokens,
+        )
+        self.embed_dim = self.num_features = embed_dim
+        self.patch_size = patch_size
+        self.num_register_tokens = num_register_tokens
+        self.n_blocks = depth
+        self.num_heads = num_heads
+        self.native_grid = img_size // patch_size
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.native_grid**2, embed_dim))
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        )
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_bias=proj_bias,
+                  ffn_bias=ffn_bias, drop_path=drop_path_rate, layerscale_init=layerscale_init, ffn_layer=ffn_layer)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """DINOv2 init: trunc-normal(0.02) linear weights and pos_embed, zero biases, tiny cls/registers."""
+        if self.pos_embed.is_meta:  # shapes only (e.g. built to receive loaded weights): nothing to draw
+            return
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        nn.init.zeros_(self.mask_token)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def interpolate_pos_encoding(self, grid: tuple[int, int]) -> Tensor:
+        """Position embeddings for a ``(rows, cols)`` patch grid: ``[1, 1 + rows*cols, D]``."""
+        return interpolate_pos_embed(self.pos_embed, grid)
+
+    def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        """``[B, C, H, W]`` (+ bool ``[B, N]`` masks) -> tokens ``[B, 1 + R + N, D]`` entering the blocks."""
+        b, _, h, w = x.shape
+        tokens = self.patch_embed(x)  # [B, N, D]
+        if masks is not None:
+            if masks.shape != tokens.shape[:2]:
+                raise ValueError(f"masks have shape {tuple(masks.shape)}, expected {tuple(tokens.shape[:2])} "
+                                 f"for a {h}x{w} input with patch size {self.patch_size}")
+            tokens = torch.where(masks.unsqueeze(-1), self.mask_token.to(tokens.dtype).unsqueeze(0), tokens)
+        tokens = torch.cat((self.cls_token.expand(b, -1, -1), tokens), dim=1)
+        tokens = tokens + self.interpolate_pos_encoding((h // self.patch_size, w // self.patch_size))
+        if self.register_tokens is not None:
+            tokens = torch.cat((tokens[:, :1], self.register_tokens.expand(b, -1, -1), tokens[:, 1:]), dim=1)
+        return tokens
+
+    def _features(self, x: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
+        x = self.prepare_tokens_with_masks(x, masks)
+        for blk in self.blocks:
+            x = blk(x)
+        x_norm = self.norm(x)
+        r = self.num_register_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],
+            "x_norm_regtokens": x_norm[:, 1 : 1 + r],
+            "x_norm_patchtokens": x_norm[:, 1 + r :],
+            "x_prenorm": x,
+            "masks": masks,
+        }
+
+    def forward_features(
+        self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None
+    ) -> Any:
+        """Token features.
+
+        Args:
+            x: ``[B, C, H, W]``, or a list of such tensors (e.g. global and local crops of other sizes).
+            masks: bool ``[B, N]`` (True: replace that patch token by ``mask_token`` before position
+                embeddings), or for a list input a list of masks / ``None`` entries.
+        Returns:
+            a dict (a list of dicts for a list input) with ``x_norm_clstoken [B, D]``,
+            ``x_norm_regtokens [B, R, D]``, ``x_norm_patchtokens [B, N, D]``, ``x_prenorm [B, 1+R+N, D]``
+            and ``masks``.
+        """
+        if isinstance(x, list | tuple):
+            mask_list = list(masks) if isinstance(masks, list | tuple) else [masks] * len(x)
+            if len(mask_list) != len(x):
+                raise ValueError(f"got {len(x)} inputs but {len(mask_list)} masks")
+            return [self._features(xi, mi) for xi, mi in zip(x, mask_list)]
+        if isinstance(masks, list | tuple):
+            raise ValueError("masks is a list but x is a single tensor")
+        return self._features(x, masks)
+
+    def get_intermediate_layers(
+        self,
+        x: Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple[Any, ...]:
+        """Outputs of the last ``n`` blocks (an int), or of the blocks with the given indices.
+
+        Returns a tuple of patch tokens ``[B, N, D]`` (``[B, D, H/p, W/p]`` with ``reshape``), or of
+        ``(patch tokens, cls token [B, D])`` pairs with ``return_class_token``. ``norm`` applies the
+        final LayerNorm to each output (as DINOv2).
+        """
+        depth = len(self.blocks)
+        if isinstance(n, int):
+            if not 1 <= n <= depth:
+                raise ValueError(f"n={n}: the model has {depth} blocks")
+            take = list(range(depth - n, depth))
+        else:
+            take = list(n)
+            bad = [i for i in take if not 0 <= i < depth]
+            if bad:
+                raise ValueError(f"block indices {bad} out of range for a model with {depth} blocks")
+        tokens = self.prepare_tokens_with_masks(x)
+        outputs: dict[int, Tensor] = {}
+        for i, blk in enumerate(self.blocks):
+            tokens = blk(tokens)
+            if i in take:
+                outputs[i] = tokens
+            if i >= max(take):
+                break
+        outs = [self.norm(outputs[i]) if norm else outputs[i] for i in take]
+        start = 1 + self.num_register_tokens
+        patches = [o[:, start:] for o in outs]
+        if reshape:
+            b, _, h, w = x.shape
+            p = self.patch_size
+            patches = [o.reshape(b, h // p, w // p, -1).permute(0, 3, 1, 2).contiguous() for o in patches]
+        if return_class_token:
+            return tuple(zip(patches, [o[:, 0] for o in outs]))
+        return tuple(patches)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W] -> [B, D]``: the normed CLS token."""
+        return self._features(x, None)["x_norm_clstoken"]  # type: ignore[return-value]
+
+
+def _named(arch: str, kwargs: dict[str, Any]) -> DinoVisionTransformer:
+    clash = sorted({"embed_dim", "depth", "num_heads"} & kwargs.keys())
+    if clash:
+        raise ValueError(f"{arch} fixes {', '.join(clash)}; use vit_custom to choose them")
+    embed_dim, depth, num_heads = ARCH_WIDTHS[arch]
+    return DinoVisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs)
+
+
+def vit_tiny(**kwargs: Any) -> DinoVisionTransformer:
+    """ViT-Ti: 192 wide, 12 blocks, 3 heads."""
+    return _named("vit_tiny", kwargs)
+
+
+def vit_small(**kwargs: Any) -> DinoVisionTransformer:
+    """ViT-S: 384 wide, 12 blocks, 6 heads."""
+    return _named("vit_small", kwargs)
+
+
+def vit_base(**kwargs: Any) -> DinoVisionTransformer:
+    """ViT-B: 768 wide, 12 blocks, 12 heads."""
+    return _named("vit_base", kwargs)
+
+
+def vit_large(**kwargs: Any) -> DinoVisionTransformer:
+    """ViT-L: 1024 wide, 24 blocks, 16 heads."""
+    return _named("vit_large", kwargs)
+
+
+def vit_giant2(**kwargs: Any) -> DinoVisionTransformer:
+    """DINOv2's ViT-g: 1536 wide, 40 blocks, 24 heads (64 per head), SwiGLU feed-forward by default."""
+    kwargs.setdefault("ffn_layer", "swiglu")
+    return _named("vit_giant2", kwargs)
+
+
+def build_vit(arch: str = "vit_custom", **kwargs: Any) -> DinoVisionTransformer:
+    """Build by name; ``vit_custom`` passes every argument (``embed_dim``, ``depth``, ``num_heads``, ...)
+    to :class:`DinoVisionTransformer`. ``build_vit(**model.config)`` rebuilds ``model``."""
+    if arch == "vit_custom":
+        return DinoVisionTransformer(**kwargs)
+    if arch == "vit_giant2":
+        return vit_giant2(**kwargs)
+    if arch not in ARCH_WIDTHS:
+        raise ValueError(f"unknown arch {arch!r}: not one of {', '.join([*ARCH_WIDTHS, 'vit_custom'])}")
+    return _named(arch, kwargs)
+
+
+def build_backbone(student_cfg: StudentConfig, img_size: int) -> DinoVisionTransformer:
+    """The backbone described by ``student`` config, with position embeddings for ``img_size``
+    (the full-resolution global crop size; other crop sizes are served by interpolation).
+    ``student.layerscale == 0`` means no LayerScale."""
+    s = student_cfg
+    kwargs: dict[str, Any] = dict(
+        img_size=img_size, patch_size=s.patch_size, mlp_ratio=s.mlp_ratio, qkv_bias=s.qkv_bias,
+        proj_bias=s.proj_bias, ffn_bias=s.ffn_bias, drop_path_rate=s.drop_path_rate,
+        layerscale_init=s.layerscale or None, ffn_layer=s.ffn_layer, num_register_tokens=s.num_register_tokens,
+    )
+    if s.arch == "vit_custom":
+        kwargs.update(embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads)
+    return build_vit(s.arch, **kwargs)

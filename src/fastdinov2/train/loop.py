@@ -1,0 +1,546 @@
+"""``fastdinov2 train``: set-up, then one visible loop over global steps.
+
+Set-up resolves the data, the curriculum and the per-step schedules, builds the student/teacher, the
+optimizer and the data loader, and restores the newest committed checkpoint of the output directory, if
+any (so running the same command again continues the run). The loop then does, for every global step:
+batch -> (restart mode: reset optimizer at a stage switch) -> schedules -> teacher targets -> student
+forward/backward -> finiteness check -> clip -> AdamW step -> EMA teacher -> log -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fastdinov2 import distributed as dist_utils
+from fastdinov2.config import Config, ConfigError, diff_configs, load_config, to_yaml
+from fastdinov2.curriculum import Curriculum
+from fastdinov2.data.collate import TrainBatch, collate_train
+from fastdinov2.data.datasets import DataError, discover_training_images
+from fastdinov2.data.pretrain import PretrainDataset
+from fastdinov2.train.checkpoint import (
+    find_latest_checkpoint,
+    load_checkpoint,
+    remove_stale_temporaries,
+    save_checkpoint,
+)
+from fastdinov2.train.logging import MetricsLogger
+from fastdinov2.train.meta_arch import MetaArch
+from fastdinov2.train.optim import apply_optim_schedules, build_adamw, get_param_groups
+from fastdinov2.train.plan import build_schedules
+from fastdinov2.train.sampler import StepBatchSampler
+
+#: Exit code of a run that saved and stopped because it received SIGTERM or SIGUSR1 (EX_TEMPFAIL).
+EXIT_PREEMPTED = 75
+
+#: Keys that may change when a run is continued in the same output directory.
+RESUMABLE_KEYS = (
+    "train.max_steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_last_checkpoints",
+    "train.knn_at_end",
+    "train.progress",
+    "train.nan_policy",
+    "train.max_consecutive_skips",
+    "data.num_workers",
+    "data.max_bad_samples",
+    "compute.",
+)
+
+
+class TrainingError(RuntimeError):
+    """The run stopped on a fault (non-finite loss, too many bad files, ...); the message says which."""
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is saved; the CLI exits with :data:`EXIT_PREEMPTED`."""
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    bad_samples: int = 0
+    nan_skips: int = 0
+    consecutive_skips: int = 0
+    preempt_signal: int | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.compute.device == "cuda" or (cfg.compute.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("compute.device: 'cuda' requested but no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> torch.dtype:
+    p = cfg.compute.precision
+    if p == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+
+
+def resolve_data_root(cfg: Config) -> Path:
+    if cfg.data.root is None:
+        from fastdinov2.data.synthetic import default_dataset_root
+
+        return default_dataset_root(cfg.data.cache_dir)
+    root = Path(cfg.data.root).expanduser()
+    if not root.exists():
+        raise DataError(f"data.root: directory not found: {root}")
+    return root
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _tuplify(x: Any) -> Any:
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def check_run_dir(output_dir: Path, cfg: Config, allow_config_change: bool) -> bool:
+    """True when ``output_dir`` holds an earlier run of the same config (to be continued).
+
+    Raises :class:`ConfigError` when it holds a run of a different config, unless allowed.
+    """
+    saved = output_dir / "config.yaml"
+    if not saved.is_file():
+        return False
+    try:
+        old = load_config(str(saved))
+    except ConfigError as exc:
+        raise ConfigError(f"{saved}: the saved config of this run cannot be read: {exc}") from exc
+    diffs = diff_configs(old, cfg, ignore=RESUMABLE_KEYS)
+    if diffs and not allow_config_change:
+        raise ConfigError(
+            f"{output_dir} holds a run with a different config (keys: {', '.join(diffs)}); "
+            "use another --output-dir, or --allow-config-change to continue it with the new values"
+        )
+    return True
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class _PreemptionFlag:
+    """SIGTERM / SIGUSR1 only set a flag; the loop saves and exits at the next step boundary."""
+
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _PreemptionFlag:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.state.preempt_signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is True on any rank."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(dist_utils.all_reduce_max(t).item() > 0)
+
+
+class Trainer:
+    """Holds the set-up of one run; :meth:`run` is the training loop."""
+
+    def __init__(self, cfg: Config, output_dir: Path, allow_config_change: bool = False) -> None:
+        self.cfg = cfg
+        self.output_dir = output_dir
+        self.rank = dist_utils.get_rank()
+        self.world_size = dist_utils.get_world_size()
+        self.is_main = self.rank == 0
+        self.device = resolve_device(cfg)
+        self.dtype = resolve_precision(cfg, self.device)
+        if cfg.compute.threads:
+            torch.set_num_threads(cfg.compute.threads)
+        elif self.device.type == "cpu" and cfg.data.num_workers > 0:
+            # Leave the loader workers their cores: oversubscribed OpenMP pools spin and stall badly.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.data.num_workers))
+
+        # Data first: a missing or empty data directory fails before anything is written.
+        self.data_root = resolve_data_root(cfg)
+        self.records, self.classes = discover_training_images(self.data_root)
+        self.curriculum = Curriculum(cfg, len(self.records), self.world_size)
+        self.schedules = build_schedules(cfg, self.curriculum)
+        self.continuing = check_run_dir(output_dir, cfg, allow_config_change)
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.model = MetaArch(cfg).to(self.device)
+        if cfg.student.pretrained:
+            from fastdinov2.interop import load_pretrained_into
+
+            load_pretrained_into(self.model.student.backbone, cfg.student.pretrained)
+            self.model.teacher.load_state_dict(self.model.student.state_dict())
+        self.student: nn.Module = self.model.student  # replaced by a DDP/FSDP wrapper when distributed
+        self.param_groups = get_param_groups(
+            self.model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
+        )
+        self.optimizer = build_adamw(
+            self.param_groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
+            fused=self.device.type == "cuda",
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.state = RunState()
+        self.ckpt_dir = output_dir / "checkpoints"
+        self.logger: MetricsLogger | None = None
+        # Each process seeds its own RNGs from (seed, rank): drop-path draws differ across ranks.
+        torch.manual_seed(cfg.train.seed * 1000 + self.rank + 1)
+        random.seed(cfg.train.seed * 1000 + self.rank)
+        np.random.seed(cfg.train.seed * 1000 + self.rank)
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        m = self.model
+        model_state = {
+            "student": m.student.state_dict(),
+            "teacher": m.teacher.state_dict(),
+            "dino_loss": m.dino_loss.state_dict(),
+            "ibot_loss": m.ibot_loss.state_dict(),
+            "backbone_config": dict(m.teacher.backbone.config),
+            "step": self.state.step,
+        }
+        optim_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "rng": _rng_state(self.device),
+            "step": self.state.step,
+            "sample_position": self.curriculum.sample_position(min(self.state.step, self.curriculum.total_steps - 1)),
+            "world_size": self.world_size,
+            "counters": {"bad_samples": self.state.bad_samples, "nan_skips": self.state.nan_skips,
+                         "consecutive_skips": self.state.consecutive_skips},
+        }
+        return model_state, optim_state
+
+    def save(self) -> Path | None:
+        if not self.is_main:
+            return None
+        model_state, optim_state = self.state_dicts()
+        return save_checkpoint(
+            self.ckpt_dir, self.state.step, model_state, optim_state,
+            keep_last=self.cfg.train.keep_last_checkpoints, meta={"world_size": self.world_size},
+        )
+
+    def restore(self) -> Path | None:
+        remove_stale_temporaries(self.ckpt_dir) if self.is_main else None
+        path = find_latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            return None
+        model_state, optim_state = load_checkpoint(path, map_location=self.device)
+        m = self.model
+        m.student.load_state_dict(model_state["student"])
+        m.teacher.load_state_dict(model_state["teacher"])
+        m.dino_loss.load_state_dict(model_state["dino_loss"])
+        m.ibot_loss.load_state_dict(model_state["ibot_loss"])
+        self.optimizer.load_state_dict(optim_state["optimizer"])
+        if self.scaler is not None and optim_state.get("scaler") is not None:
+            self.scaler.load_state_dict(optim_state["scaler"])
+        counters = optim_state.get("counters", {})
+        self.state.step = int(optim_state["step"])
+        self.state.bad_samples = int(counters.get("bad_samples", 0))
+        self.state.nan_skips = int(counters.get("nan_skips", 0))
+        self.state.consecutive_skips = int(counters.get("consecutive_skips", 0))
+        saved_world = int(optim_state.get("world_size", 1))
+        if saved_world == self.world_size:
+            _set_rng_state(optim_state["rng"], self.device)
+        elif self.is_main:
+            print(
+                f"[fastdinov2] checkpoint {path} was written by {saved_world} processes, resuming on "
+                f"{self.world_size}: the step counter and schedules continue at step {self.state.step}; the data "
+                "stream restarts at this world size's position for that step and RNG states are re-seeded",
+                file=sys.stderr,
+            )
+        return path
+
+    # ---- data --------------------------------------------------------------------------------------
+    def make_loader(self, start_step: int, end_step: int) -> DataLoader:
+        dataset = PretrainDataset(self.records, self.cfg, seed=self.cfg.train.seed,
+                                  photometric_on=self.cfg.data.photometric_on)
+        sampler = StepBatchSampler(self.curriculum, self.cfg.train.seed, start_step, end_step,
+                                   rank=self.rank, world_size=self.world_size)
+        workers = self.cfg.data.num_workers
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=collate_train,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers > 0 else None,
+            persistent_workers=False,
+        )
+
+    def _check_bad_samples(self, batch: TrainBatch) -> None:
+        for path, reason in batch.bad_samples:
+            self.state.bad_samples += 1
+            limit = self.cfg.data.max_bad_samples
+            if self.state.bad_samples > limit:
+                raise DataError(
+                    f"bad image {path}: {reason} (bad files so far: {self.state.bad_samples}, "
+                    f"data.max_bad_samples={limit}); run 'fastdinov2 data verify {self.data_root}' to list all"
+                )
+            print(f"[fastdinov2] skipped bad image {path}: {reason} "
+                  f"({self.state.bad_samples}/{limit} allowed)", file=sys.stderr)
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def train_step(self, micro_batches: list[TrainBatch], step: int) -> dict[str, torch.Tensor] | None:
+        """Forward/backward over the micro-batches of one step and the optimizer update.
+
+        Returns the loss terms (detached, averaged over micro-batches), or None when the update was
+        skipped under ``nan_policy=skip``.
+        """
+        cfg = self.cfg
+        sched = self.schedules.at(step)
+        apply_optim_schedules(self.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
+        self.optimizer.zero_grad(set_to_none=True)
+        n_micro = len(micro_batches)
+        totals: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(micro_batches):
+            batch = batch.to(self.device)
+            if batch.photometric_pending:
+                batch = batch.with_photometric()  # colour ops batched on the device
+            n_local = batch.local_crops.shape[0] // max(1, batch.batch_size)
+            sync = (i == n_micro - 1) or not hasattr(self.student, "no_sync")
+            ctx = contextlib.nullcontext() if sync else self.student.no_sync()  # type: ignore[operator]
+            with ctx, self.autocast():
+                t_cls, t_patch = self.model.teacher_targets(
+                    batch.global_crops, batch.mask_indices, batch.n_masked_patches, sched["teacher_temp"]
+                )
+                s_out = self.student(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
+                losses = self.model.compute_losses(s_out, t_cls, t_patch, batch.masks, batch.masks_weight, n_local)
+                loss = losses["loss"] / n_micro
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0) + v.detach().float() / n_micro
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.student.parameters() if p.grad is not None]
+        if cfg.optim.clip_grad > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))  # type: ignore[union-attr]
+        totals["grad_norm"] = grad_norm.detach().float()
+        finite = bool(torch.isfinite(totals["loss"]).item() and torch.isfinite(grad_norm).item())
+        finite = not _agree(not finite, self.device)
+        if not finite:
+            bad_terms = [k for k, v in totals.items() if not torch.isfinite(v).item()]
+            if cfg.train.nan_policy == "halt":
+                raise TrainingError(
+                    f"non-finite values at step {step}: {', '.join(bad_terms) or 'on another rank'} "
+                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in totals.items())}); the last committed "
+                    f"checkpoint in {self.ckpt_dir} is intact. Lower optim.base_lr, or set train.nan_policy=skip"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.nan_skips += 1
+            self.state.consecutive_skips += 1
+            print(f"[fastdinov2] step {step}: non-finite {', '.join(bad_terms)}; update skipped "
+                  f"({self.state.consecutive_skips} in a row)", file=sys.stderr)
+            if self.state.consecutive_skips >= cfg.train.max_consecutive_skips:
+                raise TrainingError(
+                    f"{self.state.consecutive_skips} consecutive non-finite steps (up to step {step}); "
+                    f"train.max_consecutive_skips={cfg.train.max_consecutive_skips}"
+                )
+            if self.scaler is not None:
+                self.scaler.update()
+            return None
+        self.state.consecutive_skips = 0
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.model.update_teacher(sched["momentum"])
+        return totals
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _batches(self, loader: DataLoader) -> Iterator[list[TrainBatch]]:
+        it = iter(loader)
+        n = self.cfg.train.grad_accum_steps
+        while True:
+            micro = []
+            for _ in range(n):
+                try:
+                    micro.append(next(it))
+                except StopIteration:
+                    return
+            yield micro
+
+    def run(self) -> dict[str, Any]:
+        cfg, cur = self.cfg, self.curriculum
+        restored = self.restore()
+        end_step = cur.total_steps if cfg.train.max_steps is None else min(cur.total_steps, cfg.train.max_steps)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            _write_text_atomic(self.output_dir / "config.yaml", to_yaml(cfg))
+            self.logger = MetricsLogger(self.output_dir, enabled=True)
+            self.logger.truncate_from(self.state.step)
+            where = f"resuming from {restored}" if restored else "starting"
+            print(f"[fastdinov2] {where}: step {self.state.step} of {cur.total_steps} "
+                  f"({len(self.records)} images in {self.data_root}, device {self.device}, world {self.world_size})")
+            print(cur.describe())
+        start = self.state.step
+        if start >= end_step:
+            return self._summary(end_step)
+        loader = self.make_loader(start, end_step)
+        progress = None
+        if self.is_main and cfg.train.progress:
+            from tqdm import tqdm
+
+            progress = tqdm(total=end_step, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+        window_t0, wait_time, window_imgs = time.perf_counter(), 0.0, 0
+        with _PreemptionFlag(self.state):
+            t_wait = time.perf_counter()
+            for step, micro in zip(range(start, end_step), self._batches(loader), strict=False):
+                wait_time += time.perf_counter() - t_wait
+                stage = cur.stage_at(step)
+                if cfg.curriculum.switch_mode == "restart" and step == stage.start_step and stage.index > 0:
+                    self.optimizer.state.clear()  # the paper's stage-2 job starts with a fresh optimizer
+                for b in micro:
+                    self._check_bad_samples(b)
+                micro = [b for b in micro if b.batch_size > 0]  # a micro-batch of only bad files
+                totals = self.train_step(micro, step) if micro else None
+                self.state.step = step + 1
+                window_imgs += sum(b.batch_size for b in micro) * self.world_size
+                if totals is not None and (step % cfg.train.log_every == 0 or step + 1 == end_step):
+                    now = time.perf_counter()
+                    record = {
+                        "step": step,
+                        "epoch": round(cur.epoch_at(step), 4),
+                        "stage": stage.index,
+                        "global_size": stage.global_size,
+                        "local_size": stage.local_size,
+                        "noise_max_scale": stage.noise.max_scale if stage.noise.kind != "none" else 0.0,
+                        **{k: round(v, 8) for k, v in self.schedules.at(step).items()},
+                        **{k: float(v.item()) for k, v in totals.items()},
+                        "img_per_s": window_imgs / max(now - window_t0, 1e-9),
+                        "data_wait_frac": wait_time / max(now - window_t0, 1e-9),
+                        "bad_samples": self.state.bad_samples,
+                        "nan_skips": self.state.nan_skips,
+                    }
+                    self.state.history.append(record)
+                    if self.logger is not None:
+                        self.logger.log(record)
+                    if progress is not None:
+                        progress.set_postfix_str(
+                            f"stage {stage.index} {stage.global_size}/{stage.local_size} "
+                            f"loss {record['loss']:.3f} {record['img_per_s']:.0f} img/s "
+                            f"wait {100 * record['data_wait_frac']:.0f}%"
+                        )
+                    window_t0, wait_time, window_imgs = now, 0.0, 0
+                if progress is not None:
+                    progress.update(1)
+                if _agree(self.state.preempt_signal is not None, self.device):
+                    path = self.save()
+                    if progress is not None:
+                        progress.close()
+                    raise Preempted(f"received signal {self.state.preempt_signal}; saved {path} at step "
+                                    f"{self.state.step}; run the same command again to continue")
+                if self.state.step % cfg.train.checkpoint_every == 0 and self.state.step < end_step:
+                    self.save()
+                t_wait = time.perf_counter()
+        if progress is not None:
+            progress.close()
+        if self.state.step < end_step:
+            raise TrainingError(f"the data loader stopped early at step {self.state.step} of {end_step}")
+        self.save()
+        return self._summary(end_step)
+
+    def _summary(self, end_step: int) -> dict[str, Any]:
+        done = self.state.step >= self.curriculum.total_steps
+        return {"step": self.state.step, "end_step": end_step, "total_steps": self.curriculum.total_steps,
+                "finished": done, "output_dir": str(self.output_dir)}
+
+
+def finish_run(trainer: Trainer) -> dict[str, Any]:
+    """Export the teacher backbone and (when the data has a labelled val split) compare kNN top-1 of the
+    trained teacher against the same architecture at random initialisation."""
+    from fastdinov2.interop import export_backbone
+
+    cfg, out = trainer.cfg, trainer.output_dir
+    result: dict[str, Any] = {}
+    if not trainer.is_main:
+        return result
+    teacher = trainer.model.teacher.backbone
+    result["export"] = str(export_backbone(teacher, out / "teacher_backbone"))
+    train_dir, val_dir = trainer.data_root / "train", trainer.data_root / "val"
+    if cfg.train.knn_at_end and train_dir.is_dir() and val_dir.is_dir():
+        from fastdinov2.eval.knn import evaluate_knn
+        from fastdinov2.eval.results import write_result
+        from fastdinov2.models.vit import build_backbone
+
+        torch.manual_seed(cfg.train.seed)
+        random_model = build_backbone(cfg.student, img_size=cfg.crops.global_crops_size).to(trainer.device)
+        kw = dict(image_size=cfg.crops.global_crops_size, device=trainer.device, ks=(10, 20))
+        trained = evaluate_knn(teacher.eval(), train_dir, val_dir, **kw)
+        baseline = evaluate_knn(random_model.eval(), train_dir, val_dir, **kw)
+        result["knn"] = {"trained": trained, "random_init": baseline}
+        write_result(out / "eval" / "knn_end_of_training.json", "knn", str(out),
+                     {"data": str(trainer.data_root), "ks": [10, 20]}, result["knn"])
+        print(f"[fastdinov2] kNN top-1 on {val_dir}: trained teacher {trained['top1']:.2f}% "
+              f"vs random init {baseline['top1']:.2f}% ({trained['top1'] - baseline['top1']:+.2f} points)")
+    return result
+
+
+def train(cfg: Config, output_dir: Path, allow_config_change: bool = False) -> dict[str, Any]:
+    """Run (or continue) training in ``output_dir``; returns a summary dict."""
+    trainer = Trainer(cfg, output_dir, allow_config_change=allow_config_change)
+    summary = trainer.run()
+    summary["history"] = trainer.state.history
+    if summary["finished"]:
+        summary.update(finish_run(trainer))
+    if trainer.is_main:
+        with open(output_dir / "summary.json", "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "history"}, f, indent=2, default=str)
+    return summary

@@ -1,0 +1,108 @@
+"""Crash-safe checkpoints: atomic commit, retention, ENOSPC and SIGKILL in the middle of a save."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdinov2.train import checkpoint as ck
+
+
+def _states(v: float) -> tuple[dict, dict]:
+    return {"w": torch.full((4,), v)}, {"step": int(v)}
+
+
+def test_save_commit_and_load(tmp_path: Path) -> None:
+    path = ck.save_checkpoint(tmp_path, 7, *_states(7.0))
+    assert path.name == "step_00000007" and (path / ck.COMMITTED).is_file()
+    model, optim = ck.load_checkpoint(path)
+    assert torch.equal(model["w"], torch.full((4,), 7.0)) and optim["step"] == 7
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_keep_last_deletes_old_only_after_commit(tmp_path: Path) -> None:
+    for s in (1, 2, 3, 4):
+        ck.save_checkpoint(tmp_path, s, *_states(float(s)), keep_last=2)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [3, 4]
+
+
+def test_uncommitted_folders_are_ignored(tmp_path: Path) -> None:
+    ck.save_checkpoint(tmp_path, 1, *_states(1.0))
+    (tmp_path / "step_00000002").mkdir()  # a folder without the marker: not a checkpoint
+    (tmp_path / ".tmp-step_00000003-1").mkdir()
+    assert ck.find_latest_checkpoint(tmp_path) == tmp_path / "step_00000001"
+    assert ck.remove_stale_temporaries(tmp_path) == [tmp_path / ".tmp-step_00000003-1"]
+    with pytest.raises(ck.CheckpointError, match="step_00000002"):
+        ck.load_checkpoint(tmp_path / "step_00000002")
+
+
+def test_no_space_left_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ck.save_checkpoint(tmp_path, 1, *_states(1.0))
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):  # type: ignore[no-untyped-def]
+        if isinstance(obj, dict) and "step" in obj:  # the optimizer file: fail half way through the save
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(ck.CheckpointError, match="no space left on device.*step_00000001 is intact"):
+        ck.save_checkpoint(tmp_path, 2, *_states(2.0))
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [1]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    model, _ = ck.load_checkpoint(tmp_path / "step_00000001")
+    assert torch.equal(model["w"], torch.full((4,), 1.0))
+
+
+_SLOW_SAVER = r"""
+import sys, time, torch
+from pathlib import Path
+from fastdinov2.train import checkpoint as ck
+root = Path(sys.argv[1])
+ck.save_checkpoint(root, 1, {"w": torch.zeros(3)}, {"step": 1})
+real = torch.save
+def slow(obj, f, *a, **k):
+    real(obj, f, *a, **k)
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+torch.save = slow
+ck.save_checkpoint(root, 2, {"w": torch.ones(3)}, {"step": 2})
+"""
+
+
+def test_sigkill_during_save_resumes_from_previous(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "writing"  # now inside the second save
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())  # the half-written one is there...
+    latest = ck.find_latest_checkpoint(tmp_path)
+    assert latest == tmp_path / "step_00000001"  # ...but never counts
+    model, _ = ck.load_checkpoint(latest)
+    assert torch.equal(model["w"], torch.zeros(3))
+
+
+def test_load_refuses_pickled_code(tmp_path: Path) -> None:
+    path = ck.save_checkpoint(tmp_path, 1, *_states(1.0))
+
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"x": Evil()}, path / "model.pt")
+    with pytest.raises(ck.CheckpointError, match="model.pt"):
+        ck.load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()

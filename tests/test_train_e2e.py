@@ -1,0 +1,212 @@
+"""End-to-end training on a tiny generated dataset: exact resume (mid-stage and around the curriculum
+switch, with loader workers), run-directory guard, bad input, non-finite losses and preemption."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdinov2.cli import main
+from fastdinov2.config import Config, ConfigError, load_config
+from fastdinov2.data.datasets import DataError
+from fastdinov2.data.synthetic import SyntheticSpec, write_synthetic_dataset
+from fastdinov2.train.checkpoint import list_checkpoints
+from fastdinov2.train.loop import EXIT_PREEMPTED, TrainingError, train
+from fastdinov2.train.meta_arch import MetaArch
+
+TINY = [
+    "student.embed_dim=32", "student.depth=2", "student.num_heads=2",
+    "dino.head_n_prototypes=32", "ibot.head_n_prototypes=32", "dino.head_hidden_dim=32",
+    "ibot.head_hidden_dim=32", "dino.head_bottleneck_dim=16", "ibot.head_bottleneck_dim=16",
+    "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
+    "curriculum.stages.0.global_size=16", "curriculum.stages.0.local_size=8",
+    "curriculum.stages.1.global_size=32", "curriculum.stages.1.local_size=16",
+    "optim.epochs=2", "optim.warmup_epochs=0.5", "teacher.warmup_teacher_temp_epochs=1",
+    "train.batch_size_per_gpu=8", "data.num_workers=0", "train.log_every=1", "train.progress=false",
+    "train.knn_at_end=false", "train.checkpoint_every=1000",
+]  # 32 images, batch 8: 4 steps per epoch; stage 0 = steps 0-5, stage 1 = steps 6-7
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "synth"
+    write_synthetic_dataset(root, SyntheticSpec(num_classes=4, train_per_class=8, val_per_class=4, image_size=40))
+    return root
+
+
+def _cfg(data_root: Path, *extra: str) -> Config:
+    return load_config("fastdinov2_tiny", [*TINY, f"data.root={data_root}", *extra])
+
+
+def _losses(run: Path) -> list[tuple[int, float, float, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["dino_loss"], r["ibot_loss"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("straight")
+    summary = train(_cfg(data_root), run)
+    assert summary["finished"] and summary["step"] == 8
+    return run
+
+
+def test_straight_run_writes_the_contract(straight_run: Path) -> None:
+    for name in ("config.yaml", "metrics.jsonl", "teacher_backbone.safetensors", "teacher_backbone.json",
+                 "summary.json"):
+        assert (straight_run / name).is_file(), name
+    rows = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(8))
+    for key in ("step", "epoch", "lr", "loss", "dino_loss", "ibot_loss", "koleo_loss", "img_per_s", "stage",
+                "global_size", "local_size", "noise_max_scale", "data_wait_frac"):
+        assert key in rows[0], key
+    assert [r["global_size"] for r in rows] == [16] * 6 + [32] * 2
+    assert [r["noise_max_scale"] for r in rows] == [0.0] * 6 + [0.5] * 2
+    assert [s for s, _ in list_checkpoints(straight_run / "checkpoints")] == [8]
+
+
+@pytest.mark.parametrize("stop", [3, 5, 6, 7])  # mid-stage, one before, at and after the switch (step 6)
+def test_resume_reproduces_the_uninterrupted_run(data_root: Path, straight_run: Path, tmp_path: Path,
+                                                  stop: int) -> None:
+    first = train(_cfg(data_root, f"train.max_steps={stop}"), tmp_path)
+    assert not first["finished"] and first["step"] == stop
+    train(_cfg(data_root), tmp_path)  # the same command again continues the run
+    assert _losses(tmp_path) == _losses(straight_run)
+
+
+def test_resume_with_loader_workers(data_root: Path, straight_run: Path, tmp_path: Path) -> None:
+    train(_cfg(data_root, "train.max_steps=6", "data.num_workers=2"), tmp_path)
+    train(_cfg(data_root, "data.num_workers=2"), tmp_path)
+    assert _losses(tmp_path) == _losses(straight_run)
+
+
+def test_restart_mode_resumes_at_the_switch(data_root: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(_cfg(data_root, "curriculum.switch_mode=restart"), a)
+    train(_cfg(data_root, "curriculum.switch_mode=restart", "train.max_steps=6"), b)
+    train(_cfg(data_root, "curriculum.switch_mode=restart"), b)
+    assert _losses(a) == _losses(b)
+    lrs = [json.loads(line)["lr"] for line in (a / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[6] == 0.0 and lrs[0] == 0.0  # a fresh warm-up starts at the switch
+
+
+def test_other_config_in_same_dir_is_refused(data_root: Path, straight_run: Path) -> None:
+    with pytest.raises(ConfigError, match=r"optim\.base_lr"):
+        train(_cfg(data_root, "optim.base_lr=0.001"), straight_run)
+
+
+def test_missing_data_dir_fails_before_writing(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match=str(tmp_path / "nope")):
+        train(load_config("fastdinov2_tiny", [*TINY, f"data.root={tmp_path / 'nope'}"]), run)
+    assert not run.exists()
+
+
+def test_empty_data_dir_fails_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        train(load_config("fastdinov2_tiny", [*TINY, f"data.root={tmp_path / 'empty'}"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def _copy_with_bad_file(data_root: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(data_root, dest)
+    bad = sorted((dest / "train").rglob("*.jpg"))[0]
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated JPEG
+    return bad
+
+
+def test_unreadable_image_stops_naming_the_file(data_root: Path, tmp_path: Path) -> None:
+    bad = _copy_with_bad_file(data_root, tmp_path / "data")
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match=bad.name):
+        train(_cfg(tmp_path / "data"), run)
+    assert not (run / "teacher_backbone.safetensors").exists() and not (run / "summary.json").exists()
+
+
+def test_bad_images_skipped_up_to_the_limit(data_root: Path, tmp_path: Path) -> None:
+    _copy_with_bad_file(data_root, tmp_path / "data")
+    summary = train(_cfg(tmp_path / "data", "data.max_bad_samples=2", "optim.epochs=1",
+                         "curriculum.stages.0.fraction=0.5", "curriculum.stages.1.fraction=0.5"), tmp_path / "run")
+    assert summary["finished"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["bad_samples"] == 1  # seen once per epoch: the run saw it exactly once
+
+
+def test_cli_unknown_key_exits_2_naming_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["train", "--output-dir", str(tmp_path / "r"), "train.no_such_key=1"]) == 2
+    assert "train.no_such_key" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def _nan_at(step: int, monkeypatch: pytest.MonkeyPatch, value: float = float("nan")) -> None:
+    real = MetaArch.compute_losses
+    calls = {"n": 0}
+
+    def patched(self, *a, **k):  # type: ignore[no-untyped-def]
+        out = real(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] - 1 >= step:
+            out["ibot_loss"] = out["ibot_loss"] * value
+            out["loss"] = out["loss"] + out["ibot_loss"]
+        return out
+
+    monkeypatch.setattr(MetaArch, "compute_losses", patched)
+
+
+def test_nan_halts_naming_step_and_term(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train(_cfg(data_root, "train.max_steps=2"), tmp_path)
+    _nan_at(1, monkeypatch)  # second step of the continued run = global step 3
+    with pytest.raises(TrainingError, match=r"step 3: .*ibot_loss"):
+        train(_cfg(data_root), tmp_path)
+    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [2]  # last good checkpoint intact
+
+
+def test_inf_skip_policy_counts_and_stops(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _nan_at(2, monkeypatch, value=float("inf"))
+    with pytest.raises(TrainingError, match="3 consecutive non-finite steps"):
+        train(_cfg(data_root, "train.nan_policy=skip", "train.max_consecutive_skips=3"), tmp_path)
+
+
+def test_skipped_update_leaves_weights_unchanged(data_root: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _nan_at(1, monkeypatch)
+    summary = train(_cfg(data_root, "train.nan_policy=skip", "train.max_steps=2"), tmp_path)
+    assert summary["step"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0]  # step 1 was skipped, not logged as a normal step
+
+
+def test_sigterm_saves_and_exits_75_then_continues(data_root: Path, tmp_path: Path) -> None:
+    args = [sys.executable, "-m", "fastdinov2", "train", "--output-dir", str(tmp_path / "run"),
+            *TINY, f"data.root={data_root}", "optim.epochs=40", "curriculum.stages.0.fraction=0.9",
+            "curriculum.stages.1.fraction=0.1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert ckpts, err
+    saved_step = ckpts[-1][0]
+    assert 2 <= saved_step < 160
+    done = subprocess.run([*args, "train.max_steps=" + str(saved_step + 2)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming from {ckpts[-1][1]}" in done.stdout
+    assert torch.load(tmp_path / "run" / "checkpoints" / f"step_{saved_step + 2:08d}" / "optim.pt",
+                      weights_only=True)["step"] == saved_step + 2

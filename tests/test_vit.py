@@ -1,0 +1,287 @@
+"""The ViT backbone: shapes, an independent reference forward, position embeddings, masks, feature API."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdinov2.config import StudentConfig
+from fastdinov2.models import vit as vit_mod
+from fastdinov2.models.vit import (
+    DinoVisionTransformer,
+    DropPath,
+    build_backbone,
+    build_vit,
+    interpolate_pos_embed,
+    swiglu_hidden_features,
+    vit_giant2,
+    vit_small,
+)
+
+
+def small_vit(**kw: object) -> DinoVisionTransformer:
+    args: dict[str, object] = dict(img_size=224, patch_size=16, embed_dim=48, depth=2, num_heads=3)
+    args.update(kw)
+    torch.manual_seed(0)
+    return DinoVisionTransformer(**args).eval()  # type: ignore[arg-type]
+
+
+def randomize(model: torch.nn.Module, seed: int = 1) -> None:
+    """Non-trivial values everywhere (LayerScale, norms, mask token), so every term matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.ndim == 1 else 0.0) * 0.5)
+
+
+# ---------------------------------------------------------------- an independent reference forward
+
+
+def _layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-6) * w + b
+
+
+def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, patch: int, heads: int, depth: int,
+                      registers: int, swiglu: bool = False) -> torch.Tensor:
+    """Tokens before the final norm ``[B, 1+R+N, D]`` from plain tensor algebra on the state dict."""
+    b, c, h, w = x.shape
+    gh, gw = h // patch, w // patch
+    d = sd["cls_token"].shape[-1]
+    patches = x.unfold(2, patch, patch).unfold(3, patch, patch)  # [B, C, gh, gw, p, p]
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(b, gh * gw, c * patch * patch)
+    tok = patches @ sd["patch_embed.proj.weight"].reshape(d, -1).T + sd["patch_embed.proj.bias"]
+    pos = sd["pos_embed"]
+    m = math.isqrt(pos.shape[1] - 1)
+    grid = pos[:, 1:].reshape(1, m, m, d).permute(0, 3, 1, 2)
+    if (gh, gw) != (m, m):
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+    patch_pos = grid.permute(0, 2, 3, 1).reshape(1, gh * gw, d)
+    cls = sd["cls_token"].expand(b, 1, d) + pos[:, :1]
+    parts = [cls]
+    if registers:
+        parts.append(sd["register_tokens"].expand(b, registers, d))
+    t = torch.cat(parts + [tok + patch_pos], dim=1)
+    hd = d // heads
+    for i in range(depth):
+        p = f"blocks.{i}."
+        y = _layer_norm(t, sd[p + "norm1.weight"], sd[p + "norm1.bias"])
+        qkv = (y @ sd[p + "attn.qkv.weight"].T + sd[p + "attn.qkv.bias"]).reshape(b, -1, 3, heads, hd)
+        q, k, v = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(b, -1, d)
+        y = y @ sd[p + "attn.proj.weight"].T + sd[p + "attn.proj.bias"]
+        t = t + y * sd[p + "ls1.gamma"]
+        y = _layer_norm(t, sd[p + "norm2.weight"], sd[p + "norm2.bias"])
+        if swiglu:
+            y12 = y @ sd[p + "mlp.w12.weight"].T + sd[p + "mlp.w12.bias"]
+            y1, y2 = y12[..., : y12.shape[-1] // 2], y12[..., y12.shape[-1] // 2 :]
+            y = (y1 * torch.sigmoid(y1) * y2) @ sd[p + "mlp.w3.weight"].T + sd[p + "mlp.w3.bias"]
+        else:
+            y = y @ sd[p + "mlp.fc1.weight"].T + sd[p + "mlp.fc1.bias"]
+            y = 0.5 * y * (1 + torch.erf(y / math.sqrt(2)))
+            y = y @ sd[p + "mlp.fc2.weight"].T + sd[p + "mlp.fc2.bias"]
+        t = t + y * sd[p + "ls2.gamma"]
+    return t
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+@pytest.mark.parametrize("size", [(32, 32), (48, 40)])
+def test_forward_matches_reference(registers: int, size: tuple[int, int]) -> None:
+    # float64 on both sides, so that even a wrong LayerNorm eps (1e-5 vs 1e-6) would show
+    model = small_vit(img_size=32, patch_size=8, embed_dim=32, num_heads=4, num_register_tokens=registers)
+    randomize(model)
+    model.double()
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = reference_forward(model.state_dict(), x, 8, 4, 2, registers)
+    out = model.forward_features(x)
+    torch.testing.assert_close(out["x_prenorm"], ref, atol=1e-10, rtol=1e-10)
+    normed = _layer_norm(ref, model.norm.weight, model.norm.bias)
+    torch.testing.assert_close(out["x_norm_clstoken"], normed[:, 0], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out["x_norm_regtokens"], normed[:, 1 : 1 + registers], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out["x_norm_patchtokens"], normed[:, 1 + registers :], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(model(x), normed[:, 0], atol=1e-10, rtol=1e-10)
+
+
+def test_swiglu_matches_reference_and_hidden_rule() -> None:
+    model = small_vit(img_size=32, patch_size=8, embed_dim=48, num_heads=3, ffn_layer="swiglu")
+    randomize(model)
+    model.double()
+    hidden = (int(int(48 * 4.0) * 2 / 3) + 7) // 8 * 8  # 128
+    sd = model.state_dict()
+    assert sd["blocks.0.mlp.w12.weight"].shape == (2 * hidden, 48)
+    assert sd["blocks.0.mlp.w3.weight"].shape == (48, hidden)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ref = reference_forward(model.state_dict(), x, 8, 3, 2, 0, swiglu=True)
+    torch.testing.assert_close(model.forward_features(x)["x_prenorm"], ref, atol=1e-10, rtol=1e-10)
+    assert swiglu_hidden_features(int(1536 * 4.0)) == 4096  # official ViT-g/14
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+@pytest.mark.parametrize("size", [224, 112, 96, 48])
+def test_shapes(registers: int, size: int) -> None:
+    model = small_vit(depth=1, num_register_tokens=registers)
+    x = torch.randn(2, 3, size, size)
+    n = (size // 16) ** 2
+    out = model.forward_features(x)
+    assert out["x_norm_clstoken"].shape == (2, 48)
+    assert out["x_norm_regtokens"].shape == (2, registers, 48)
+    assert out["x_norm_patchtokens"].shape == (2, n, 48)
+    assert out["x_prenorm"].shape == (2, 1 + registers + n, 48)
+    assert out["masks"] is None
+    assert model(x).shape == (2, 48)
+
+
+def test_list_input_returns_list_of_dicts() -> None:
+    model = small_vit(depth=1, num_register_tokens=1)
+    xs = [torch.randn(2, 3, 112, 112), torch.randn(3, 3, 48, 48)]
+    masks = [torch.zeros(2, 49, dtype=torch.bool), None]
+    outs = model.forward_features(xs, masks)
+    assert isinstance(outs, list) and len(outs) == 2
+    assert outs[0]["x_norm_patchtokens"].shape == (2, 49, 48)
+    assert outs[1]["x_norm_patchtokens"].shape == (3, 9, 48)
+    torch.testing.assert_close(outs[1]["x_prenorm"], model.forward_features(xs[1])["x_prenorm"])
+    with pytest.raises(ValueError, match="2 inputs but 1 masks"):
+        model.forward_features(xs, [None])
+
+
+def test_pos_embed_identity_at_native_grid_and_resampled_otherwise() -> None:
+    model = small_vit()
+    assert model.interpolate_pos_encoding((14, 14)) is model.pos_embed  # the stored tensor itself
+    calls = []
+    real = F.interpolate
+
+    def spy(*a: object, **k: object) -> torch.Tensor:
+        calls.append(1)
+        return real(*a, **k)  # type: ignore[arg-type]
+
+    vit_mod.F.interpolate = spy  # type: ignore[assignment]
+    try:
+        model.forward_features(torch.randn(1, 3, 224, 224))
+        assert not calls
+        pe = model.interpolate_pos_encoding((7, 5))
+        assert calls
+    finally:
+        vit_mod.F.interpolate = real  # type: ignore[assignment]
+    assert pe.shape == (1, 1 + 35, 48)
+    assert torch.equal(pe[:, 0], model.pos_embed[:, 0])  # class position untouched
+    # bicubic of a constant field is that constant
+    const = torch.cat([torch.zeros(1, 1, 4), torch.full((1, 16, 4), 2.5)], dim=1)
+    torch.testing.assert_close(interpolate_pos_embed(const, (7, 3))[:, 1:], torch.full((1, 21, 4), 2.5))
+    with pytest.raises(ValueError, match="not a square grid"):
+        interpolate_pos_embed(torch.zeros(1, 1 + 12, 4), (2, 2))
+
+
+def test_masks_replace_patch_tokens_before_pos_embed() -> None:
+    model = small_vit(img_size=32, patch_size=8, num_register_tokens=2)
+    randomize(model)
+    x = torch.randn(2, 3, 32, 32)
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[0, [1, 5]] = True
+    masks[1, 15] = True
+    with torch.no_grad():
+        plain = model.prepare_tokens_with_masks(x)
+        masked = model.prepare_tokens_with_masks(x, masks)
+    start = 1 + 2
+    expected = model.mask_token[0] + model.pos_embed[0, 1:]  # [16, D]
+    for b in range(2):
+        for i in range(16):
+            got = masked[b, start + i]
+            want = expected[i] if masks[b, i] else plain[b, start + i]
+            torch.testing.assert_close(got, want)
+    torch.testing.assert_close(masked[:, :start], plain[:, :start])  # cls and registers untouched
+    out = model.forward_features(x, masks)
+    assert out["masks"] is masks
+    with pytest.raises(ValueError, match="masks have shape"):
+        model.forward_features(x, torch.zeros(2, 15, dtype=torch.bool))
+
+
+def test_intermediate_layers() -> None:
+    model = small_vit(img_size=32, patch_size=8, depth=3, num_register_tokens=1)
+    randomize(model)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        tokens = model.prepare_tokens_with_masks(x)
+        per_block = []
+        for blk in model.blocks:
+            tokens = blk(tokens)
+            per_block.append(tokens)
+        last = model.get_intermediate_layers(x, 1)
+        torch.testing.assert_close(last[0], model.forward_features(x)["x_norm_patchtokens"])
+        two = model.get_intermediate_layers(x, [0, 2], return_class_token=True, norm=False)
+        torch.testing.assert_close(two[0][0], per_block[0][:, 2:])
+        torch.testing.assert_close(two[0][1], per_block[0][:, 0])
+        torch.testing.assert_close(two[1][0], per_block[2][:, 2:])
+        shaped = model.get_intermediate_layers(x, 2, reshape=True)
+    assert len(shaped) == 2 and shaped[0].shape == (2, 48, 4, 6)
+    torch.testing.assert_close(shaped[1][:, :, 1, 2], last[0][:, 1 * 6 + 2])
+    with pytest.raises(ValueError, match="out of range"):
+        model.get_intermediate_layers(x, [3])
+
+
+def test_layerscale_none_and_key_names() -> None:
+    keys = set(small_vit(layerscale_init=None, depth=1).state_dict())
+    assert not any(".ls1." in k or ".ls2." in k for k in keys)
+    keys = set(small_vit(depth=1, num_register_tokens=4).state_dict())
+    assert {"cls_token", "pos_embed", "register_tokens", "mask_token", "patch_embed.proj.weight",
+            "blocks.0.ls1.gamma", "blocks.0.mlp.fc1.weight", "norm.bias"} <= keys
+
+
+def test_init_like_dinov2() -> None:
+    model = small_vit(embed_dim=192, num_heads=3, num_register_tokens=4)
+    assert torch.all(model.mask_token == 0)
+    assert model.cls_token.abs().max() < 1e-4 and model.cls_token.abs().max() > 0
+    assert model.register_tokens is not None and model.register_tokens.abs().max() < 1e-4
+    assert abs(model.pos_embed.std().item() - 0.02) < 0.002
+    sd = model.state_dict()
+    assert abs(sd["blocks.0.attn.qkv.weight"].std().item() - 0.02) < 0.002
+    assert torch.all(sd["blocks.0.attn.qkv.bias"] == 0)
+    assert torch.all(sd["blocks.0.ls1.gamma"] == 1e-5)
+
+
+def test_config_rebuilds_and_named_widths() -> None:
+    model = small_vit(num_register_tokens=2, ffn_layer="swiglu", layerscale_init=None)
+    clone = build_vit(**model.config)
+    assert {k: v.shape for k, v in clone.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        s = vit_small()
+        g = vit_giant2(patch_size=14, img_size=518)
+    assert (s.embed_dim, s.n_blocks, s.num_heads) == (384, 12, 6)
+    assert (g.embed_dim, g.n_blocks, g.num_heads, g.config["ffn_layer"]) == (1536, 40, 24, "swiglu")
+    assert g.pos_embed.shape == (1, 1 + 37 * 37, 1536)
+    with pytest.raises(ValueError, match="fixes embed_dim"):
+        vit_small(embed_dim=10)
+    with pytest.raises(ValueError, match="unknown arch"):
+        build_vit("vit_huge")
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        small_vit()(torch.randn(1, 3, 100, 96))
+
+
+def test_build_backbone_from_student_config() -> None:
+    cfg = StudentConfig(arch="vit_custom", patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                        num_register_tokens=3, layerscale=0.0, drop_path_rate=0.1)
+    model = build_backbone(cfg, img_size=64)
+    assert model.config["img_size"] == 64 and model.native_grid == 8
+    assert model.num_register_tokens == 3 and model.config["layerscale_init"] is None
+    assert [m.drop_prob for m in model.modules() if isinstance(m, DropPath)] == [0.1, 0.1]  # uniform
+    with torch.device("meta"):
+        base = build_backbone(StudentConfig(arch="vit_base"), img_size=224)
+    assert base.embed_dim == 768 and base.config["layerscale_init"] == 1e-5
+
+
+def test_drop_path_per_sample() -> None:
+    dp = DropPath(0.25).train()
+    x = torch.ones(4000, 3, 2)
+    torch.manual_seed(0)
+    y = dp(x)
+    kept = (y[:, 0, 0] != 0).float()
+    assert abs(kept.mean().item() - 0.75) < 0.03
+    # each sample is all-dropped or all-kept and rescaled by 1/keep
+    assert torch.all((y == 0).all(dim=(1, 2)) | (y == 1 / 0.75).all(dim=(1, 2)))
+    torch.manual_seed(0)
+    assert torch.equal(dp(x), y)  # reproducible from the default generator
+    assert torch.equal(dp.eval()(x), x)
