@@ -36,7 +36,7 @@ def _jpeg_bytes(size: tuple[int, int] = (256, 192), seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     # smooth content so a DCT-domain downscale is close to a proper resize
     small = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
-    img = Image.fromarray(small).resize(size, Image.BICUBIC)
+    img = Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=95)
     return buf.getvalue()
@@ -178,7 +178,7 @@ def test_draft_decodes_jpeg_at_reduced_scale(tmp_path: Path) -> None:
     assert load_image(p, draft_size=(200, 100)).size == (256, 192)
     small = load_image(p, draft_size=(64, 48))
     assert small.info[ORIGINAL_SIZE_KEY] == (256, 192)
-    ref = np.asarray(full.resize((64, 48), Image.BOX), dtype=np.float64)
+    ref = np.asarray(full.resize((64, 48), Image.Resampling.BOX), dtype=np.float64)
     assert np.abs(np.asarray(small, dtype=np.float64) - ref).mean() < 4.0
 
 
@@ -220,7 +220,7 @@ def test_missing_file(tmp_path: Path) -> None:
         load_image(tmp_path / "gone.png")
 
 
-def test_refuses_when_truncated_images_are_allowed_globally(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refuses_when_truncated_images_are_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     p = _write(tmp_path / "a.png")
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(BadImageError, match="LOAD_TRUNCATED_IMAGES"):
@@ -229,7 +229,8 @@ def test_refuses_when_truncated_images_are_allowed_globally(tmp_path: Path, monk
 
 def test_bad_image_error_survives_pickling() -> None:
     err = pickle.loads(pickle.dumps(BadImageError("/x/y.jpg", "zero-byte file")))
-    assert isinstance(err, BadImageError) and err.path == Path("/x/y.jpg") and str(err) == "/x/y.jpg: zero-byte file"
+    assert isinstance(err, BadImageError) and err.path == Path("/x/y.jpg")
+    assert str(err) == "/x/y.jpg: zero-byte file"
 
 
 @pytest.mark.parametrize("workers", [0, 3])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastdinov2.eval.commands import add_eval_commands, default_output, head_path_for, is_run_dir
+from fastdinov2.eval.commands import add_eval_commands, default_output, head_path_for, image_size_for, is_run_dir
 from fastdinov2.interop import export_backbone
 from fastdinov2.models.vit import build_vit
 
@@ -118,7 +118,11 @@ def test_parser_requires_a_corruption_source_and_registers_retrieval() -> None:
     args = _parser().parse_args(["eval", "frequency", "--checkpoint", "x"])
     assert args.generate is False and args.corrupted_root is None and args.image_size is None
     args = _parser().parse_args(["eval", "knn", "--checkpoint", "x"])
-    assert args.image_size == 224 and args.batch_size == 128 and args.device == "auto" and args.data is None
+    assert args.batch_size == 128 and args.device == "auto" and args.data is None
+    assert image_size_for(args) == 64  # the embedded synthetic data is evaluated at 64 px
+    assert image_size_for(_parser().parse_args(["eval", "knn", "--checkpoint", "x", "--data", "d"])) == 224
+    args = _parser().parse_args(["eval", "linear", "--checkpoint", "x", "--data", "d", "--image-size", "96"])
+    assert image_size_for(args) == 96
     sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     eval_sub = next(a for a in sub.choices["eval"]._actions if isinstance(a, argparse._SubParsersAction))
     assert set(eval_sub.choices) == {"knn", "linear", "corruption", "frequency", "retrieval"}

@@ -163,6 +163,9 @@ def test_extract_features_kinds_and_order(tmp_path: Path) -> None:
     pm, _ = extract_features(model, ds, 9, kind="patch_mean", progress=False)
     assert torch.allclose(pm, ref["x_norm_patchtokens"].mean(1), atol=1e-5)
     assert model.training is False
+    model.train()  # the caller's mode is restored (the trainer passes its teacher)
+    again, _ = extract_features(model, ds, 4, kind="cls", progress=False)
+    assert model.training is True and torch.allclose(again, feats, atol=1e-6)
 
 
 def test_select_linear_input_slices_by_hand() -> None:

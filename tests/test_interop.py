@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from fastdinov2 import interop
 from fastdinov2.interop import (
-    CheckpointError,
+    BackboneLoadError,
     export_backbone,
     from_official_state_dict,
     from_timm_state_dict,
@@ -231,11 +231,11 @@ def test_training_checkpoint_and_run_dirs(tmp_path: Path) -> None:
     assert torch.equal(features(load_backbone(run / "checkpoints" / "step_00000010")), features(old))
     assert torch.equal(features(load_backbone(run / "checkpoints" / "step_00000010" / "model.pt")), features(old))
     assert torch.equal(features(load_backbone(run)), features(new))  # newest committed
-    with pytest.raises(CheckpointError, match="step_00000030.*COMMITTED"):
+    with pytest.raises(BackboneLoadError, match="step_00000030.*COMMITTED"):
         load_backbone(run / "checkpoints" / "step_00000030")
     export_backbone(torn, run / "teacher_backbone")  # the final export wins over checkpoints
     assert torch.equal(features(load_backbone(run)), features(torn))
-    with pytest.raises(CheckpointError, match="not a run or checkpoint directory"):
+    with pytest.raises(BackboneLoadError, match="not a run or checkpoint directory"):
         load_backbone(tmp_path / "run" / "checkpoints")
 
 
@@ -248,10 +248,10 @@ def test_load_pretrained_into_resamples_position_embeddings(tmp_path: Path) -> N
     want["pos_embed"] = interpolate_pos_embed(want["pos_embed"], (4, 4))
     assert_same_weights(dst.state_dict(), want)
     wrong = tiny(embed_dim=192, num_heads=3)
-    with pytest.raises(CheckpointError, match="src.safetensors.*shape mismatches"):
+    with pytest.raises(BackboneLoadError, match="src.safetensors.*shape mismatches"):
         load_pretrained_into(wrong, st)
     no_regs = tiny()
-    with pytest.raises(CheckpointError, match="unexpected keys: register_tokens"):
+    with pytest.raises(BackboneLoadError, match="unexpected keys: register_tokens"):
         load_pretrained_into(no_regs, st)
 
 
@@ -261,7 +261,7 @@ def test_load_pretrained_into_resamples_position_embeddings(tmp_path: Path) -> N
 def test_torch_hub_local(tmp_path: Path) -> None:
     src = tiny(img_size=64, patch_size=16, embed_dim=384, depth=1, num_heads=6, num_register_tokens=2)
     st = export_backbone(src, tmp_path / "w")
-    with pytest.raises(CheckpointError, match="arch=vit_small"):
+    with pytest.raises(BackboneLoadError, match="arch=vit_small"):
         torch.hub.load(str(REPO), "vit_small", source="local", weights=str(st))  # depth 1 is not ViT-S
     ref = tiny(img_size=64, patch_size=16, embed_dim=192, depth=12, num_heads=3, num_register_tokens=2)
     st = export_backbone(ref, tmp_path / "tiny")
@@ -283,19 +283,19 @@ def test_bad_files_name_the_file(tmp_path: Path) -> None:
         load_backbone(tmp_path / "nothing.pth")
     text = tmp_path / "notes.pth"
     text.write_text("this is not a checkpoint")
-    with pytest.raises(CheckpointError, match="notes.pth"):
+    with pytest.raises(BackboneLoadError, match="notes.pth"):
         load_backbone(text)
     good = tmp_path / "good.pth"
     torch.save(tiny().state_dict(), good)
     cut = tmp_path / "cut.pth"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="cut.pth.*truncated"):
+    with pytest.raises(BackboneLoadError, match="cut.pth.*truncated"):
         load_backbone(cut)
     st = export_backbone(tiny(), tmp_path / "exp")
     st.write_bytes(st.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="exp.safetensors.*truncated"):
+    with pytest.raises(BackboneLoadError, match="exp.safetensors.*truncated"):
         load_backbone(st)
-    with pytest.raises(CheckpointError, match="holds a list"):
+    with pytest.raises(BackboneLoadError, match="holds a list"):
         torch.save([torch.zeros(1)], tmp_path / "list.pth")
         load_backbone(tmp_path / "list.pth")
 
@@ -313,12 +313,12 @@ def test_pickled_code_is_refused_without_running(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     with open(path, "wb") as fh:
         torch.save({"teacher": {"backbone.cls_token": _Evil(str(marker))}}, fh)
-    with pytest.raises(CheckpointError, match=r"evil.pth.*weights_only=True.*may not be a plain checkpoint"):
+    with pytest.raises(BackboneLoadError, match=r"evil.pth.*weights_only=True.*may not be a plain checkpoint"):
         load_backbone(path)
     assert not marker.exists()
     plain = tmp_path / "plain.pkl"
     plain.write_bytes(pickle.dumps({"a": 1}))
-    with pytest.raises(CheckpointError, match="plain.pkl"), warnings.catch_warnings():
+    with pytest.raises(BackboneLoadError, match="plain.pkl"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's note about the pickle protocol
         load_backbone(plain)
 
@@ -327,14 +327,14 @@ def test_other_architecture_lists_keys(tmp_path: Path) -> None:
     resnet = {"conv1.weight": torch.zeros(8, 3, 7, 7), "bn1.weight": torch.zeros(8), "fc.weight": torch.zeros(2, 8)}
     path = tmp_path / "resnet.pth"
     torch.save(resnet, path)
-    with pytest.raises(CheckpointError, match=r"resnet.pth.*(conv1.weight|not .* names)"):
+    with pytest.raises(BackboneLoadError, match=r"resnet.pth.*(conv1.weight|not .* names)"):
         load_backbone(path)
     # an export whose config does not match its tensors
     st = export_backbone(tiny(), tmp_path / "mixed")
     info = json.loads(st.with_suffix(".json").read_text())
     info["config"].update(depth=3, num_register_tokens=1)
     st.with_suffix(".json").write_text(json.dumps(info))
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(BackboneLoadError) as err:
         load_backbone(st)
     msg = str(err.value)
     assert "mixed.safetensors" in msg and "missing keys" in msg and "blocks.2." in msg and "register_tokens" in msg
@@ -343,10 +343,10 @@ def test_other_architecture_lists_keys(tmp_path: Path) -> None:
     extra = {**model.state_dict(), "head.weight": torch.zeros(10, 128)}
     path = tmp_path / "with_head.pth"
     torch.save(extra, path)
-    with pytest.raises(CheckpointError, match="head.weight"):
+    with pytest.raises(BackboneLoadError, match="head.weight"):
         load_backbone(path)
     with pytest.warns(UserWarning, match="head.weight"):
         loaded = load_backbone(path, strict=False)
     assert torch.equal(features(loaded), features(model))
-    with pytest.raises(CheckpointError, match=r"\(128, 2, 2\).*arch=vit_small"), pytest.warns(UserWarning):
+    with pytest.raises(BackboneLoadError, match=r"\(128, 2, 2\).*arch=vit_small"), pytest.warns(UserWarning):
         load_backbone(path, arch="vit_small", strict=False)

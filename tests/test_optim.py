@@ -113,8 +113,10 @@ def test_every_parameter_gets_the_hand_computed_multipliers() -> None:
 
 def test_groups_are_fused_by_multipliers() -> None:
     groups = get_param_groups(_Model(), 0.5, 0.2)
-    keys = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"]) for g in groups]
-    assert len(keys) == len(set(keys)) == 10
+    keys = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"], g["is_backbone"]) for g in groups]
+    assert len(keys) == len(set(keys)) == 11  # the final norm (backbone) and the head biases share multipliers
+    for g in groups:
+        assert all(n.startswith("backbone.") == g["is_backbone"] for n in g["param_names"])
     assert all(isinstance(g["name"], str) and g["name"] for g in groups)
     assert sum(len(g["params"]) for g in groups) == len(list(_Model().parameters()))
     assert groups[0]["param_names"][0] == "backbone.cls_token"  # order of first appearance
@@ -177,3 +179,10 @@ def test_build_adamw_errors_and_missing_group_keys() -> None:
     plain = torch.optim.AdamW(nn.Linear(2, 2).parameters())
     with pytest.raises(KeyError, match="lr_multiplier"):
         apply_optim_schedules(plain, 1.0, 0.0, 1.0)
+
+
+def test_backbone_lr_scale_freezes_only_the_backbone() -> None:
+    opt = build_adamw(get_param_groups(_Model(), 0.5, 0.2), betas=(0.9, 0.999), fused=False)
+    apply_optim_schedules(opt, lr=1e-2, wd=0.1, last_layer_lr=1e-2, backbone_lr_scale=0.0)
+    for g in opt.param_groups:
+        assert (g["lr"] == 0.0) == g["is_backbone"]

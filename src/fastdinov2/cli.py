@@ -11,19 +11,30 @@ from fastdinov2 import __version__
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from fastdinov2 import distributed
     from fastdinov2.config import load_config
-    from fastdinov2.train.loop import EXIT_PREEMPTED, Preempted, train
+    from fastdinov2.train.loop import EXIT_PREEMPTED, Preempted, resolve_device, train
 
     cfg = load_config(args.config, args.overrides)
     output_dir = Path(args.output_dir) if args.output_dir else Path("runs") / (Path(args.config).stem if args.config
                                                                               else "fastdinov2_tiny")
+    # Under torchrun: join the process group (gloo on CPU, NCCL on CUDA); a no-op for a single process.
+    try:
+        rank, _, _ = distributed.init_distributed(resolve_device(cfg).type)
+    except RuntimeError as exc:
+        print(f"fastdinov2: error: {exc}", file=sys.stderr)
+        return 2
     try:
         summary = train(cfg, output_dir, allow_config_change=args.allow_config_change)
     except Preempted as exc:
-        print(f"[fastdinov2] preempted: {exc}", file=sys.stderr)
+        if rank == 0:
+            print(f"[fastdinov2] preempted: {exc}", file=sys.stderr)
         return EXIT_PREEMPTED
+    finally:
+        distributed.destroy()
     state = "finished" if summary["finished"] else f"stopped at step {summary['step']} of {summary['total_steps']}"
-    print(f"[fastdinov2] run {state}; outputs in {output_dir}")
+    if rank == 0:
+        print(f"[fastdinov2] run {state}; outputs in {output_dir}")
     return 0
 
 
@@ -58,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from fastdinov2.config import ConfigError
     from fastdinov2.data.datasets import DataError
+    from fastdinov2.eval.results import EvalError
+    from fastdinov2.interop import BackboneLoadError
+    from fastdinov2.safe_pickle import UnsafePickleError
     from fastdinov2.train.checkpoint import CheckpointError
     from fastdinov2.train.loop import TrainingError
 
@@ -65,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as exc:
+    except (ConfigError, DataError, EvalError, BackboneLoadError, UnsafePickleError, CheckpointError,
+            TrainingError) as exc:
         print(f"fastdinov2: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -27,7 +27,8 @@ SWITCH_MODES = ("continuous", "restart")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("halt", "skip")
-FFN_LAYERS = ("mlp", "swiglu")
+STRATEGIES = ("ddp", "fsdp2")
+FFN_LAYERS = ("auto", "mlp", "swiglu")
 
 
 _MISSING = object()
@@ -47,7 +48,7 @@ class StudentConfig:
     depth: int = 12  # used by vit_custom only
     num_heads: int = 6  # used by vit_custom only
     mlp_ratio: float = 4.0
-    ffn_layer: str = "mlp"
+    ffn_layer: str = "auto"  # "auto": SwiGLU for vit_giant2 (as the official weights), MLP otherwise
     num_register_tokens: int = 0
     layerscale: float | None = 1.0e-5  # LayerScale init; null disables LayerScale
     drop_path_rate: float = 0.0
@@ -55,6 +56,7 @@ class StudentConfig:
     proj_bias: bool = True
     ffn_bias: bool = True
     pretrained: str | None = None  # a backbone file (ours, official DINOv2, seed) to start from
+    head_warmup_epochs: float = 0.0  # continued pre-training: train only the heads for this many epochs
 
 
 @dataclass
@@ -186,6 +188,7 @@ class ComputeConfig:
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False
     threads: int | None = None
+    strategy: str = "ddp"  # data parallelism under torchrun: "ddp" | "fsdp2" (shards params; for ViT-L/g)
 
 
 @dataclass
@@ -351,6 +354,7 @@ def validate(cfg: Config) -> None:
     _check(s.patch_size > 0, "student.patch_size", "must be positive")
     _check(s.num_register_tokens >= 0, "student.num_register_tokens", "must be >= 0")
     _check(0.0 <= s.drop_path_rate < 1.0, "student.drop_path_rate", "must be in [0, 1)")
+    _check(s.head_warmup_epochs >= 0, "student.head_warmup_epochs", "must be >= 0")
     if s.arch == "vit_custom":
         _check(s.embed_dim % s.num_heads == 0, "student.embed_dim", "must be divisible by student.num_heads")
     _choice(cfg.dino.centering, "dino.centering", CENTERINGS)
@@ -435,3 +439,7 @@ def validate(cfg: Config) -> None:
     _check(tr.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
     _choice(cfg.compute.device, "compute.device", DEVICES)
     _choice(cfg.compute.precision, "compute.precision", PRECISIONS)
+    _choice(cfg.compute.strategy, "compute.strategy", STRATEGIES)
+    _check(not (cfg.compute.strategy == "fsdp2" and cfg.compute.precision == "fp16"), "compute.precision",
+           "'fp16' is not supported with compute.strategy=fsdp2 (its grad scaler would not see other ranks' "
+           "shards); use 'bf16' or 'fp32'")

@@ -2,15 +2,43 @@
 
 Model and loss code import only the guarded helpers below (:func:`all_reduce_sum`, :func:`get_rank`,
 :func:`get_world_size`), which are no-ops in a single process, so every loss runs unchanged on one CPU
-process. Process-group set-up and DDP/FSDP2 wrapping are applied from outside the model.
+process. Process-group set-up (:func:`init_distributed`, :func:`destroy`) and the data parallelism
+(:func:`wrap_student`, :func:`shard_teacher`) are applied from outside the model, as in torchtitan.
+
+Strategies (``compute.strategy``):
+
+- ``ddp``: the student is wrapped in ``DistributedDataParallel``; every rank holds full copies of student,
+  teacher and optimizer state; gradients are averaged across ranks in backward.
+- ``fsdp2``: ``torch.distributed.fsdp.fully_shard`` shards every parameter on dim 0 across the ranks (one
+  FSDP unit per transformer block, per head and for the rest of the backbone). The teacher is sharded the
+  same way, so each rank's teacher shard lines up with its student shard and the EMA update works on local
+  shards. Checkpoints gather full state dicts (:func:`full_model_state_dict`,
+  :func:`full_optimizer_state_dict`), so they have the same layout as single-process and DDP checkpoints
+  and load at any world size.
+
+With one process neither strategy wraps anything: ``fastdinov2 train`` behaves exactly as without torchrun.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any, Literal
+
 import torch
 import torch.distributed as dist
+from torch import nn
+
+Strategy = Literal["ddp", "fsdp2"]
+STRATEGIES: tuple[str, ...] = ("ddp", "fsdp2")
+
+#: torchrun's environment: a process is part of a launch when all of these are set.
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+# ---- queries (safe in a single process) ---------------------------------------------------------------
 def is_enabled() -> bool:
     """True when a default process group is initialised."""
     return dist.is_available() and dist.is_initialized()
@@ -40,3 +68,334 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     if is_enabled() and get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over all ranks, in place (identity in a single process); returns it."""
+    world = get_world_size()
+    if is_enabled() and world > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(world)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_enabled() and get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (picklable objects only; identity in a single process)."""
+    if not (is_enabled() and get_world_size() > 1):
+        return obj
+    box = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class _CPUArray:
+    """A tensor in transit through an object collective (pickled as a numpy array)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.array = t.detach().cpu().numpy()
+
+
+def _pack(obj: Any) -> Any:
+    # Object collectives unpickle tensors through a storage path that breaks on CPU-only builds; numpy
+    # arrays travel safely.
+    if isinstance(obj, torch.Tensor):
+        return _CPUArray(obj)
+    if isinstance(obj, dict):
+        return {k: _pack(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_pack(v) for v in obj)
+    return obj
+
+
+def _unpack(obj: Any) -> Any:
+    if isinstance(obj, _CPUArray):
+        return torch.from_numpy(obj.array)
+    if isinstance(obj, dict):
+        return {k: _unpack(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_unpack(v) for v in obj)
+    return obj
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in a single process). Tensors inside
+    ``obj`` arrive as CPU tensors."""
+    if not (is_enabled() and get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, _pack(obj))
+    return [_unpack(o) for o in out]
+
+
+# ---- process group --------------------------------------------------------------------------------------
+def _env_int(name: str, minimum: int) -> int:
+    raw = os.environ[name]
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise RuntimeError(f"environment variable {name}={raw!r} is not an integer") from exc
+    if value < minimum:
+        raise RuntimeError(f"environment variable {name}={value} must be >= {minimum}")
+    return value
+
+
+def launched_by_torchrun() -> bool:
+    """True when torchrun's variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT``) are all set."""
+    return all(v in os.environ for v in TORCHRUN_VARS)
+
+
+def init_distributed(device_type: str = "cpu", timeout_s: float = 1800.0) -> tuple[int, int, int]:
+    """Join the process group that torchrun describes in the environment; returns ``(rank, world, local_rank)``.
+
+    Without torchrun's variables (a plain ``python -m fastdinov2 train``) nothing is initialised and
+    ``(0, 1, 0)`` is returned. ``device_type="cuda"`` selects ``cuda:LOCAL_RANK`` as the current device and
+    the backend ``cuda:nccl,cpu:gloo`` (NCCL for device tensors, gloo for CPU tensors and objects);
+    ``"cpu"`` uses gloo. Calling it again when a group already exists returns the existing ranks.
+    """
+    if is_enabled():
+        return get_rank(), get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    if not launched_by_torchrun():
+        partial = [v for v in TORCHRUN_VARS if v in os.environ]
+        if {"RANK", "WORLD_SIZE"} & set(partial):  # half a torchrun environment: refuse to guess
+            missing = [v for v in TORCHRUN_VARS if v not in os.environ]
+            raise RuntimeError(
+                f"incomplete torchrun environment: {', '.join(partial)} set but {', '.join(missing)} missing; "
+                "launch with torchrun (see docs/distributed.md) or unset them"
+            )
+        return 0, 1, 0
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if rank >= world:
+        raise RuntimeError(f"environment variable RANK={rank} must be < WORLD_SIZE={world}")
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested for the process group but CUDA is not available")
+        n_dev = torch.cuda.device_count()
+        if local_rank >= n_dev:
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} but this node has {n_dev} CUDA device(s); "
+                "use --nproc_per_node <= the number of GPUs"
+            )
+        torch.cuda.set_device(local_rank)
+        backend = "cuda:nccl,cpu:gloo"
+    elif device_type == "cpu":
+        backend = "gloo"
+    else:
+        raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    return rank, world, local_rank
+
+
+def destroy() -> None:
+    """Leave the process group (no-op when none is initialised)."""
+    _MESHES.clear()
+    if is_enabled():
+        dist.destroy_process_group()
+
+
+# ---- data parallelism -----------------------------------------------------------------------------------
+def _fsdp_units(module: nn.Module) -> list[nn.Module]:
+    """Sub-modules that become their own FSDP unit: each backbone block, then each head."""
+    units: list[nn.Module] = []
+    backbone = getattr(module, "backbone", None)
+    if backbone is None or not hasattr(backbone, "blocks"):
+        raise ValueError(f"fsdp2 expects a module with backbone.blocks (student/teacher), got {type(module)}")
+    units.extend(backbone.blocks)
+    for name in ("dino_head", "ibot_head"):
+        head = getattr(module, name, None)
+        if head is not None:
+            units.append(head)
+    return units
+
+
+_MESHES: dict[str, Any] = {}
+
+
+def _mesh(device_type: str) -> Any:
+    """One 1-D device mesh over all ranks per device type, shared by student and teacher."""
+    if device_type not in _MESHES:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        _MESHES[device_type] = init_device_mesh(device_type, (get_world_size(),))
+    return _MESHES[device_type]
+
+
+def _fully_shard(module: nn.Module, device: torch.device, param_dtype: torch.dtype | None, root: bool) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    kw: dict[str, Any] = {"mesh": _mesh(device.type)}
+    if param_dtype is not None and param_dtype != torch.float32:
+        # Compute in bf16, reduce gradients in fp32 (the optimizer keeps fp32 master shards).
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for unit in _fsdp_units(module):
+        fully_shard(unit, **kw)
+    backbone = module.backbone
+    fully_shard(backbone, **kw)
+    # The meta-architecture calls backbone.forward_features (not forward): let FSDP gather around it too.
+    register_fsdp_forward_method(backbone, "forward_features")
+    if root:
+        fully_shard(module, **kw)
+
+
+def wrap_student(
+    module: nn.Module, strategy: str, device: torch.device, param_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Apply data parallelism to the student; returns the module the training step should call.
+
+    - one process: ``module`` itself (nothing is wrapped);
+    - ``"ddp"``: a ``DistributedDataParallel`` wrapper around ``module`` (``module``'s parameters are shared
+      with it, so the optimizer and the EMA can keep using ``module``);
+    - ``"fsdp2"``: ``module`` itself, sharded in place by ``fully_shard`` (its parameters become DTensors:
+      build the optimizer after this call). ``param_dtype`` (bf16/fp16) sets FSDP's compute dtype.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"compute.strategy: {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if get_world_size() == 1:
+        return module
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids, gradient_as_bucket_view=True)
+    _fully_shard(module, device, param_dtype, root=True)
+    return module
+
+
+def shard_teacher(
+    module: nn.Module, strategy: str, device: torch.device, param_dtype: torch.dtype | None = None
+) -> None:
+    """Shard the EMA teacher like the student under ``fsdp2`` (no-op for ``ddp`` or one process).
+
+    Its units are those of the student, so every teacher parameter has the student's placement and the
+    foreach EMA pairs matching local shards. The teacher root is not an FSDP unit: only
+    ``backbone.forward_features`` and the heads are ever called on it, and those are units themselves, so
+    every teacher parameter is resharded right after the no-grad forward.
+    """
+    if strategy != "fsdp2" or get_world_size() == 1:
+        return
+    _fully_shard(module, device, param_dtype, root=False)
+    from torch.distributed.tensor import DTensor
+
+    loose = [n for n, p in module.named_parameters() if not isinstance(p, DTensor)]
+    if loose:
+        raise RuntimeError(f"fsdp2: teacher parameters outside every FSDP unit: {', '.join(loose[:5])}")
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True when ``module``'s parameters are DTensors (sharded by :func:`wrap_student`/:func:`shard_teacher`)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+@contextlib.contextmanager
+def gradient_sync(student: nn.Module, enabled: bool) -> Iterator[None]:
+    """Context for one micro-batch's backward: with ``enabled=False`` gradients are only accumulated
+    locally (DDP ``no_sync``; FSDP2 ``set_requires_gradient_sync(False)``); the last micro-batch of a
+    step runs with ``enabled=True`` and reduces the accumulated gradients across ranks once."""
+    if enabled:
+        yield
+    elif hasattr(student, "no_sync"):
+        with student.no_sync():
+            yield
+    elif hasattr(student, "set_requires_gradient_sync"):
+        student.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            student.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients of ``params`` (over all ranks' shards for DTensors), clipping them
+    to ``max_norm`` when ``max_norm > 0``. Returns the norm before clipping (a plain scalar tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()  # the sum of the shards' squared norms, reduced across ranks
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+# ---- full (unsharded) state dicts, the on-disk format at every world size --------------------------------
+def full_model_state_dict(module: nn.Module, all_ranks: bool = False) -> dict[str, torch.Tensor]:
+    """``module``'s full state dict. Plain modules: ``module.state_dict()``. Sharded modules: a collective
+    (every rank must call it); the full tensors land on rank 0's CPU and the other ranks get ``{}``, or,
+    with ``all_ranks=True``, every rank gets them on its device."""
+    if not is_sharded(module):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
+    return get_model_state_dict(module, options=options)
+
+
+def load_full_model_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict (as written by :func:`full_model_state_dict`) into a plain or sharded module;
+    every rank passes the full dict (it is sliced locally for sharded modules). Strict on keys."""
+    if not is_sharded(module):
+        module.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def _flat_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Parameters in the order ``optimizer.state_dict()`` numbers them."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with every sharded state tensor gathered to its full shape.
+
+    The layout is that of a single-process optimizer (states keyed by parameter index), so a checkpoint
+    loads at any world size. For sharded parameters this is a collective: every rank must call it; the
+    full tensors are kept (on the CPU) by rank 0 only, the other ranks get ``None`` in their place.
+    """
+    from torch.distributed.tensor import DTensor
+
+    sd = optimizer.state_dict()
+    keep = is_main_process()
+    for per_param in sd["state"].values():
+        for key, value in per_param.items():
+            if isinstance(value, DTensor):
+                full = value.full_tensor()
+                per_param[key] = full.cpu() if keep else None
+    return sd
+
+
+def load_full_optimizer_state_dict(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a state dict written by :func:`full_optimizer_state_dict` (or a plain ``optimizer.state_dict()``)
+    into an optimizer over plain or sharded parameters; each rank keeps its own slice of every state tensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = _flat_params(optimizer)
+    converted = {"param_groups": state["param_groups"], "state": {}}
+    for idx, per_param in state["state"].items():
+        p = params[int(idx)]
+        out = {}
+        for key, value in per_param.items():
+            if isinstance(p, DTensor) and isinstance(value, torch.Tensor) and value.shape == p.shape:
+                # Every rank holds the full tensor: slice locally (src_data_rank=None), no communication.
+                value = distribute_tensor(value.to(p.device_mesh.device_type), p.device_mesh, p.placements,
+                                          src_data_rank=None)
+            out[key] = value
+        converted["state"][idx] = out
+    optimizer.load_state_dict(converted)

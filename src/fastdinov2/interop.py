@@ -57,7 +57,7 @@ _TIMM_KEY = re.compile(
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 
 
-class CheckpointError(ValueError):
+class BackboneLoadError(ValueError):
     """A file or state dict cannot be read as a backbone; the message names the file and the keys."""
 
 
@@ -80,7 +80,7 @@ def _swiglu_mlp_ratio(embed_dim: int, hidden: int, source: str) -> float:
         ratio = h / embed_dim
         if h > 0 and int(embed_dim * ratio) == h and swiglu_hidden_features(h) == hidden:
             return ratio
-    raise CheckpointError(f"{source}: SwiGLU hidden width {hidden} cannot come from the DINOv2 rule "
+    raise BackboneLoadError(f"{source}: SwiGLU hidden width {hidden} cannot come from the DINOv2 rule "
                           f"(hidden=int(dim*mlp_ratio), then (int(hidden*2/3)+7)//8*8) for dim {embed_dim}")
 
 
@@ -95,20 +95,20 @@ def infer_vit_config(state_dict: Mapping[str, Tensor], source: str = "state dict
     need = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in state_dict]
     if need:
         found = _listing(sorted(state_dict)) or "no keys"
-        raise CheckpointError(f"{source}: not a DINOv2 ViT state dict: missing {', '.join(need)} (found: {found})")
+        raise BackboneLoadError(f"{source}: not a DINOv2 ViT state dict: missing {', '.join(need)} (found: {found})")
     w = state_dict["patch_embed.proj.weight"]
     if w.ndim != 4 or w.shape[-1] != w.shape[-2]:
-        raise CheckpointError(f"{source}: patch_embed.proj.weight has shape {list(w.shape)}, expected [D, C, p, p]")
+        raise BackboneLoadError(f"{source}: patch_embed.proj.weight has shape {list(w.shape)}, expected [D, C, p, p]")
     embed_dim, in_chans, patch_size = int(w.shape[0]), int(w.shape[1]), int(w.shape[-1])
     pos = state_dict["pos_embed"]
     n_patches = int(pos.shape[1]) - 1
     side = math.isqrt(max(n_patches, 0))
     if pos.ndim != 3 or side * side != n_patches or side == 0:
-        raise CheckpointError(f"{source}: pos_embed has shape {list(pos.shape)}: expected [1, 1+M*M, D] "
+        raise BackboneLoadError(f"{source}: pos_embed has shape {list(pos.shape)}: expected [1, 1+M*M, D] "
                               "(class position then a square patch grid)")
     block_ids = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
     if not block_ids or block_ids != list(range(len(block_ids))):
-        raise CheckpointError(f"{source}: block indices {block_ids[:_SHOW]} are not 0..depth-1")
+        raise BackboneLoadError(f"{source}: block indices {block_ids[:_SHOW]} are not 0..depth-1")
     depth = len(block_ids)
     try:
         if "blocks.0.mlp.w12.weight" in state_dict:
@@ -119,9 +119,9 @@ def infer_vit_config(state_dict: Mapping[str, Tensor], source: str = "state dict
             hidden = int(state_dict["blocks.0.mlp.fc1.weight"].shape[0])
             mlp_ratio = hidden / embed_dim
             if int(embed_dim * mlp_ratio) != hidden:
-                raise CheckpointError(f"{source}: MLP width {hidden} is not int({embed_dim} * ratio) for any ratio")
+                raise BackboneLoadError(f"{source}: MLP width {hidden} is not int({embed_dim} * ratio) for any ratio")
     except KeyError as exc:
-        raise CheckpointError(f"{source}: block 0 has no feed-forward weights ({exc.args[0]} missing)") from exc
+        raise BackboneLoadError(f"{source}: block 0 has no feed-forward weights ({exc.args[0]} missing)") from exc
     registers = state_dict.get("register_tokens")
     return dict(
         img_size=side * patch_size,
@@ -155,15 +155,15 @@ def _as_state_dict(model_or_sd: nn.Module | Mapping[str, Tensor]) -> StateDict:
 def _check_names(sd: Mapping[str, Any], pattern: re.Pattern[str], layout: str, source: str) -> None:
     bad = sorted(k for k in sd if not pattern.match(k))
     if bad:
-        raise CheckpointError(f"{source}: {len(bad)} keys are not {layout} ViT backbone names: {_listing(bad)}")
+        raise BackboneLoadError(f"{source}: {len(bad)} keys are not {layout} ViT backbone names: {_listing(bad)}")
     not_tensors = sorted(k for k, v in sd.items() if not isinstance(v, Tensor))
     if not_tensors:
-        raise CheckpointError(f"{source}: values of {_listing(not_tensors)} are not tensors")
+        raise BackboneLoadError(f"{source}: values of {_listing(not_tensors)} are not tensors")
 
 
 def from_official_state_dict(state_dict: Mapping[str, Tensor], source: str = "state dict") -> StateDict:
     """Official DINOv2 / seed backbone keys -> ours. Names are the same; FSDP block-chunked names
-    ``blocks.<chunk>.<i>.*`` become ``blocks.<i>.*``. Raises :class:`CheckpointError` on other names."""
+    ``blocks.<chunk>.<i>.*`` become ``blocks.<i>.*``. Raises :class:`BackboneLoadError` on other names."""
     out = {_CHUNKED_BLOCK.sub(r"blocks.\1.", k): v for k, v in state_dict.items()}
     _check_names(out, _OFFICIAL_KEY, "official DINOv2", source)
     return out
@@ -207,13 +207,13 @@ def from_timm_state_dict(state_dict: Mapping[str, Tensor], source: str = "state 
     _check_names(state_dict, _TIMM_KEY, "timm", source)
     sd = dict(state_dict)
     if "pos_embed" not in sd or "cls_token" not in sd:
-        raise CheckpointError(f"{source}: timm state dict without cls_token/pos_embed")
+        raise BackboneLoadError(f"{source}: timm state dict without cls_token/pos_embed")
     pos = sd["pos_embed"]
     n = int(pos.shape[1])
     if math.isqrt(n) ** 2 == n:  # no class position (timm no_embed_class)
         sd["pos_embed"] = torch.cat((torch.zeros_like(pos[:, :1]), pos), dim=1)
     elif math.isqrt(n - 1) ** 2 != n - 1:
-        raise CheckpointError(f"{source}: pos_embed has {n} positions: neither a square grid nor 1 + a square grid")
+        raise BackboneLoadError(f"{source}: pos_embed has {n} positions: neither a square grid nor 1 + a square grid")
     if "reg_token" in sd:
         sd["register_tokens"] = sd.pop("reg_token")
     out: StateDict = {}
@@ -236,7 +236,7 @@ def _detect_layout(sd: Mapping[str, Tensor]) -> str:
 
 def _to_ours(sd: Mapping[str, Tensor], layout: str, source: str, strict: bool) -> StateDict:
     if layout not in LAYOUTS:
-        raise CheckpointError(f"{source}: unknown layout {layout!r}, expected one of {', '.join(LAYOUTS)}")
+        raise BackboneLoadError(f"{source}: unknown layout {layout!r}, expected one of {', '.join(LAYOUTS)}")
     pattern = _TIMM_KEY if layout == "timm" else _OFFICIAL_KEY
     if not strict:
         dropped = sorted(k for k in sd if not pattern.match(_CHUNKED_BLOCK.sub(r"blocks.\1.", k)))
@@ -261,14 +261,14 @@ def _torch_load(path: Path) -> Any:
         text = str(exc)
         if "Weights only load failed" in text:
             reason = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), "unsupported content")
-            raise CheckpointError(
+            raise BackboneLoadError(
                 f"{path}: torch.load(weights_only=True) refused this file ({reason}). It holds Python objects "
                 "besides tensors and plain containers, so it may not be a plain checkpoint; it is not loaded "
                 "unsafely. Save the state dict alone (torch.save(model.state_dict(), ...)) and load that."
             ) from exc
-        raise CheckpointError(f"{path}: not a torch checkpoint ({exc})") from exc
+        raise BackboneLoadError(f"{path}: not a torch checkpoint ({exc})") from exc
     except Exception as exc:  # torch raises many types (RuntimeError, EOFError, KeyError, IndexError, ...)
-        raise CheckpointError(
+        raise BackboneLoadError(
             f"{path}: cannot read it as a torch checkpoint: truncated, corrupt or another kind of file "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         ) from exc
@@ -277,7 +277,7 @@ def _torch_load(path: Path) -> Any:
 def _take_prefix(sd: Mapping[str, Any], prefix: str, source: str) -> dict[str, Any]:
     out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if not out:
-        raise CheckpointError(f"{source}: no keys start with {prefix!r} (found: {_listing(sorted(sd))})")
+        raise BackboneLoadError(f"{source}: no keys start with {prefix!r} (found: {_listing(sorted(sd))})")
     return out
 
 
@@ -297,12 +297,12 @@ def _strip_wrappers(sd: dict[str, Any]) -> dict[str, Any]:
 def _state_dict_from_object(obj: Any, source: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The teacher/backbone state dict (and our ``backbone_config``, if any) inside a loaded torch object."""
     if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{source}: holds a {type(obj).__name__}, not a checkpoint dict")
+        raise BackboneLoadError(f"{source}: holds a {type(obj).__name__}, not a checkpoint dict")
     config = None
     if isinstance(obj.get("teacher"), Mapping):  # ours (model.pt) or the seed's teacher_checkpoint.pth
         config = obj.get("backbone_config")
         if config is not None and not isinstance(config, Mapping):
-            raise CheckpointError(f"{source}: backbone_config is a {type(config).__name__}, not a dict")
+            raise BackboneLoadError(f"{source}: backbone_config is a {type(config).__name__}, not a dict")
         sd = _take_prefix(obj["teacher"], "backbone.", f"{source} ['teacher']")
     elif isinstance(obj.get("model"), Mapping) and any(str(k).startswith("teacher.") for k in obj["model"]):
         sd = _take_prefix(obj["model"], "teacher.backbone.", f"{source} ['model']")  # DINOv2 training ckpt
@@ -315,11 +315,11 @@ def _state_dict_from_object(obj: Any, source: str) -> tuple[dict[str, Any], dict
     sd = _strip_wrappers(sd)
     flat = [k for k in sd if "flat_param" in str(k) or "_fsdp_wrapped_module" in str(k)]
     if flat:
-        raise CheckpointError(f"{source}: holds FSDP-sharded parameters ({_listing(flat)}); it cannot be read "
+        raise BackboneLoadError(f"{source}: holds FSDP-sharded parameters ({_listing(flat)}); it cannot be read "
                               "alone. Use the consolidated teacher_checkpoint.pth (or an export) instead")
     not_tensors = sorted(str(k) for k, v in sd.items() if not isinstance(v, Tensor))
     if not_tensors:
-        raise CheckpointError(f"{source}: not a backbone state dict: {_listing(not_tensors)} are not tensors")
+        raise BackboneLoadError(f"{source}: not a backbone state dict: {_listing(not_tensors)} are not tensors")
     return sd, (dict(config) if config is not None else None)
 
 
@@ -329,7 +329,7 @@ def _read_export_info(st_path: Path, metadata: Mapping[str, str] | None) -> dict
         try:
             info = json.loads(json_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{json_path}: not valid JSON ({exc})") from exc
+            raise BackboneLoadError(f"{json_path}: not valid JSON ({exc})") from exc
         source = str(json_path)
     elif metadata and EXPORT_FORMAT in metadata:
         info = json.loads(metadata[EXPORT_FORMAT])
@@ -337,9 +337,9 @@ def _read_export_info(st_path: Path, metadata: Mapping[str, str] | None) -> dict
     else:
         return None
     if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{source}: expected {{'format': '{EXPORT_FORMAT}', 'layout', 'config'}}")
+        raise BackboneLoadError(f"{source}: expected {{'format': '{EXPORT_FORMAT}', 'layout', 'config'}}")
     if info.get("layout") not in LAYOUTS or not isinstance(info.get("config"), dict):
-        raise CheckpointError(f"{source}: 'layout' must be one of {', '.join(LAYOUTS)} and 'config' a dict")
+        raise BackboneLoadError(f"{source}: 'layout' must be one of {', '.join(LAYOUTS)} and 'config' a dict")
     return info
 
 
@@ -351,7 +351,7 @@ def _read_safetensors(path: Path, strict: bool) -> tuple[StateDict, dict[str, An
             metadata = f.metadata()
             sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     except Exception as exc:  # safetensors raises its own error types
-        raise CheckpointError(f"{path}: cannot read it as safetensors: truncated, corrupt or another kind of "
+        raise BackboneLoadError(f"{path}: cannot read it as safetensors: truncated, corrupt or another kind of "
                               f"file ({type(exc).__name__}: {exc})") from exc
     info = _read_export_info(path, metadata)
     if info is None:
@@ -373,7 +373,7 @@ def _step_of(d: Path) -> int | None:
 def _read_dir(d: Path, strict: bool) -> tuple[StateDict, dict[str, Any] | None, str]:
     if (d / "model.pt").is_file():
         if not (d / "COMMITTED").exists():
-            raise CheckpointError(f"{d}: checkpoint has no COMMITTED marker, so it was not completely written")
+            raise BackboneLoadError(f"{d}: checkpoint has no COMMITTED marker, so it was not completely written")
         return _read_torch_file(d / "model.pt", strict)
     if (d / "teacher_backbone.safetensors").is_file():
         return _read_safetensors(d / "teacher_backbone.safetensors", strict)
@@ -386,7 +386,7 @@ def _read_dir(d: Path, strict: bool) -> tuple[StateDict, dict[str, Any] | None, 
                 steps.append((step, sub))
     if steps:
         return _read_torch_file(max(steps)[1] / "model.pt", strict)
-    raise CheckpointError(f"{d}: not a run or checkpoint directory: found no teacher_backbone.safetensors, no "
+    raise BackboneLoadError(f"{d}: not a run or checkpoint directory: found no teacher_backbone.safetensors, no "
                           "committed checkpoints/step_*/model.pt and no model.pt + COMMITTED")
 
 
@@ -405,7 +405,7 @@ def read_backbone_weights(path: str | os.PathLike[str], strict: bool = True
     if p.suffix == ".json":
         st = p.with_suffix(".safetensors")
         if not st.is_file():
-            raise CheckpointError(f"{p}: an export description without its weights {st.name}")
+            raise BackboneLoadError(f"{p}: an export description without its weights {st.name}")
         p = st
     if p.suffix == ".safetensors":
         return _read_safetensors(p, strict)
@@ -435,14 +435,14 @@ def _describe(model: DinoVisionTransformer) -> str:
 
 def check_state_dict(model: DinoVisionTransformer, sd: Mapping[str, Tensor], source: str,
                      strict: bool = True) -> None:
-    """Raise :class:`CheckpointError` naming ``source`` and listing missing/unexpected keys (when
+    """Raise :class:`BackboneLoadError` naming ``source`` and listing missing/unexpected keys (when
     ``strict``) and shape mismatches (always); warn about missing/unexpected keys when not strict."""
     missing, unexpected, shapes = _mismatch_report(model, sd)
     if shapes or (strict and (missing or unexpected)):
         parts = [f"{len(missing)} missing keys: {_listing(missing)}" if missing else "",
                  f"{len(unexpected)} unexpected keys: {_listing(unexpected)}" if unexpected else "",
                  f"{len(shapes)} shape mismatches: {_listing(shapes)}" if shapes else ""]
-        raise CheckpointError(f"{source}: weights do not fit the backbone ({_describe(model)}): "
+        raise BackboneLoadError(f"{source}: weights do not fit the backbone ({_describe(model)}): "
                               + "; ".join(p for p in parts if p))
     if missing or unexpected:
         warnings.warn(f"{source}: loaded non-strictly; missing: {_listing(missing) or 'none'}; "
@@ -466,7 +466,7 @@ def _apply_arch(arch: str, config: dict[str, Any], inferred: bool, source: str) 
     dim, depth, heads = ARCH_WIDTHS[arch]
     have = (config.get("embed_dim"), config.get("depth"))
     if have != (dim, depth) or (not inferred and config.get("num_heads") != heads):
-        raise CheckpointError(f"{source}: holds a backbone of (embed_dim, depth, num_heads) = "
+        raise BackboneLoadError(f"{source}: holds a backbone of (embed_dim, depth, num_heads) = "
                               f"{(*have, config.get('num_heads'))}, but arch={arch} is {(dim, depth, heads)}")
     return {**config, "num_heads": heads}
 
@@ -492,7 +492,7 @@ def load_backbone(path: str | os.PathLike[str], device: str | torch.device = "cp
         with torch.device("meta"):  # no random init of weights that are overwritten anyway
             model = build_vit(**config)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: stored backbone config {config} is not valid ({exc})") from exc
+        raise BackboneLoadError(f"{source}: stored backbone config {config} is not valid ({exc})") from exc
     check_state_dict(model, sd, source, strict)
     if strict:
         sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}

@@ -7,9 +7,9 @@ uint8 crops ``[n, 3, S, S]`` at the stage size ``S``:
   the full crop size this is plain DINOv2.
 * ``fourier`` (EfficientTrain style): the box is resized to the *full* crop size ``F``, then only the
   central ``S x S`` block of its 2-D FFT (the lowest frequencies) is kept and inverse-transformed at
-  size ``S``; the result is scaled by ``S^2 / F^2`` so intensities are preserved, its real part taken
-  and clamped to [0, 255]. An ideal (sharp) low-pass: no ringing-free antialiasing filter, but exactly the
-  frequencies below ``S / 2`` cycles per crop.
+  size ``S`` (real FFT, so the output is real); the result is scaled by ``S^2 / F^2`` so intensities
+  are preserved, and clamped to [0, 255]. An ideal (brick-wall) low-pass: exactly the frequencies below
+  ``S / 2`` cycles per crop pass, unchanged; sharp edges ring (Gibbs), hence the clamp.
 * ``jpeg_draft``: the JPEG is decoded at reduced scale in the DCT domain (Pillow ``draft``, 1/2, 1/4 or
   1/8): the largest power-of-two reduction ``1/2^k`` that is still >= ``S / F`` (so the drafted image
   still has at least the resolution the crop needs). The box is mapped to the drafted image and resized

@@ -1,10 +1,11 @@
 """The embedded synthetic dataset: generated offline, deterministically, once.
 
 Each class is a (shape, texture) pair: a coarse cue (the silhouette: low spatial frequency) and a fine
-cue (a texture with a period of 4-6 px at 96 px: high spatial frequency, gone after a 2x downscale)
-filling the shape. Everything else is a nuisance drawn at random per image: the colours (object,
-texture, background), position, scale, rotation of the shape, a smooth background colour field, thin
-clutter lines, one or two untextured distractor blobs, and pixel noise. Random features latch onto
+cue (a texture with a period of 4-6 px at 96 px, i.e. 16-24 cycles per image: high spatial frequency,
+right at the Nyquist limit of a 2x downscale, which halves its energy) filling the shape. Everything
+else is a nuisance drawn at random per image: the colours (object, texture, background), position,
+scale, rotation of the shape, a smooth background colour field, thin clutter lines, up to two
+untextured distractor blobs, and pixel noise. Random features latch onto
 colour and layout and do poorly; DINO's colour jitter and crops teach invariance to exactly these
 nuisances, so learned features separate the classes clearly. A human separates them at a glance.
 
@@ -141,6 +142,8 @@ class Blob:
 
 @dataclass
 class Line:
+    """A thin clutter segment from ``(x0, y0)`` to ``(x1, y1)``, alpha-blended over the background."""
+
     x0: float
     y0: float
     x1: float
@@ -172,9 +175,9 @@ class Scene:
     noise_seed: int  # pixel noise and the speckle texture
     blobs: list[Blob] = field(default_factory=list)
     lines: list[Line] = field(default_factory=list)
-    occluder: tuple[float, float, tuple[float, float, float]] | None = None  # (angle, offset, colour)
-    # occluder: the part of the disc of 1.2 radii around the object beyond the line at `offset` pixels
-    # from the centre along direction `angle`
+    # (angle, offset, colour): hides the part of the disc of 1.2 radii around the object centre that
+    # lies beyond `offset` pixels along direction `angle`
+    occluder: tuple[float, float, tuple[float, float, float]] | None = None
 
 
 @functools.lru_cache(maxsize=8)
@@ -290,7 +293,7 @@ def _upsample_weights(small: int, n: int) -> np.ndarray:
     for i in range(small):
         basis = np.zeros((1, small), dtype=np.float32)
         basis[0, i] = 1.0
-        cols.append(np.asarray(Image.fromarray(basis, "F").resize((n, 1), Image.BICUBIC))[0])
+        cols.append(np.asarray(Image.fromarray(basis, "F").resize((n, 1), Image.Resampling.BICUBIC))[0])
     w = np.stack(cols, axis=1)
     w.flags.writeable = False
     return w
@@ -579,7 +582,16 @@ def _atomic_build(root: Path, identity: dict[str, Any], build: Callable[[Path], 
             (tmp / COMPLETE_MARKER).write_text("ok\n")
             if root.exists():
                 shutil.rmtree(root)
-            os.rename(tmp, root)
+            try:
+                os.rename(tmp, root)
+            except OSError:
+                # another host (no shared lock) finished first: keep its identical result
+                meta = _read_meta(root)
+                same = meta is not None and all(meta.get(k) == v for k, v in identity.items())
+                if not (_is_complete(root) and same):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+                return False
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -728,12 +740,12 @@ def apply_corruption(img: np.ndarray, name: str, severity: int, seed: int,
     src = img
     if rescale:
         f = reference_size / min(h, w)
-        src = np.asarray(Image.fromarray(img).resize((round(w * f), round(h * f)), Image.BICUBIC))
+        src = np.asarray(Image.fromarray(img).resize((round(w * f), round(h * f)), Image.Resampling.BICUBIC))
     kwargs: dict[str, Any] = {"seed": seed} if name in ("glass_blur", "impulse_noise") else {}
     with _global_numpy_seed(seed):
-        out = np.uint8(corrupt(src, severity=severity, corruption_name=name, **kwargs))
+        out = np.asarray(corrupt(src, severity=severity, corruption_name=name, **kwargs)).astype(np.uint8)
     if rescale:
-        out = np.asarray(Image.fromarray(out).resize((w, h), Image.BICUBIC))
+        out = np.asarray(Image.fromarray(out).resize((w, h), Image.Resampling.BICUBIC))
     if out.shape != img.shape:
         raise RuntimeError(f"corruption {name} changed the image shape {img.shape} -> {out.shape}")
     return out

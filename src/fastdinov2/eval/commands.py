@@ -3,7 +3,8 @@
 Common options: ``--checkpoint PATH`` (anything :func:`fastdinov2.interop.load_backbone` accepts), ``--data DIR``
 (a root with ``train/`` and ``val/`` class folders; default: the embedded synthetic dataset), ``--output FILE``
 (default ``RUN/eval/<protocol>.json`` when the checkpoint is a run directory, else ``./eval_<protocol>.json``),
-``--image-size``, ``--batch-size``, ``--num-workers``, ``--device``.
+``--image-size`` (224, or 64 on the embedded data; ``corruption``/``frequency``: the linear head's), ``--batch-size``,
+``--num-workers``, ``--device``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 from fastdinov2.eval.results import EvalError, write_result
 
 RUN_DIR_MARKERS = ("config.yaml", "metrics.jsonl", "teacher_backbone.safetensors", "checkpoints")
+DEFAULT_IMAGE_SIZE = 224
+EMBEDDED_IMAGE_SIZE = 64  # the embedded synthetic dataset (96 px images) is evaluated at 64 px, like the tiny preset
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -55,7 +58,7 @@ def split_dir(root: Path, split: str) -> Path:
     return path
 
 
-def _add_common(p: argparse.ArgumentParser, protocol: str, image_size: int | None = 224) -> None:
+def _add_common(p: argparse.ArgumentParser, protocol: str, head_size: bool = False) -> None:
     p.add_argument("--checkpoint", required=True,
                    help="backbone: our export (.safetensors + .json), a run dir, a checkpoint dir, the seed's "
                         "teacher_checkpoint.pth, an official DINOv2 or a timm file")
@@ -63,9 +66,9 @@ def _add_common(p: argparse.ArgumentParser, protocol: str, image_size: int | Non
                    help="dataset root with train/ and val/ class folders (default: the embedded synthetic data)")
     p.add_argument("--output", type=Path, default=None,
                    help=f"result JSON (default: RUN/eval/{protocol}.json for a run dir, else ./eval_{protocol}.json)")
-    size_help = "eval resolution: resize to round(S*256/224), centre-crop S" + (
-        " (default: 224)" if image_size else " (default: the head's)")
-    p.add_argument("--image-size", type=int, default=image_size, help=size_help)
+    size_help = "eval resolution: resize to round(S*256/224), centre-crop S (default: " + (
+        "the head's)" if head_size else f"{DEFAULT_IMAGE_SIZE}, or {EMBEDDED_IMAGE_SIZE} on the embedded data)")
+    p.add_argument("--image-size", type=int, default=None, help=size_help)
     p.add_argument("--batch-size", type=int, default=128, help="images per forward pass (default: 128)")
     p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default: 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -134,7 +137,7 @@ def add_eval_commands(subparsers: Any) -> argparse.ArgumentParser:
     c = sub.add_parser("corruption", help="ImageNet-C style robustness of the linear head",
                        description="Top-1 of the saved linear head per corruption type and severity, mean over "
                                    "the 15 standard and all 19 types, mCE against --reference.")
-    _add_common(c, "corruption", image_size=None)
+    _add_common(c, "corruption", head_size=True)
     _add_head_args(c)
     _add_corruption_source(c, required=True)
     c.add_argument("--reference", type=Path, default=None, help="corruption result JSON of a reference model (mCE)")
@@ -143,7 +146,7 @@ def add_eval_commands(subparsers: Any) -> argparse.ArgumentParser:
     f = sub.add_parser("frequency", help="accuracy under low/high-pass Fourier filtering; corruptions by band",
                        description="Top-1 of the saved linear head on low- and high-pass filtered val images, and "
                                    "corruption accuracy grouped by frequency band.")
-    _add_common(f, "frequency", image_size=None)
+    _add_common(f, "frequency", head_size=True)
     _add_head_args(f)
     f.add_argument("--radii", nargs="+", type=float, default=None,
                    help="filter radii in cycles per image (default: 2 4 8 ... up to image_size/2)")
@@ -178,6 +181,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from fastdinov2.eval.features import resolve_device
     from fastdinov2.interop import load_backbone
 
+    if not Path(args.checkpoint).exists():
+        raise EvalError(f"checkpoint {args.checkpoint} does not exist")
     dev = resolve_device(args.device)
     return load_backbone(args.checkpoint, device=dev), dev
 
@@ -196,6 +201,13 @@ def _head(args: argparse.Namespace) -> Path:
     return path
 
 
+def image_size_for(args: argparse.Namespace) -> int:
+    """``--image-size``, else 64 on the embedded synthetic data (no ``--data``), else 224."""
+    if args.image_size is not None:
+        return int(args.image_size)
+    return EMBEDDED_IMAGE_SIZE if args.data is None else DEFAULT_IMAGE_SIZE
+
+
 def _common_config(args: argparse.Namespace, root: Path | None) -> dict:
     return {"data": None if root is None else str(root), "image_size": args.image_size,
             "batch_size": args.batch_size, "device": str(args.device)}
@@ -208,6 +220,7 @@ def run_knn_command(args: argparse.Namespace) -> int:
     root = data_root(args.data)
     train, val = split_dir(root, "train"), split_dir(root, "val")
     model, dev = _load(args)
+    args.image_size = image_size_for(args)
     res = evaluate_knn(model, train, val, ks=args.ks, temperature=args.temperature, image_size=args.image_size,
                        batch_size=args.batch_size, num_workers=args.num_workers, device=dev,
                        progress=not args.no_progress, cache_dir=args.cache_dir, checkpoint=args.checkpoint)
@@ -234,6 +247,7 @@ def run_linear_command(args: argparse.Namespace) -> int:
     head_path = args.head_output or head_path_for(out_path)
     lrs = args.learning_rates or list(LEARNING_RATES)
     model, dev = _load(args)
+    args.image_size = image_size_for(args)
     res = evaluate_linear(
         model, train, val, image_size=args.image_size, batch_size=args.batch_size, num_workers=args.num_workers,
         device=dev, learning_rates=lrs, n_last_blocks_list=args.n_last_blocks, epochs=args.epochs,

@@ -394,7 +394,7 @@ def evaluate_corruption(
     head.check_model(model, head_file)
     size = image_size or head.image_size
     dev = resolve_device(device)
-    common = {"batch_size": batch_size, "num_workers": num_workers, "device": dev, "progress": False,
+    common: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers, "device": dev, "progress": False,
               "head_file": head_file}
 
     jobs: list[tuple[str, int, Any]] = []

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from fastdinov2 import distributed
@@ -119,7 +119,7 @@ def select_linear_input(
     return torch.cat([cls_part, feats[:, extracted_blocks * d :]], dim=1)
 
 
-def batch_features(model: nn.Module, x: Tensor, kind: str = "cls", n_last_blocks: int = 1) -> Tensor:
+def batch_features(model: Any, x: Tensor, kind: str = "cls", n_last_blocks: int = 1) -> Tensor:
     """Features of one batch ``x [B, 3, H, W]`` -> ``[B, F]`` (float32); see the module docstring."""
     if kind == "cls":
         return model.forward_features(x)["x_norm_clstoken"].float()
@@ -145,6 +145,15 @@ def _model_device(model: nn.Module) -> torch.device | None:
     for p in model.parameters():
         return p.device
     return None
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    index = torch.cuda.current_device
+    return (a.index if a.index is not None else index()) == (b.index if b.index is not None else index())
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -273,7 +282,7 @@ def _gather_rows(local: Tensor, local_rows: Tensor, n_total: int, device: torch.
 @torch.no_grad()
 def extract_features(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: Any,
     batch_size: int = 128,
     *,
     num_workers: int = 0,
@@ -290,7 +299,7 @@ def extract_features(
 
     Args:
         model: a backbone with ``forward_features`` / ``get_intermediate_layers`` (see ``models.vit``). It is
-            put in eval mode (its previous mode is restored) and moved to ``device`` if it is elsewhere.
+            put in eval mode and, if it lives elsewhere, moved to ``device``; its mode and device are restored.
         dataset: items ``(image [3, H, W], label)`` or bare ``image`` tensors (label -1).
         kind: ``"cls"`` | ``"patch_mean"`` | ``"blocks"`` (module docstring); ``n_last_blocks`` for ``"blocks"``.
         cache_path: safetensors file reused when its key matches ``cache_key`` (default key: a fingerprint of
@@ -305,8 +314,9 @@ def extract_features(
         raise ValueError(f"unknown feature kind {kind!r}; expected one of {FEATURE_KINDS}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if kind == "blocks" and not 1 <= n_last_blocks <= int(getattr(model, "n_blocks", n_last_blocks)):
-        raise ValueError(f"n_last_blocks={n_last_blocks} but the model has {model.n_blocks} blocks")
+    depth = int(getattr(model, "n_blocks", n_last_blocks))
+    if kind == "blocks" and not 1 <= n_last_blocks <= depth:
+        raise ValueError(f"n_last_blocks={n_last_blocks} must be in 1..{depth} (the model's depth)")
     dev = resolve_device(device)
     if cache_path is not None and cache_key is None:
         if batch_transform is not None:
@@ -332,7 +342,9 @@ def extract_features(
     )
 
     was_training = model.training
-    if _model_device(model) not in (None, dev):
+    home = _model_device(model)
+    moved = home is not None and not _same_device(home, dev)
+    if moved:
         model.to(dev)
     model.eval()
     feats_list: list[Tensor] = []
@@ -346,18 +358,21 @@ def extract_features(
                 images = batch_transform(images)
             feats_list.append(batch_features(model, images, kind, n_last_blocks).cpu())
             labels_list.append(labels)
+        if not feats_list and n_total > 0:  # an empty shard (more ranks than samples): learn the width
+            probe = _split_item(next(iter(DataLoader(dataset, batch_size=1))))[0].to(dev)
+            if batch_transform is not None:
+                probe = batch_transform(probe)
+            feats_list.append(batch_features(model, probe, kind, n_last_blocks).cpu()[:0])
+            labels_list.append(torch.zeros(0, dtype=torch.long))
     finally:
         model.train(was_training)
+        if moved:
+            model.to(home)
 
-    if feats_list:
-        feats = torch.cat(feats_list)
-        labels = torch.cat(labels_list)
-    else:  # an empty shard (more ranks than samples)
-        with torch.no_grad():
-            probe = next(iter(DataLoader(dataset, batch_size=1)))
-            width = batch_features(model.eval(), _split_item(probe)[0].to(dev), kind, n_last_blocks).shape[1]
-        model.train(was_training)
-        feats, labels = torch.zeros(0, width), torch.zeros(0, dtype=torch.long)
+    if not feats_list:
+        raise EvalError(f"dataset {getattr(dataset, 'root', type(dataset).__name__)} is empty")
+    feats = torch.cat(feats_list)
+    labels = torch.cat(labels_list)
     if sharded:
         rows = torch.tensor(indices, dtype=torch.long)
         feats = _gather_rows(feats, rows, n_total, dev)

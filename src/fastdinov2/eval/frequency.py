@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,7 +125,7 @@ def evaluate_frequency(
     dev = resolve_device(device)
     base = open_class_folder(val_dir, T.Compose([make_eval_geometry(size), T.ToTensor()]))
     ds = RecordSubset(base, per_class_indices(base.records, max_per_class, seed))
-    common = {"batch_size": batch_size, "num_workers": num_workers, "device": dev, "progress": False,
+    common: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers, "device": dev, "progress": False,
               "head_file": head_file}
 
     variants: list[tuple[str, float | None]] = [("clean", None)]
@@ -159,12 +160,13 @@ def group_by_band(corruption_result: str | Path | dict) -> dict:
     Returns ``{"bands": {band: {"types": [...], "mean": top1 | None, "type_mean": {type: top1}}},
     "grouping": FREQUENCY_BANDS, "clean_top1": ...}``; a band's mean is over the types evaluated (None if none).
     """
-    is_dict = isinstance(corruption_result, dict)
-    obj = corruption_result if is_dict else read_result(corruption_result, "corruption")  # type: ignore[arg-type]
+    if isinstance(corruption_result, dict):
+        obj, where = corruption_result, "the corruption result"
+    else:
+        obj, where = read_result(corruption_result, "corruption"), str(corruption_result)
     res = obj.get("results", obj)
     acc = res.get("accuracy")
     if not isinstance(acc, dict):
-        where = "the corruption result" if is_dict else str(corruption_result)
         raise EvalError(f"{where} has no results.accuracy mapping")
     type_mean = {c: float(np.mean(list(sev.values()))) for c, sev in acc.items() if sev}
     bands = {}

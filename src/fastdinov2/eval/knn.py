@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,7 +148,7 @@ def evaluate_knn(
     val_ds = open_class_folder(val_dir, transform)
     check_same_classes(train_ds.classes, val_ds.classes, val_dir, f"the training classes of {train_dir}")
 
-    def _extract(ds: object, name: str) -> tuple[Tensor, Tensor]:
+    def _extract(ds: Any, name: str) -> tuple[Tensor, Tensor]:
         cache_path = key = None
         if cache_dir is not None:
             key = feature_cache_key(checkpoint, ds, settings, "cls", model=model if checkpoint is None else None)

@@ -121,7 +121,7 @@ class LinearHead:
     def check_model(self, model: nn.Module, head_file: str | Path) -> None:
         """Raise :class:`EvalError` when ``model`` cannot feed this head."""
         d = int(getattr(model, "embed_dim", -1))
-        depth = int(getattr(model, "n_blocks", len(getattr(model, "blocks", []))))
+        depth = _depth(model)
         if d != self.embed_dim:
             raise EvalError(f"head {head_file} expects embed_dim {self.embed_dim}, the backbone has {d}")
         if depth < self.n_blocks:
@@ -194,6 +194,11 @@ class LinearHead:
                  "classes", "image_size")}
         return cls(weight, bias, int(info["n_last_blocks"]), avgpool, int(info["embed_dim"]),
                    list(info["classes"]), int(info["image_size"]), meta)
+
+
+def _depth(model: Any) -> int:
+    """Number of transformer blocks of a backbone (``n_blocks``, else ``len(blocks)``)."""
+    return int(model.n_blocks) if hasattr(model, "n_blocks") else len(model.blocks)
 
 
 def _topk_correct(logits: Tensor, labels: Tensor, k: int) -> tuple[int, int]:
@@ -439,8 +444,8 @@ def evaluate_linear(
     Returns :func:`train_linear_probe`'s results plus ``head_file``, ``feature_dim``, ``embed_dim``,
     ``extracted_blocks``, ``classes``."""
     dev = resolve_device(device)
-    depth = int(getattr(model, "n_blocks", len(model.blocks)))
-    embed_dim = int(model.embed_dim)
+    depth = _depth(model)
+    embed_dim = int(getattr(model, "embed_dim", 0))
     extracted = min(max(int(n) for n in n_last_blocks_list), depth)
     transform = make_eval_transform(image_size)
     settings = EvalTransformSettings.for_size(image_size).to_dict()

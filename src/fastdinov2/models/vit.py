@@ -432,10 +432,11 @@ def build_backbone(student_cfg: StudentConfig, img_size: int) -> DinoVisionTrans
     (the full-resolution global crop size; other crop sizes are served by interpolation).
     ``student.layerscale == 0`` means no LayerScale."""
     s = student_cfg
+    ffn_layer = s.ffn_layer if s.ffn_layer != "auto" else ("swiglu" if s.arch == "vit_giant2" else "mlp")
     kwargs: dict[str, Any] = dict(
         img_size=img_size, patch_size=s.patch_size, mlp_ratio=s.mlp_ratio, qkv_bias=s.qkv_bias,
         proj_bias=s.proj_bias, ffn_bias=s.ffn_bias, drop_path_rate=s.drop_path_rate,
-        layerscale_init=s.layerscale or None, ffn_layer=s.ffn_layer, num_register_tokens=s.num_register_tokens,
+        layerscale_init=s.layerscale or None, ffn_layer=ffn_layer, num_register_tokens=s.num_register_tokens,
     )
     if s.arch == "vit_custom":
         kwargs.update(embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads)

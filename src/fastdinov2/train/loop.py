@@ -5,6 +5,17 @@ optimizer and the data loader, and restores the newest committed checkpoint of t
 any (so running the same command again continues the run). The loop then does, for every global step:
 batch -> (restart mode: reset optimizer at a stage switch) -> schedules -> teacher targets -> student
 forward/backward -> finiteness check -> clip -> AdamW step -> EMA teacher -> log -> checkpoint.
+
+Under torchrun every process runs this same loop on its own shard of each global batch; the data
+parallelism (DDP or FSDP2, ``compute.strategy``) is applied to the student from outside the model
+(:mod:`fastdinov2.distributed`). Only rank 0 writes files and logs; logged losses are means over ranks.
+
+Resuming at another world size: the progress of a run is its data position (images consumed,
+:meth:`Curriculum.sample_position`), which does not depend on the world size, while its step counter
+does. A checkpoint is resumed at the first step of this run whose data position is at or after the
+saved one (:func:`resume_step`), so no image is fed twice and at most one global batch minus one image of
+the stream is skipped; with an unchanged global batch (e.g. 2 x B -> 1 x 2B) that is exactly the saved step.
+The message on stderr states the conversion, and ``metrics.jsonl`` is renumbered to the new steps.
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from fastdinov2.train.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from fastdinov2.train.logging import MetricsLogger
+from fastdinov2.train.logging import MetricsLogger, read_metrics
 from fastdinov2.train.meta_arch import MetaArch
 from fastdinov2.train.optim import apply_optim_schedules, build_adamw, get_param_groups
 from fastdinov2.train.plan import build_schedules
@@ -132,6 +143,58 @@ def _tuplify(x: Any) -> Any:
     return tuple(_tuplify(v) for v in x) if isinstance(x, list | tuple) else x
 
 
+def _reseed(seed: int, rank: int, step: int) -> None:
+    """Seed the global RNGs (drop-path draws) from (seed, rank, step): used when a checkpoint's per-rank RNG
+    states cannot be restored because the world size changed."""
+    s = int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s)
+
+
+def step_covering(cur: Curriculum, position: int) -> int:
+    """The step of ``cur`` whose global batch holds data position ``position`` (``>= total_steps`` past the end)."""
+    for st in cur.stages:
+        if position < st.start_sample + st.num_steps * st.global_batch:
+            return st.start_step + (position - st.start_sample) // st.global_batch
+    last = cur.stages[-1]
+    return last.end_step + (position - last.start_sample - last.num_steps * last.global_batch) // last.global_batch
+
+
+def resume_step(cur: Curriculum, position: int) -> int:
+    """The first step of ``cur`` that starts at or after data position ``position``, at most ``total_steps``.
+
+    This is how a checkpoint continues at another world size (or global batch): the data position (images
+    consumed) is carried over, never the raw step counter. No image is fed twice; fewer than one global
+    batch of the stream is skipped when ``position`` falls inside a step of ``cur``.
+    """
+    if position <= 0:
+        return 0
+    return min(cur.total_steps, step_covering(cur, position - 1) + 1)
+
+
+def renumber_metrics(logger: MetricsLogger, saved_step: int, cur: Curriculum) -> int:
+    """After a resume that changed the step numbering: drop the records the earlier run logged at or after
+    its checkpoint ``saved_step`` (they are superseded), and move each kept record to the step of ``cur``
+    that covers its data position (``samples_seen``); when several old steps fall into one new step (the
+    world grew), only the first is kept. Records without ``samples_seen`` keep their step. Returns how many
+    records remain."""
+    logger.truncate_from(saved_step)
+    if not logger.path.is_file():
+        return 0
+    out, last = [], -1
+    for rec in read_metrics(logger.path):
+        if "samples_seen" in rec:
+            new = step_covering(cur, int(rec["samples_seen"]))
+            if new <= last:
+                continue
+            rec = {**rec, "step": new}
+            last = new
+        out.append(json.dumps(rec))
+    _write_text_atomic(logger.path, "".join(line + "\n" for line in out))
+    return len(out)
+
+
 def check_run_dir(output_dir: Path, cfg: Config, allow_config_change: bool) -> bool:
     """True when ``output_dir`` holds an earlier run of the same config (to be continued).
 
@@ -217,7 +280,13 @@ class Trainer:
 
             load_pretrained_into(self.model.student.backbone, cfg.student.pretrained)
             self.model.teacher.load_state_dict(self.model.student.state_dict())
-        self.student: nn.Module = self.model.student  # replaced by a DDP/FSDP wrapper when distributed
+        # Data parallelism is applied from outside the model. The optimizer is built afterwards: fsdp2
+        # replaces the parameters by sharded ones. `self.student` is what the step calls (the DDP wrapper);
+        # `self.model.student` stays the module whose parameters the optimizer and the EMA use.
+        strategy = cfg.compute.strategy
+        fsdp_dtype = self.dtype if self.device.type == "cuda" else None
+        self.student: nn.Module = dist_utils.wrap_student(self.model.student, strategy, self.device, fsdp_dtype)
+        dist_utils.shard_teacher(self.model.teacher, strategy, self.device, fsdp_dtype)
         self.param_groups = get_param_groups(
             self.model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
         )
@@ -229,6 +298,7 @@ class Trainer:
         self.state = RunState()
         self.ckpt_dir = output_dir / "checkpoints"
         self.logger: MetricsLogger | None = None
+        self.renumbered_from: int | None = None  # the checkpoint's own step, when resume_step changed it
         # Each process seeds its own RNGs from (seed, rank): drop-path draws differ across ranks.
         torch.manual_seed(cfg.train.seed * 1000 + self.rank + 1)
         random.seed(cfg.train.seed * 1000 + self.rank)
@@ -236,21 +306,28 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        m = self.model
+        """The checkpoint contents: full (unsharded) states in the single-process layout, whatever the world.
+
+        With several processes this is a collective (every rank calls it: the RNG states of all ranks are
+        gathered, and fsdp2 gathers the shards); only rank 0's result is complete.
+        """
+        m, cur, step = self.model, self.curriculum, self.state.step
+        rngs = dist_utils.all_gather_object(_rng_state(self.device))  # one entry per rank
         model_state = {
-            "student": m.student.state_dict(),
-            "teacher": m.teacher.state_dict(),
+            "student": dist_utils.full_model_state_dict(m.student),
+            "teacher": dist_utils.full_model_state_dict(m.teacher),
             "dino_loss": m.dino_loss.state_dict(),
             "ibot_loss": m.ibot_loss.state_dict(),
             "backbone_config": dict(m.teacher.backbone.config),
-            "step": self.state.step,
+            "step": step,
         }
         optim_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": dist_utils.full_optimizer_state_dict(self.optimizer),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": _rng_state(self.device),
-            "step": self.state.step,
-            "sample_position": self.curriculum.sample_position(min(self.state.step, self.curriculum.total_steps - 1)),
+            "rng": rngs,
+            "step": step,
+            "sample_position": cur.sample_position(step),  # images consumed: the world-size-free progress
+            "total_steps": cur.total_steps,
             "world_size": self.world_size,
             "counters": {"bad_samples": self.state.bad_samples, "nan_skips": self.state.nan_skips,
                          "consecutive_skips": self.state.consecutive_skips},
@@ -258,44 +335,74 @@ class Trainer:
         return model_state, optim_state
 
     def save(self) -> Path | None:
+        """Write a checkpoint (every rank must call it; rank 0 writes). Returns its path on rank 0."""
+        model_state, optim_state = self.state_dicts()
         if not self.is_main:
             return None
-        model_state, optim_state = self.state_dicts()
         return save_checkpoint(
             self.ckpt_dir, self.state.step, model_state, optim_state,
             keep_last=self.cfg.train.keep_last_checkpoints, meta={"world_size": self.world_size},
         )
 
     def restore(self) -> Path | None:
-        remove_stale_temporaries(self.ckpt_dir) if self.is_main else None
-        path = find_latest_checkpoint(self.ckpt_dir)
+        """Load the newest committed checkpoint of the run directory, at any world size (module docstring)."""
+        if self.is_main:
+            remove_stale_temporaries(self.ckpt_dir)
+        # Rank 0 picks the checkpoint and tells the others, so all ranks load the same one.
+        path = dist_utils.broadcast_object(find_latest_checkpoint(self.ckpt_dir) if self.is_main else None)
         if path is None:
             return None
-        model_state, optim_state = load_checkpoint(path, map_location=self.device)
+        model_state, optim_state = load_checkpoint(path, map_location="cpu")
         m = self.model
-        m.student.load_state_dict(model_state["student"])
-        m.teacher.load_state_dict(model_state["teacher"])
+        dist_utils.load_full_model_state_dict(m.student, model_state["student"])
+        dist_utils.load_full_model_state_dict(m.teacher, model_state["teacher"])
         m.dino_loss.load_state_dict(model_state["dino_loss"])
         m.ibot_loss.load_state_dict(model_state["ibot_loss"])
-        self.optimizer.load_state_dict(optim_state["optimizer"])
+        dist_utils.load_full_optimizer_state_dict(self.optimizer, optim_state["optimizer"])
         if self.scaler is not None and optim_state.get("scaler") is not None:
             self.scaler.load_state_dict(optim_state["scaler"])
         counters = optim_state.get("counters", {})
-        self.state.step = int(optim_state["step"])
         self.state.bad_samples = int(counters.get("bad_samples", 0))
         self.state.nan_skips = int(counters.get("nan_skips", 0))
         self.state.consecutive_skips = int(counters.get("consecutive_skips", 0))
+
+        saved_step = int(optim_state["step"])
         saved_world = int(optim_state.get("world_size", 1))
-        if saved_world == self.world_size:
-            _set_rng_state(optim_state["rng"], self.device)
-        elif self.is_main:
+        position = int(optim_state["sample_position"])
+        step = resume_step(self.curriculum, position)
+        self.state.step = step
+        rngs = optim_state["rng"] if isinstance(optim_state["rng"], list) else [optim_state["rng"]]
+        if saved_world == self.world_size and step == saved_step and len(rngs) == self.world_size:
+            _set_rng_state(rngs[self.rank], self.device)  # an exact continuation
+            return path
+        _reseed(self.cfg.train.seed, self.rank, step)
+        if step != saved_step:
+            self.renumbered_from = saved_step
+        if self.is_main:
+            new_position = self.curriculum.sample_position(step)
+            skipped = new_position - position
             print(
-                f"[fastdinov2] checkpoint {path} was written by {saved_world} processes, resuming on "
-                f"{self.world_size}: the step counter and schedules continue at step {self.state.step}; the data "
-                "stream restarts at this world size's position for that step and RNG states are re-seeded",
+                f"[fastdinov2] {path} was written by {saved_world} process(es) at step {saved_step} after "
+                f"{position} images; resuming on {self.world_size} process(es) (global batch "
+                f"{self.curriculum.stage_at(step).global_batch}) at step {step}, the first step at or after that "
+                f"data position ({skipped} image(s) of the stream skipped); schedules follow the new step, "
+                f"RNG states are re-seeded from (seed, rank, step)"
+                + (", metrics.jsonl is renumbered to the new steps" if step != saved_step else ""),
                 file=sys.stderr,
             )
         return path
+
+    def teacher_backbone(self) -> nn.Module:
+        """The teacher backbone as a plain module on every rank (a collective under fsdp2, which rebuilds
+        it from the gathered full weights)."""
+        backbone = self.model.teacher.backbone
+        if not dist_utils.is_sharded(backbone):
+            return backbone
+        from fastdinov2.models.vit import build_vit
+
+        plain = build_vit(**backbone.config).to(self.device)
+        plain.load_state_dict(dist_utils.full_model_state_dict(backbone, all_ranks=True))
+        return plain
 
     # ---- data --------------------------------------------------------------------------------------
     def make_loader(self, start_step: int, end_step: int) -> DataLoader:
@@ -340,7 +447,8 @@ class Trainer:
         """
         cfg = self.cfg
         sched = self.schedules.at(step)
-        apply_optim_schedules(self.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"])
+        apply_optim_schedules(self.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"],
+                              backbone_lr_scale=sched["backbone_lr_scale"])
         self.optimizer.zero_grad(set_to_none=True)
         n_micro = len(micro_batches)
         totals: dict[str, torch.Tensor] = {}
@@ -349,9 +457,8 @@ class Trainer:
             if batch.photometric_pending:
                 batch = batch.with_photometric()  # colour ops batched on the device
             n_local = batch.local_crops.shape[0] // max(1, batch.batch_size)
-            sync = (i == n_micro - 1) or not hasattr(self.student, "no_sync")
-            ctx = contextlib.nullcontext() if sync else self.student.no_sync()  # type: ignore[operator]
-            with ctx, self.autocast():
+            # Gradients are reduced across ranks once per step, in the backward of the last micro-batch.
+            with dist_utils.gradient_sync(self.student, enabled=i == n_micro - 1), self.autocast():
                 t_cls, t_patch = self.model.teacher_targets(
                     batch.global_crops, batch.mask_indices, batch.n_masked_patches, sched["teacher_temp"]
                 )
@@ -364,13 +471,13 @@ class Trainer:
                     loss.backward()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v.detach().float() / n_micro
+        # Each rank's terms are means over its shard of the batch: log their mean over ranks (one collective).
+        names = list(totals)
+        totals = dict(zip(names, dist_utils.all_reduce_mean(torch.stack([totals[k] for k in names])), strict=True))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.student.parameters() if p.grad is not None]
-        if cfg.optim.clip_grad > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.clip_grad)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))  # type: ignore[union-attr]
+        grad_norm = dist_utils.clip_grad_norm_(params, cfg.optim.clip_grad)  # norm over all ranks' shards
         totals["grad_norm"] = grad_norm.detach().float()
         finite = bool(torch.isfinite(totals["loss"]).item() and torch.isfinite(grad_norm).item())
         finite = not _agree(not finite, self.device)
@@ -385,8 +492,9 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.state.nan_skips += 1
             self.state.consecutive_skips += 1
-            print(f"[fastdinov2] step {step}: non-finite {', '.join(bad_terms)}; update skipped "
-                  f"({self.state.consecutive_skips} in a row)", file=sys.stderr)
+            if self.is_main:
+                print(f"[fastdinov2] step {step}: non-finite {', '.join(bad_terms)}; update skipped "
+                      f"({self.state.consecutive_skips} in a row)", file=sys.stderr)
             if self.state.consecutive_skips >= cfg.train.max_consecutive_skips:
                 raise TrainingError(
                     f"{self.state.consecutive_skips} consecutive non-finite steps (up to step {step}); "
@@ -425,7 +533,10 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             _write_text_atomic(self.output_dir / "config.yaml", to_yaml(cfg))
             self.logger = MetricsLogger(self.output_dir, enabled=True)
-            self.logger.truncate_from(self.state.step)
+            if self.renumbered_from is None:
+                self.logger.truncate_from(self.state.step)
+            else:
+                renumber_metrics(self.logger, self.renumbered_from, cur)
             where = f"resuming from {restored}" if restored else "starting"
             print(f"[fastdinov2] {where}: step {self.state.step} of {cur.total_steps} "
                   f"({len(self.records)} images in {self.data_root}, device {self.device}, world {self.world_size})")
@@ -459,6 +570,8 @@ class Trainer:
                         "step": step,
                         "epoch": round(cur.epoch_at(step), 4),
                         "stage": stage.index,
+                        "samples_seen": cur.sample_position(step),
+                        "world_size": self.world_size,
                         "global_size": stage.global_size,
                         "local_size": stage.local_size,
                         "noise_max_scale": stage.noise.max_scale if stage.noise.kind != "none" else 0.0,
@@ -505,15 +618,18 @@ class Trainer:
 
 def finish_run(trainer: Trainer) -> dict[str, Any]:
     """Export the teacher backbone and (when the data has a labelled val split) compare kNN top-1 of the
-    trained teacher against the same architecture at random initialisation."""
+    trained teacher against the same architecture at random initialisation.
+
+    Every rank calls it: the kNN feature extraction is sharded across ranks (:mod:`fastdinov2.eval.features`);
+    rank 0 writes the files and prints.
+    """
     from fastdinov2.interop import export_backbone
 
     cfg, out = trainer.cfg, trainer.output_dir
     result: dict[str, Any] = {}
-    if not trainer.is_main:
-        return result
-    teacher = trainer.model.teacher.backbone
-    result["export"] = str(export_backbone(teacher, out / "teacher_backbone"))
+    teacher = trainer.teacher_backbone()
+    if trainer.is_main:
+        result["export"] = str(export_backbone(teacher, out / "teacher_backbone"))
     train_dir, val_dir = trainer.data_root / "train", trainer.data_root / "val"
     if cfg.train.knn_at_end and train_dir.is_dir() and val_dir.is_dir():
         from fastdinov2.eval.knn import evaluate_knn
@@ -526,10 +642,11 @@ def finish_run(trainer: Trainer) -> dict[str, Any]:
         trained = evaluate_knn(teacher.eval(), train_dir, val_dir, **kw)
         baseline = evaluate_knn(random_model.eval(), train_dir, val_dir, **kw)
         result["knn"] = {"trained": trained, "random_init": baseline}
-        write_result(out / "eval" / "knn_end_of_training.json", "knn", str(out),
-                     {"data": str(trainer.data_root), "ks": [10, 20]}, result["knn"])
-        print(f"[fastdinov2] kNN top-1 on {val_dir}: trained teacher {trained['top1']:.2f}% "
-              f"vs random init {baseline['top1']:.2f}% ({trained['top1'] - baseline['top1']:+.2f} points)")
+        if trainer.is_main:
+            write_result(out / "eval" / "knn_end_of_training.json", "knn", str(out),
+                         {"data": str(trainer.data_root), "ks": [10, 20]}, result["knn"])
+            print(f"[fastdinov2] kNN top-1 on {val_dir}: trained teacher {trained['top1']:.2f}% "
+                  f"vs random init {baseline['top1']:.2f}% ({trained['top1'] - baseline['top1']:+.2f} points)")
     return result
 
 

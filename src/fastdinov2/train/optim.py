@@ -98,7 +98,7 @@ def get_param_groups(
         for param_name, _ in module.named_parameters(recurse=False):
             owners[f"{module_name}.{param_name}" if module_name else param_name] = module
 
-    groups: dict[tuple[float, float, bool], dict[str, Any]] = {}
+    groups: dict[tuple[float, float, bool, bool], dict[str, Any]] = {}
     for raw_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -113,11 +113,12 @@ def get_param_groups(
             lr_mult = 1.0
         wd_mult = 0.0 if _no_weight_decay(name, owners.get(raw_name), is_backbone) else 1.0
         is_last = "last_layer" in name
-        key = (lr_mult, wd_mult, is_last)
+        key = (lr_mult, wd_mult, is_last, is_backbone)
         if key not in groups:
             label = f"lr_mult={lr_mult:.6g},wd_mult={wd_mult:g}" + (",last_layer" if is_last else "")
+            label += ",backbone" if is_backbone else ",head"
             groups[key] = {"params": [], "param_names": [], "name": label, "lr_multiplier": lr_mult,
-                           "wd_multiplier": wd_mult, "is_last_layer": is_last}
+                           "wd_multiplier": wd_mult, "is_last_layer": is_last, "is_backbone": is_backbone}
         groups[key]["params"].append(param)
         groups[key]["param_names"].append(name)
     if not groups:
@@ -147,10 +148,11 @@ def build_adamw(
 
 
 def apply_optim_schedules(
-    optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float
+    optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float, backbone_lr_scale: float = 1.0
 ) -> None:
     """Set every group's ``lr = (last_layer_lr if is_last_layer else lr) * lr_multiplier`` and
-    ``weight_decay = wd * wd_multiplier``.
+    ``weight_decay = wd * wd_multiplier``; backbone groups' lr is further scaled by ``backbone_lr_scale``
+    (0 during a head-only warm-up of continued pre-training).
     """
     for n, group in enumerate(optimizer.param_groups):
         try:
@@ -159,5 +161,6 @@ def apply_optim_schedules(
             raise KeyError(
                 f"optimizer param group {n} lacks {exc.args[0]!r}; build groups with get_param_groups"
             ) from None
-        group["lr"] = (last_layer_lr if is_last else lr) * lr_mult
+        scale = backbone_lr_scale if group.get("is_backbone", False) else 1.0
+        group["lr"] = (last_layer_lr if is_last else lr) * lr_mult * scale
         group["weight_decay"] = wd * wd_mult

@@ -38,6 +38,7 @@ class Schedules:
     momentum: np.ndarray
     teacher_temp: np.ndarray
     last_layer_lr: np.ndarray
+    backbone_lr_scale: np.ndarray  # 0 during a head-only warm-up (continued pre-training), else 1
 
     def at(self, step: int) -> dict[str, float]:
         i = min(step, len(self.lr) - 1)
@@ -47,6 +48,7 @@ class Schedules:
             "momentum": float(self.momentum[i]),
             "teacher_temp": float(self.teacher_temp[i]),
             "last_layer_lr": float(self.last_layer_lr[i]),
+            "backbone_lr_scale": float(self.backbone_lr_scale[i]),
         }
 
 
@@ -99,6 +101,8 @@ def build_schedules(cfg: Config, cur: Curriculum) -> Schedules:
     lr = np.where(in_warmup, peak * progress, min_lr + (peak - min_lr) * progress)
     out["lr"] = lr
     out["last_layer_lr"] = np.where(out.pop("frozen").astype(bool), 0.0, lr)
+    head_only = min(cur.total_steps, cur.steps_for_epochs(cfg.student.head_warmup_epochs))
+    out["backbone_lr_scale"] = (np.arange(cur.total_steps) >= head_only).astype(np.float64)
     for k, v in out.items():
         assert len(v) == cur.total_steps, (k, len(v), cur.total_steps)
     return Schedules(**out)

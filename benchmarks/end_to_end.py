@@ -1,0 +1,212 @@
+"""FastDINOv2 vs its DINOv2 baseline end to end: same data, same hardware, real data loading.
+
+Runs ``fastdinov2.train.loop.train`` in this process for ``--fast`` (default ``fastdinov2_tiny``) and
+``--baseline`` (default ``dinov2_tiny``) on a subset of the embedded generated dataset (``--train-images``
+images, symlinked into a temporary folder) for ``--epochs`` epochs (the curriculum's stage fractions are
+kept: 75% low resolution, 25% full resolution for the tiny preset), and prints the wall-clock ratio
+baseline / fast next to the FLOP ratio of ``fastdinov2.flops.training_flops``. It also reports, per
+stage, the trainer's logged img/s and data-wait fraction, and the speed-up the measured per-stage rates
+imply (``sum_s images_s / rate_base`` over ``sum_s images_s / rate_s``).
+
+The trainer's own thread policy applies (on the CPU with ``data.num_workers`` loader workers, torch gets
+``cores - workers`` threads), unless ``--threads`` sets ``compute.threads``.
+
+Example (about 1-2 minutes per run on a 2-core CPU)::
+
+    .venv/bin/python benchmarks/end_to_end.py
+    .venv/bin/python benchmarks/end_to_end.py --epochs 8 --train-images 1280 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, machine_info  # noqa: E402
+
+from fastdinov2.config import Config, load_config  # noqa: E402
+from fastdinov2.data.datasets import discover_training_images  # noqa: E402
+from fastdinov2.flops import training_flops  # noqa: E402
+from fastdinov2.train.loop import train  # noqa: E402
+
+
+def make_subset(source: Path, dest: Path, n_images: int) -> Path:
+    """Symlink the first images of every class of ``source`` (round-robin over classes) into ``dest/train``."""
+    records, classes = discover_training_images(source)
+    by_class: dict[int, list[Path]] = {}
+    for r in records:
+        by_class.setdefault(r.label, []).append(r.path)
+    picked: list[tuple[int, Path]] = []
+    depth = 0
+    while len(picked) < n_images and any(depth < len(v) for v in by_class.values()):
+        for label in sorted(by_class):
+            if depth < len(by_class[label]) and len(picked) < n_images:
+                picked.append((label, by_class[label][depth]))
+        depth += 1
+    for label, path in picked:
+        name = classes[label] if 0 <= label < len(classes) else "unlabelled"
+        target = dest / "train" / name / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(path.resolve(), target)
+    return dest
+
+
+def run_overrides(args: argparse.Namespace, data_root: Path) -> list[str]:
+    out = [f"optim.epochs={args.epochs}", f"data.root={data_root}", "train.knn_at_end=false",
+           "train.progress=false", "train.checkpoint_every=1000000", f"train.log_every={args.log_every}",
+           f"optim.warmup_epochs={min(1.0, args.epochs / 4)}",
+           f"teacher.warmup_teacher_temp_epochs={min(2.0, args.epochs / 2)}",
+           f"optim.freeze_last_layer_epochs={min(0.5, args.epochs / 8)}"]
+    if args.num_workers is not None:
+        out.append(f"data.num_workers={args.num_workers}")
+    if args.threads is not None:
+        out.append(f"compute.threads={args.threads}")
+    return out + list(args.overrides)
+
+
+def stage_rates(history: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """Mean img/s and data-wait fraction per stage over logging windows that lie inside one stage.
+
+    A record at step s covers the steps after the previous record up to s; windows spanning a stage
+    switch, and the first window (loader start-up), are left out.
+    """
+    acc: dict[int, list[tuple[float, float, int]]] = {}
+    for prev, rec in zip(history, history[1:]):
+        if prev["stage"] != rec["stage"]:
+            continue
+        acc.setdefault(rec["stage"], []).append((rec["img_per_s"], rec["data_wait_frac"], rec["step"] - prev["step"]))
+    out = {}
+    for stage, rows in acc.items():
+        # Time-weighted over the windows: the batch is constant within a stage, so images / time =
+        # sum(n) / sum(n / rate) with n the steps of a window.
+        steps = sum(n for *_, n in rows)
+        total_time = sum(n / r for r, _, n in rows)
+        out[stage] = {"img_per_s": steps / total_time,
+                      "data_wait_frac": sum(w * n / r for r, w, n in rows) / total_time, "steps": steps}
+    return out
+
+
+def one_run(name: str, cfg: Config, out_dir: Path) -> dict[str, Any]:
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    summary = train(cfg, out_dir)
+    wall = time.perf_counter() - t0
+    hist = summary["history"]
+    rates = stage_rates(hist)
+    stages = []
+    for i, st in enumerate(cfg.curriculum.stages):
+        r = rates.get(i, {})
+        stages.append({"stage": st.name, "global_size": st.global_size, "local_size": st.local_size,
+                       "img_per_s": r.get("img_per_s"), "data_wait_frac": r.get("data_wait_frac"),
+                       "steps_in_windows": r.get("steps")})
+    return {"config": name, "wall_s": wall, "steps": summary["step"], "stages": stages,
+            "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+            "final_loss": hist[-1]["loss"] if hist else None}
+
+
+def implied_speedup(fast: dict[str, Any], base: dict[str, Any], fast_cfg: Config) -> float | None:
+    """Baseline time / fast time predicted from the measured per-stage img/s and each stage's epochs."""
+    from fastdinov2.config import stage_epochs
+
+    base_rate = base["stages"][-1]["img_per_s"]
+    if base_rate is None or any(s["img_per_s"] is None for s in fast["stages"]):
+        return None
+    epochs = stage_epochs(fast_cfg)
+    t_fast = sum(e / s["img_per_s"] for e, s in zip(epochs, fast["stages"]))
+    return (sum(epochs) / base_rate) / t_fast
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.data_root:
+        source = Path(args.data_root)
+    else:
+        from fastdinov2.data.synthetic import default_dataset_root
+
+        source = default_dataset_root()
+    tmp = Path(tempfile.mkdtemp(prefix="fastdinov2_e2e_"))
+    try:
+        data_root = make_subset(source, tmp / "data", args.train_images)
+        ov = run_overrides(args, data_root)
+        fast_cfg, base_cfg = load_config(args.fast, ov), load_config(args.baseline, ov)
+        flops_fast, flops_base = training_flops(fast_cfg), training_flops(base_cfg)
+        runs: dict[str, list[dict[str, Any]]] = {args.fast: [], args.baseline: []}
+        for rep in range(args.repeats):
+            order = [(args.fast, fast_cfg), (args.baseline, base_cfg)]
+            if rep % 2 == 1:
+                order.reverse()  # alternate the order so drifting machine load hits both alike
+            for name, cfg in order:
+                r = one_run(name, cfg, tmp / f"run_{name}_{rep}")
+                print(f"  {name}: {r['wall_s']:.1f} s, {r['steps']} steps, load {r['loadavg_before']} -> "
+                      f"{r['loadavg_after']}", flush=True)
+                runs[name].append(r)
+    finally:
+        if args.keep:
+            print(f"kept runs and data in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    best_fast = min(runs[args.fast], key=lambda r: r["wall_s"])
+    best_base = min(runs[args.baseline], key=lambda r: r["wall_s"])
+    flop_ratio = flops_base["total_gflops_per_dataset_image"] / flops_fast["total_gflops_per_dataset_image"]
+    return {
+        "benchmark": "end_to_end", "fast": args.fast, "baseline": args.baseline, "overrides": ov,
+        "train_images": args.train_images, "epochs": args.epochs, "repeats": args.repeats,
+        "runs": runs, "wall_s": {args.fast: best_fast["wall_s"], args.baseline: best_base["wall_s"]},
+        "wall_clock_ratio": best_base["wall_s"] / best_fast["wall_s"], "flop_ratio": flop_ratio,
+        "implied_speedup_from_stage_rates": implied_speedup(best_fast, best_base, fast_cfg),
+        "flops": {args.fast: flops_fast, args.baseline: flops_base},
+        "machine": machine_info(torch.device("cuda") if torch.cuda.is_available() else None),
+    }
+
+
+def print_readable(out: dict[str, Any]) -> None:
+    f, b = out["fast"], out["baseline"]
+    print(f"end to end: {f} vs {b}, {out['train_images']} images x {out['epochs']} epochs, "
+          f"{out['machine']['cpu_model']}")
+    for name in (f, b):
+        best = min(out["runs"][name], key=lambda r: r["wall_s"])
+        parts = ", ".join(
+            f"{s['stage']} {s['global_size']}/{s['local_size']}: "
+            + (f"{s['img_per_s']:.1f} img/s (data wait {100 * s['data_wait_frac']:.0f}%)" if s["img_per_s"] else "n/a")
+            for s in best["stages"])
+        print(f"  {name:<20} {best['wall_s']:7.1f} s  {parts}")
+    imp = out["implied_speedup_from_stage_rates"]
+    print(f"  wall-clock ratio {b}/{f}: {out['wall_clock_ratio']:.2f}x; FLOP ratio {out['flop_ratio']:.2f}x"
+          + (f"; implied by per-stage rates {imp:.2f}x" if imp else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--fast", default="fastdinov2_tiny", help="the FastDINOv2 preset")
+    p.add_argument("--baseline", default="dinov2_tiny", help="its DINOv2 baseline preset")
+    p.add_argument("--data-root", default=None, help="dataset (default: the embedded generated one)")
+    p.add_argument("--train-images", type=int, default=640, help="images of the subset trained on")
+    p.add_argument("--epochs", type=int, default=4, help="optim.epochs of both runs (stage fractions kept)")
+    p.add_argument("--repeats", type=int, default=1, help="run both this many times (alternating order)")
+    p.add_argument("--log-every", type=int, default=2)
+    p.add_argument("--num-workers", type=int, default=None, help="data.num_workers (default: the preset's)")
+    p.add_argument("--threads", type=int, default=None, help="compute.threads (default: the trainer's policy)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary runs and data")
+    p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for both runs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    out = run(args)
+    print_readable(out)
+    emit(out, args.json_out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

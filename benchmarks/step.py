@@ -1,0 +1,441 @@
+"""Time one full training step per curriculum stage, side by side in one process.
+
+A step is what ``Trainer.train_step`` does for one micro-batch (mirrored here, not imported, so the
+benchmark needs no data and no run directory): schedules -> zero_grad -> teacher targets (teacher
+forward, heads, centring) -> student forward -> DINO + iBOT + KoLeo losses -> backward -> grad clip ->
+finiteness check (host sync, as the trainer) -> AdamW step (fused on CUDA, foreach on CPU) -> EMA teacher.
+It reuses ``MetaArch``, ``train.optim`` and the loss modules; inputs are synthetic tensors already on the
+device (random normalised crops, real iBOT block masks of the stage's grid), so no data loading is timed.
+
+Stages are measured interleaved (``--rounds`` rounds of ``--steps`` steps per stage after ``--warmup``
+steps each), so a change of machine load hits every stage alike; the reported time is the median step.
+FLOPs per step come from ``fastdinov2.flops.count_step_flops`` (FlopCounterMode on the meta device, with
+the expected number of masked tokens). MFU = FLOPs per step / step time / peak (GPU: dense bf16 peak
+by name, or ``--peak-tflops``).
+
+Examples::
+
+    .venv/bin/python benchmarks/step.py --config fastdinov2_tiny --device cpu --threads 2
+    python benchmarks/step.py --config fastdinov2_vits16_in100 --device cuda --batch-size 64 --compile
+    python benchmarks/step.py --config fastdinov2_tiny --device cpu --breakdown --profile 3
+    python benchmarks/step.py --config dinov2_tiny --sizes 32/16,64/32 dino.head_n_prototypes=256
+
+Extra options: ``--compile`` (torch.compile of the student and of the teacher's backbone/heads, as
+modules), ``--compile-step`` (one compiled function for teacher targets + student + losses, so AOTAutograd
+also compiles the backward, and a second one for clip + optimizer + EMA; ``--compile-mode reduce-overhead``
+adds CUDA graphs), ``--skip optimizer,ema,clip,host_sync`` (drop a part to measure its marginal cost),
+``--breakdown`` (per-phase times, synchronised between phases), ``--profile N`` (torch.profiler over N
+steps per stage: time per phase, top operators, and the share of wall time not spent inside operators).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, machine_info, peak_tflops, set_threads, summarize_ms  # noqa: E402
+
+from fastdinov2.config import Config, load_config  # noqa: E402
+from fastdinov2.data.collate import mask_index_weights  # noqa: E402
+from fastdinov2.data.masking import sample_ibot_masks  # noqa: E402
+from fastdinov2.flops import count_step_flops  # noqa: E402
+from fastdinov2.train.meta_arch import MetaArch  # noqa: E402
+from fastdinov2.train.optim import apply_optim_schedules, build_adamw, get_param_groups  # noqa: E402
+
+PHASES = ("schedules", "teacher", "student_fwd", "losses", "backward", "clip", "host_sync", "optimizer", "ema")
+SKIPPABLE = ("clip", "host_sync", "optimizer", "ema")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    global_size: int
+    local_size: int
+    batch_size: int
+
+
+@dataclass
+class SyntheticBatch:
+    """One stage's inputs on the device (crop-major, as ``collate_train``)."""
+
+    global_crops: Tensor  # [2B, 3, G, G] float32, ~N(0, 1) (normalised pixels)
+    local_crops: Tensor  # [nL*B, 3, L, L]
+    masks: Tensor  # bool [2B, N]
+    mask_indices: Tensor  # int64 [M]
+    masks_weight: Tensor  # float32 [M]
+    n_masked: int
+    batch_size: int
+    n_local: int
+
+
+def make_batch(cfg: Config, spec: StageSpec, device: torch.device, seed: int = 0) -> SyntheticBatch:
+    """Random crops and real iBOT block masks (``sample_ibot_masks``) for ``spec``'s sizes and batch."""
+    b, n_local, p = spec.batch_size, cfg.crops.local_crops_number, cfg.student.patch_size
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(2 * b, 3, spec.global_size, spec.global_size, generator=gen)
+    loc = torch.randn(n_local * b, 3, spec.local_size, spec.local_size, generator=gen)
+    rng = np.random.default_rng([seed, spec.global_size])
+    grid = (spec.global_size // p, spec.global_size // p)
+    per_sample = torch.stack([torch.from_numpy(sample_ibot_masks(rng, grid, cfg.ibot, 2)) for _ in range(b)])
+    masks = per_sample.transpose(0, 1).reshape(2 * b, grid[0] * grid[1])  # crop-major
+    idx, weight = mask_index_weights(masks)
+    return SyntheticBatch(g.to(device), loc.to(device), masks.to(device), idx.to(device), weight.to(device),
+                          int(idx.numel()), b, n_local)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PhaseTimer:
+    """``with timer("name"):`` labels a phase for torch.profiler and, when enabled, times it (synchronised)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.enabled = False
+        self.totals: dict[str, list[float]] = defaultdict(list)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        with torch.profiler.record_function(f"phase::{name}"):
+            if not self.enabled:
+                yield
+                return
+            _sync(self.device)
+            t0 = time.perf_counter()
+            yield
+            _sync(self.device)
+            self.totals[name].append(time.perf_counter() - t0)
+
+
+class StepRunner:
+    """Student/teacher, optimizer and one training step, mirroring ``Trainer.train_step`` (one micro-batch)."""
+
+    def __init__(self, cfg: Config, device: torch.device, *, compile_modules: bool = False,
+                 compile_step: bool = False, compile_mode: str | None = None, skip: tuple[str, ...] = ()) -> None:
+        self.cfg, self.device, self.skip = cfg, device, set(skip)
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        torch.manual_seed(cfg.train.seed)
+        self.model = MetaArch(cfg).to(device)
+        groups = get_param_groups(self.model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+        # A compiled update gets the foreach optimizer (inductor fuses it); eager CUDA gets the fused kernel.
+        fused = device.type == "cuda" and not compile_step
+        self.optimizer = build_adamw(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=fused)
+        self.params = [p for p in self.model.student.parameters() if p.requires_grad]
+        lr = cfg.optim.base_lr * math.sqrt(cfg.train.batch_size_per_gpu / cfg.optim.lr_reference_batch)
+        # Mid-run values; the last layer is trained (not frozen), so its update is timed too.
+        self.sched = {"lr": lr, "wd": cfg.optim.weight_decay, "last_layer_lr": lr,
+                      "momentum": cfg.teacher.momentum_teacher, "teacher_temp": cfg.teacher.teacher_temp}
+        self.timer = PhaseTimer(device)
+        self.student: Callable[..., dict[str, Tensor]] = self.model.student
+        self.compile_step = compile_step
+        kw: dict[str, Any] = {"dynamic": False}
+        if compile_mode:
+            kw["mode"] = compile_mode
+        if compile_modules and not compile_step:
+            self.student = torch.compile(self.model.student, **kw)
+            t = self.model.teacher
+            t.backbone.forward_features = torch.compile(t.backbone.forward_features, **kw)  # type: ignore[method-assign]
+            t.heads = torch.compile(t.heads, **kw)  # type: ignore[method-assign]
+        self._forward_loss = torch.compile(self._forward_loss_eager, **kw) if compile_step else self._forward_loss_eager
+        self._update = torch.compile(self._update_eager, **kw) if compile_step else self._update_eager
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _forward_loss_eager(self, batch: SyntheticBatch) -> dict[str, Tensor]:
+        with self.autocast():
+            t_cls, t_patch = self.model.teacher_targets(batch.global_crops, batch.mask_indices, batch.n_masked,
+                                                        self.sched["teacher_temp"])
+            s_out = self.model.student(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
+            return self.model.compute_losses(s_out, t_cls, t_patch, batch.masks, batch.masks_weight, batch.n_local)
+
+    def _update_eager(self) -> Tensor:
+        clip = self.cfg.optim.clip_grad
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.model.update_teacher(self.sched["momentum"])
+        return grad_norm
+
+    def step(self, batch: SyntheticBatch) -> bool:
+        """One training step; returns whether loss and grad norm were finite (the update is skipped if not)."""
+        if self.compile_step:
+            return self._step_compiled(batch)
+        cfg, timer, s = self.cfg, self.timer, self.sched
+        with timer("schedules"):
+            apply_optim_schedules(self.optimizer, s["lr"], s["wd"], s["last_layer_lr"])
+            self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            with timer("teacher"):
+                t_cls, t_patch = self.model.teacher_targets(batch.global_crops, batch.mask_indices,
+                                                            batch.n_masked, s["teacher_temp"])
+            with timer("student_fwd"):
+                s_out = self.student(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
+            with timer("losses"):
+                losses = self.model.compute_losses(s_out, t_cls, t_patch, batch.masks, batch.masks_weight,
+                                                   batch.n_local)
+            with timer("backward"):
+                losses["loss"].backward()
+        totals = {k: v.detach().float() for k, v in losses.items()}
+        with timer("clip"):
+            if "clip" in self.skip or cfg.optim.clip_grad <= 0:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params  # type: ignore[union-attr]
+                                                                   if p.grad is not None]))
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.clip_grad)
+        finite = True
+        with timer("host_sync"):
+            if "host_sync" not in self.skip:  # the trainer's finiteness check and cross-rank agreement
+                finite = bool(torch.isfinite(totals["loss"]).item() and torch.isfinite(grad_norm).item())
+                finite = not bool(torch.tensor([0.0 if finite else 1.0], device=self.device).item() > 0)
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        with timer("optimizer"):
+            if "optimizer" not in self.skip:
+                self.optimizer.step()
+        with timer("ema"):
+            if "ema" not in self.skip:
+                self.model.update_teacher(s["momentum"])
+        return True
+
+    def _step_compiled(self, batch: SyntheticBatch) -> bool:
+        s, timer = self.sched, self.timer
+        with timer("schedules"):
+            apply_optim_schedules(self.optimizer, s["lr"], s["wd"], s["last_layer_lr"])
+            self.optimizer.zero_grad(set_to_none=True)
+        with timer("forward_loss"):
+            losses = self._forward_loss(batch)
+        with timer("backward"):
+            losses["loss"].backward()
+        with timer("update"):
+            grad_norm = self._update()
+        finite = True
+        with timer("host_sync"):
+            if "host_sync" not in self.skip:  # checked after the update here (a benchmark: no skip logic)
+                finite = bool(torch.isfinite(losses["loss"]).item() and torch.isfinite(grad_norm).item())
+        return finite
+
+
+def stage_specs(cfg: Config, args: argparse.Namespace) -> list[StageSpec]:
+    """The stages to time: the preset's curriculum (``--stages``), or explicit ``--sizes G/L,...``."""
+    default_b = args.batch_size or cfg.train.batch_size_per_gpu
+    if args.sizes:
+        specs = []
+        for i, item in enumerate(args.sizes.split(",")):
+            try:
+                g, loc = (int(v) for v in item.split("/"))
+            except ValueError:
+                raise SystemExit(f"--sizes: {item!r} is not GLOBAL/LOCAL, e.g. 112/48") from None
+            specs.append(StageSpec(f"sizes{i}", g, loc, default_b))
+        return specs
+    stages = list(enumerate(cfg.curriculum.stages))
+    if args.stages != "all":
+        try:
+            wanted = [int(v) for v in args.stages.split(",")]
+        except ValueError:
+            raise SystemExit(f"--stages: {args.stages!r} is not 'all' or a list of stage indices") from None
+        for w in wanted:
+            if not 0 <= w < len(stages):
+                raise SystemExit(f"--stages: stage {w} does not exist ({args.config} has {len(stages)} stages)")
+        stages = [stages[w] for w in wanted]
+    return [StageSpec(st.name, st.global_size, st.local_size,
+                      args.batch_size or st.batch_size_per_gpu or cfg.train.batch_size_per_gpu)
+            for _, st in stages]
+
+
+def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: int = 15) -> dict[str, Any]:
+    """torch.profiler over ``n_steps`` steps: per-phase time, top operators by self time, and the share of
+    wall time spent outside operators (Python, dispatch, allocator; on CPU everything is synchronous)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
+    _sync(runner.device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n_steps):
+            runner.step(batch)
+        _sync(runner.device)
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    phases = {e.key.removeprefix("phase::"): e.cpu_time_total / 1e3 / n_steps for e in events
+              if e.key.startswith("phase::")}
+    ops = [e for e in events if not e.key.startswith("phase::") and not e.key.startswith("ProfilerStep")]
+    self_cpu_ms = sum(e.self_cpu_time_total for e in ops) / 1e3 / n_steps
+    top_ops = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    out: dict[str, Any] = {
+        "steps": n_steps,
+        "wall_ms_per_step": wall * 1e3 / n_steps,
+        "op_self_cpu_ms_per_step": self_cpu_ms,
+        "outside_ops_ms_per_step": wall * 1e3 / n_steps - self_cpu_ms,
+        "phase_cpu_ms_per_step": phases,
+        "top_ops": [{"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / n_steps,
+                     "calls_per_step": e.count / n_steps} for e in top_ops],
+        "op_calls_per_step": sum(e.count for e in ops) / n_steps,
+    }
+    if runner.device.type == "cuda":
+        out["self_device_ms_per_step"] = sum(getattr(e, "self_device_time_total", 0.0) for e in ops) / 1e3 / n_steps
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    threads = set_threads(args.threads)
+    cfg = load_config(args.config, args.overrides)
+    specs = stage_specs(cfg, args)
+    skip = tuple(s for s in args.skip.split(",") if s) if args.skip else ()
+    for s in skip:
+        if s not in SKIPPABLE:
+            raise SystemExit(f"--skip: {s!r} is not one of {', '.join(SKIPPABLE)}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    runner = StepRunner(cfg, device, compile_modules=args.compile, compile_step=args.compile_step,
+                        compile_mode=args.compile_mode, skip=skip)
+    batches = [make_batch(cfg, s, device, seed=i) for i, s in enumerate(specs)]
+    peak = peak_tflops(device, args.peak_tflops)
+
+    results: list[dict[str, Any]] = []
+    times: list[list[float]] = [[] for _ in specs]
+    nonfinite = [0 for _ in specs]
+    for i, batch in enumerate(batches):  # warm-up (and compilation) per stage
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            runner.step(batch)
+        _sync(device)
+        warm = time.perf_counter() - t0
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        results.append({"warmup_s": warm, "peak_mem_gib": mem})
+    for _ in range(args.rounds):  # interleaved measurement
+        for i, batch in enumerate(batches):
+            for _ in range(args.steps):
+                _sync(device)
+                t0 = time.perf_counter()
+                ok = runner.step(batch)
+                _sync(device)
+                times[i].append(time.perf_counter() - t0)
+                nonfinite[i] += int(not ok)
+
+    for i, (spec, batch) in enumerate(zip(specs, batches)):
+        flops = count_step_flops(cfg, spec.global_size, spec.local_size, batch_size=spec.batch_size) * spec.batch_size
+        stats = summarize_ms(times[i])
+        sec = stats["median_ms"] / 1e3
+        p = cfg.student.patch_size
+        r = results[i]
+        r.update({
+            "stage": spec.name, "global_size": spec.global_size, "local_size": spec.local_size,
+            "batch_size": spec.batch_size, "n_local_crops": batch.n_local,
+            "tokens_global_crop": (spec.global_size // p) ** 2 + 1, "tokens_local_crop": (spec.local_size // p) ** 2 + 1,
+            "n_masked": batch.n_masked, **stats, "img_per_s": spec.batch_size / sec,
+            "gflops_per_step": flops / 1e9, "achieved_tflops": flops / sec / 1e12,
+            "mfu": (flops / sec / (peak * 1e12)) if peak else None, "nonfinite_steps": nonfinite[i],
+        })
+    if args.breakdown:
+        for i, batch in enumerate(batches):
+            runner.timer.enabled, runner.timer.totals = True, defaultdict(list)
+            for _ in range(args.steps):
+                runner.step(batch)
+            runner.timer.enabled = False
+            phases = {k: float(np.median(v)) * 1e3 for k, v in runner.timer.totals.items()}
+            results[i]["breakdown_ms"] = phases
+            results[i]["breakdown_sum_ms"] = sum(phases.values())
+    if args.profile:
+        for i, batch in enumerate(batches):
+            results[i]["profile"] = profile_stage(runner, batch, args.profile)
+
+    out: dict[str, Any] = {
+        "benchmark": "step", "config": args.config, "overrides": args.overrides, "device": str(device),
+        "dtype": str(runner.dtype).removeprefix("torch."), "threads": threads, "compile": args.compile,
+        "compile_step": args.compile_step, "compile_mode": args.compile_mode, "skip": list(skip),
+        "peak_tflops": peak, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+        "model": {"embed_dim": runner.model.student.backbone.embed_dim, "depth": runner.model.student.backbone.n_blocks,
+                  "patch_size": cfg.student.patch_size, "prototypes": cfg.dino.head_n_prototypes,
+                  "student_params_m": sum(p.numel() for p in runner.params) / 1e6},
+        "stages": results, "machine": machine_info(device),
+    }
+    if len(results) >= 2:
+        lo, hi = results[0], results[-1]
+        out["ratio"] = {"between": [lo["stage"], hi["stage"]],
+                        "step_time": hi["median_ms"] / lo["median_ms"],
+                        "flops": hi["gflops_per_step"] / lo["gflops_per_step"]}
+    return out
+
+
+def print_readable(out: dict[str, Any]) -> None:
+    m = out["machine"]
+    dev = m.get("gpu_name") or f"{m['cpu_model']} ({out['threads']} threads)"
+    print(f"step benchmark: {out['config']} on {dev}, {out['dtype']}, compile={out['compile']}, "
+          f"compile_step={out['compile_step']}, load {m['loadavg_1_5_15']}")
+    for r in out["stages"]:
+        mfu = f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
+        print(f"  {r['stage']:<16} {r['global_size']:>4}/{r['local_size']:<4} B={r['batch_size']:<4} "
+              f"{r['median_ms']:8.1f} ms/step (min {r['min_ms']:.1f})  {r['img_per_s']:8.1f} img/s  "
+              f"{r['gflops_per_step']:9.1f} GFLOP/step  {r['achieved_tflops'] * 1e3:8.1f} GFLOP/s{mfu}")
+        if "breakdown_ms" in r:
+            parts = "  ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms"].items())
+            print(f"    breakdown (ms, synchronised): {parts}")
+        if "profile" in r:
+            pr = r["profile"]
+            print(f"    profile: wall {pr['wall_ms_per_step']:.1f} ms/step, inside ops {pr['op_self_cpu_ms_per_step']:.1f},"
+                  f" outside ops {pr['outside_ops_ms_per_step']:.1f}, {pr['op_calls_per_step']:.0f} op calls/step")
+            print("      top ops: " + ", ".join(f"{o['op']} {o['self_cpu_ms_per_step']:.1f}" for o in pr["top_ops"][:8]))
+    if "ratio" in out:
+        r = out["ratio"]
+        print(f"  {r['between'][1]} / {r['between'][0]}: step-time ratio {r['step_time']:.2f}x, "
+              f"FLOP ratio {r['flops']:.2f}x")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="fastdinov2_tiny", help="preset name or YAML file")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=None, help="per-step batch (default: the preset's)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per stage per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the stages")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per stage first")
+    p.add_argument("--stages", default="all", help="'all' or comma-separated stage indices of the preset")
+    p.add_argument("--sizes", default=None, help="time these GLOBAL/LOCAL sizes instead, e.g. 112/48,224/96")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher modules")
+    p.add_argument("--compile-step", action="store_true",
+                   help="torch.compile the whole forward+loss (and backward via AOTAutograd) and the update")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(SKIPPABLE)}")
+    p.add_argument("--breakdown", action="store_true", help="also time each phase (synchronised) for --steps steps")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="torch.profiler over N steps per stage")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: by GPU name)")
+    p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    out = run(args)
+    print_readable(out)
+    emit(out, args.json_out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
