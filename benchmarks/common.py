@@ -70,8 +70,12 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
     }
     if device is not None and device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu_name=props.name, gpu_capability=f"{props.major}.{props.minor}",
-                    gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        info.update(
+            gpu_name=props.name,
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
     return info
 
 
@@ -91,8 +95,13 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 def summarize_ms(times_s: Sequence[float]) -> dict[str, float]:
     """Median / min / mean / max of per-step times, in milliseconds."""
     ms = [t * 1e3 for t in times_s]
-    return {"median_ms": statistics.median(ms), "min_ms": min(ms), "mean_ms": statistics.fmean(ms),
-            "max_ms": max(ms), "n": len(ms)}
+    return {
+        "median_ms": statistics.median(ms),
+        "min_ms": min(ms),
+        "mean_ms": statistics.fmean(ms),
+        "max_ms": max(ms),
+        "n": len(ms),
+    }
 
 
 def emit(result: dict[str, Any], json_out: str | None) -> None:

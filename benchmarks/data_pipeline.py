@@ -35,7 +35,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine_info, set_threads  # noqa: E402
-
 from fastdinov2.config import LOWPASS_METHODS, Config, load_config  # noqa: E402
 from fastdinov2.data.augment import sample_rngs  # noqa: E402
 from fastdinov2.data.datasets import ImageRecord  # noqa: E402
@@ -51,7 +50,9 @@ def write_jpegs(root: Path, n: int, width: int, height: int, seed: int = 0, qual
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         coarse = (rng.random((max(2, height // 40), max(2, width // 40), 3)) * 255).astype(np.uint8)
-        img = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.float32)
+        img = np.asarray(
+            Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC), np.float32
+        )
         img += rng.normal(0.0, 12.0, (height, width, 1)) + rng.normal(0.0, 6.0, (height, width, 3))
         for _ in range(4):  # a few flat rectangles: sharp edges, as objects in photos
             y0, x0 = rng.integers(0, height - 8), rng.integers(0, width - 8)
@@ -79,7 +80,9 @@ def stage_cfg(base: str, overrides: list[str], stage: int, lowpass: str) -> Conf
     return load_config(base, [*overrides, f"curriculum.stages.{stage}.lowpass={lowpass}"])
 
 
-def bench_samples(cfg: Config, records: list[ImageRecord], stage: int, mode: str, rounds: int) -> dict[str, Any]:
+def bench_samples(
+    cfg: Config, records: list[ImageRecord], stage: int, mode: str, rounds: int
+) -> dict[str, Any]:
     ds = PretrainDataset(records, cfg, seed=0, photometric_on=mode)  # type: ignore[arg-type]
     n = len(records)
     ds[(0, 10**6, stage)]  # warm caches / lazy imports
@@ -91,28 +94,42 @@ def bench_decode(cfg: Config, paths: list[Path], stage: int, rounds: int) -> dic
     st, crops = cfg.curriculum.stages[stage], cfg.crops
     ratio = max(st.global_size / crops.global_crops_size, st.local_size / crops.local_crops_size)
     n = len(paths)
-    cpu, wall = _time_per_item(lambda k: decode_image(paths[k % n], st.lowpass, ratio).image.load(), n, rounds)
+    cpu, wall = _time_per_item(
+        lambda k: decode_image(paths[k % n], st.lowpass, ratio).image.load(), n, rounds
+    )
     return {"cpu_ms": cpu * 1e3, "wall_ms": wall * 1e3}
 
 
 def photometric_batch(cfg: Config, stage: int, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """uint8 crops and crop-major parameters of one batch of ``stage`` (random pixels, real parameter draws)."""
+    """uint8 crops and crop-major parameters of one batch of ``stage`` (random pixels, real draws)."""
     st, crops = cfg.curriculum.stages[stage], cfg.crops
     n_local = crops.local_crops_number
     g_scale, l_scale = st.global_size / crops.global_crops_size, st.local_size / crops.local_crops_size
     gp, lp = [], []
     for k in range(batch):
         prng = sample_rngs(seed, k).photometric
-        gp.append(PhotometricParams.cat([sample_photometric_params(prng, 1, "global1", g_scale),
-                                         sample_photometric_params(prng, 1, "global2", g_scale)]))
+        gp.append(
+            PhotometricParams.cat(
+                [
+                    sample_photometric_params(prng, 1, "global1", g_scale),
+                    sample_photometric_params(prng, 1, "global2", g_scale),
+                ]
+            )
+        )
         lp.append(sample_photometric_params(prng, n_local, "local", l_scale))
     gen = torch.Generator().manual_seed(seed)
-    g = torch.randint(0, 256, (2 * batch, 3, st.global_size, st.global_size), generator=gen, dtype=torch.uint8)
-    loc = torch.randint(0, 256, (n_local * batch, 3, st.local_size, st.local_size), generator=gen, dtype=torch.uint8)
+    g = torch.randint(
+        0, 256, (2 * batch, 3, st.global_size, st.global_size), generator=gen, dtype=torch.uint8
+    )
+    loc = torch.randint(
+        0, 256, (n_local * batch, 3, st.local_size, st.local_size), generator=gen, dtype=torch.uint8
+    )
     return g, PhotometricParams.stack_crop_major(gp), loc, PhotometricParams.stack_crop_major(lp)  # type: ignore[return-value]
 
 
-def bench_photometric(cfg: Config, stage: int, batch: int, device: torch.device, rounds: int) -> dict[str, Any]:
+def bench_photometric(
+    cfg: Config, stage: int, batch: int, device: torch.device, rounds: int
+) -> dict[str, Any]:
     g, gp, loc, lp = photometric_batch(cfg, stage, batch)
     g, loc, gp, lp = g.to(device), loc.to(device), gp.to(device), lp.to(device)
 
@@ -134,8 +151,13 @@ def bench_photometric(cfg: Config, stage: int, batch: int, device: torch.device,
         sync()
         times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1e3
-    return {"device": str(device), "batch": batch, "ms_per_batch": ms, "ms_per_sample": ms / batch,
-            "threads": torch.get_num_threads() if device.type == "cpu" else None}
+    return {
+        "device": str(device),
+        "batch": batch,
+        "ms_per_batch": ms,
+        "ms_per_sample": ms / batch,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -158,44 +180,87 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         paths = write_jpegs(Path(tmp), args.n_images, w, h)
         records = [ImageRecord(p, 0) for p in paths]
         for stage, st in enumerate(base.curriculum.stages):
-            full = (st.global_size, st.local_size) == (base.crops.global_crops_size, base.crops.local_crops_size)
+            full = (st.global_size, st.local_size) == (
+                base.crops.global_crops_size,
+                base.crops.local_crops_size,
+            )
             # At full size the three methods are the same code path (no FFT, no draft): time it once.
-            for method in ((st.lowpass,) if full else methods):
+            for method in (st.lowpass,) if full else methods:
                 cfg = stage_cfg(args.config, args.overrides, stage, method)
                 dec = bench_decode(cfg, paths, stage, args.rounds)
                 for mode in ("worker", "device"):
                     r = bench_samples(cfg, records, stage, mode, args.rounds)
-                    rows.append({"stage": st.name, "global_size": st.global_size, "local_size": st.local_size,
-                                 "lowpass": method, "noise": st.noise.kind, "photometric_on": mode,
-                                 "decode_cpu_ms": dec["cpu_ms"], **r})
+                    rows.append(
+                        {
+                            "stage": st.name,
+                            "global_size": st.global_size,
+                            "local_size": st.local_size,
+                            "lowpass": method,
+                            "noise": st.noise.kind,
+                            "photometric_on": mode,
+                            "decode_cpu_ms": dec["cpu_ms"],
+                            **r,
+                        }
+                    )
             set_threads(args.photometric_threads)
-            photometric.append({"stage": st.name, "global_size": st.global_size, "local_size": st.local_size,
-                                **bench_photometric(base, stage, args.batch_size, torch.device("cpu"), args.rounds)})
+            photometric.append(
+                {
+                    "stage": st.name,
+                    "global_size": st.global_size,
+                    "local_size": st.local_size,
+                    **bench_photometric(base, stage, args.batch_size, torch.device("cpu"), args.rounds),
+                }
+            )
             if torch.cuda.is_available() and not args.no_cuda:
-                photometric.append({"stage": st.name, "global_size": st.global_size, "local_size": st.local_size,
-                                    **bench_photometric(base, stage, args.batch_size, torch.device("cuda"),
-                                                        args.rounds)})
+                photometric.append(
+                    {
+                        "stage": st.name,
+                        "global_size": st.global_size,
+                        "local_size": st.local_size,
+                        **bench_photometric(base, stage, args.batch_size, torch.device("cuda"), args.rounds),
+                    }
+                )
             set_threads(1)
-    return {"benchmark": "data_pipeline", "config": args.config, "overrides": args.overrides,
-            "image_size": [w, h], "n_images": args.n_images, "rounds": args.rounds,
-            "local_crops_number": base.crops.local_crops_number, "samples": rows, "photometric_batched": photometric,
-            "machine": machine_info(torch.device("cuda") if torch.cuda.is_available() and not args.no_cuda
-                                    else None)}
+    return {
+        "benchmark": "data_pipeline",
+        "config": args.config,
+        "overrides": args.overrides,
+        "image_size": [w, h],
+        "n_images": args.n_images,
+        "rounds": args.rounds,
+        "local_crops_number": base.crops.local_crops_number,
+        "samples": rows,
+        "photometric_batched": photometric,
+        "machine": machine_info(
+            torch.device("cuda") if torch.cuda.is_available() and not args.no_cuda else None
+        ),
+    }
 
 
 def print_readable(out: dict[str, Any]) -> None:
     m = out["machine"]
     w, h = out["image_size"]
-    print(f"data pipeline: {out['config']}, {w}x{h} JPEGs, one core of {m['cpu_model']}, load {m['loadavg_1_5_15']}")
-    print(f"  {'stage':<16} {'sizes':>8} {'lowpass':<10} {'noise':<8} {'mode':<7} {'decode':>8} {'sample':>9} "
-          f"{'img/s/core':>10}")
+    print(
+        f"data pipeline: {out['config']}, {w}x{h} JPEGs, one core of {m['cpu_model']}, "
+        f"load {m['loadavg_1_5_15']}"
+    )
+    print(
+        f"  {'stage':<16} {'sizes':>8} {'lowpass':<10} {'noise':<8} {'mode':<7} {'decode':>8} {'sample':>9} "
+        f"{'img/s/core':>10}"
+    )
     for r in out["samples"]:
-        print(f"  {r['stage']:<16} {r['global_size']:>4}/{r['local_size']:<3} {r['lowpass']:<10} {r['noise']:<8} "
-              f"{r['photometric_on']:<7} {r['decode_cpu_ms']:6.2f}ms {r['cpu_ms']:7.2f}ms {r['img_per_s_per_core']:10.1f}")
+        print(
+            f"  {r['stage']:<16} {r['global_size']:>4}/{r['local_size']:<3} {r['lowpass']:<10} "
+            f"{r['noise']:<8} {r['photometric_on']:<7} {r['decode_cpu_ms']:6.2f}ms {r['cpu_ms']:7.2f}ms "
+            f"{r['img_per_s_per_core']:10.1f}"
+        )
     for p in out["photometric_batched"]:
         thr = f", {p['threads']} thread(s)" if p["threads"] else ""
-        print(f"  apply_photometric batched on {p['device']}{thr}: {p['global_size']}/{p['local_size']} B={p['batch']}: "
-              f"{p['ms_per_batch']:.2f} ms/batch = {p['ms_per_sample']:.3f} ms/sample")
+        print(
+            f"  apply_photometric batched on {p['device']}{thr}: {p['global_size']}/{p['local_size']} "
+            f"B={p['batch']}: "
+            f"{p['ms_per_batch']:.2f} ms/batch = {p['ms_per_sample']:.3f} ms/sample"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=3, help="timing rounds (median reported)")
     p.add_argument("--lowpass", default="all", help="'all' or comma-separated low-pass methods")
     p.add_argument("--batch-size", type=int, default=64, help="batch of the batched photometric timing")
-    p.add_argument("--photometric-threads", type=int, default=1, help="CPU threads of the batched photometric")
+    p.add_argument(
+        "--photometric-threads", type=int, default=1, help="CPU threads of the batched photometric"
+    )
     p.add_argument("--no-cuda", action="store_true", help="skip the CUDA photometric timing")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")

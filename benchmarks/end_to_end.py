@@ -32,7 +32,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine_info  # noqa: E402
-
 from fastdinov2.config import Config, load_config  # noqa: E402
 from fastdinov2.data.datasets import discover_training_images  # noqa: E402
 from fastdinov2.flops import training_flops  # noqa: E402
@@ -40,7 +39,7 @@ from fastdinov2.train.loop import train  # noqa: E402
 
 
 def make_subset(source: Path, dest: Path, n_images: int) -> Path:
-    """Symlink the first images of every class of ``source`` (round-robin over classes) into ``dest/train``."""
+    """Symlink images of ``source``, round-robin over its classes, into ``dest/train/<class>/``."""
     records, classes = discover_training_images(source)
     by_class: dict[int, list[Path]] = {}
     for r in records:
@@ -61,11 +60,17 @@ def make_subset(source: Path, dest: Path, n_images: int) -> Path:
 
 
 def run_overrides(args: argparse.Namespace, data_root: Path) -> list[str]:
-    out = [f"optim.epochs={args.epochs}", f"data.root={data_root}", "train.knn_at_end=false",
-           "train.progress=false", "train.checkpoint_every=1000000", f"train.log_every={args.log_every}",
-           f"optim.warmup_epochs={min(1.0, args.epochs / 4)}",
-           f"teacher.warmup_teacher_temp_epochs={min(2.0, args.epochs / 2)}",
-           f"optim.freeze_last_layer_epochs={min(0.5, args.epochs / 8)}"]
+    out = [
+        f"optim.epochs={args.epochs}",
+        f"data.root={data_root}",
+        "train.knn_at_end=false",
+        "train.progress=false",
+        "train.checkpoint_every=1000000",
+        f"train.log_every={args.log_every}",
+        f"optim.warmup_epochs={min(1.0, args.epochs / 4)}",
+        f"teacher.warmup_teacher_temp_epochs={min(2.0, args.epochs / 2)}",
+        f"optim.freeze_last_layer_epochs={min(0.5, args.epochs / 8)}",
+    ]
     if args.num_workers is not None:
         out.append(f"data.num_workers={args.num_workers}")
     if args.threads is not None:
@@ -83,15 +88,20 @@ def stage_rates(history: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
     for prev, rec in zip(history, history[1:]):
         if prev["stage"] != rec["stage"]:
             continue
-        acc.setdefault(rec["stage"], []).append((rec["img_per_s"], rec["data_wait_frac"], rec["step"] - prev["step"]))
+        acc.setdefault(rec["stage"], []).append(
+            (rec["img_per_s"], rec["data_wait_frac"], rec["step"] - prev["step"])
+        )
     out = {}
     for stage, rows in acc.items():
         # Time-weighted over the windows: the batch is constant within a stage, so images / time =
         # sum(n) / sum(n / rate) with n the steps of a window.
         steps = sum(n for *_, n in rows)
         total_time = sum(n / r for r, _, n in rows)
-        out[stage] = {"img_per_s": steps / total_time,
-                      "data_wait_frac": sum(w * n / r for r, w, n in rows) / total_time, "steps": steps}
+        out[stage] = {
+            "img_per_s": steps / total_time,
+            "data_wait_frac": sum(w * n / r for r, w, n in rows) / total_time,
+            "steps": steps,
+        }
     return out
 
 
@@ -105,12 +115,25 @@ def one_run(name: str, cfg: Config, out_dir: Path) -> dict[str, Any]:
     stages = []
     for i, st in enumerate(cfg.curriculum.stages):
         r = rates.get(i, {})
-        stages.append({"stage": st.name, "global_size": st.global_size, "local_size": st.local_size,
-                       "img_per_s": r.get("img_per_s"), "data_wait_frac": r.get("data_wait_frac"),
-                       "steps_in_windows": r.get("steps")})
-    return {"config": name, "wall_s": wall, "steps": summary["step"], "stages": stages,
-            "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-            "final_loss": hist[-1]["loss"] if hist else None}
+        stages.append(
+            {
+                "stage": st.name,
+                "global_size": st.global_size,
+                "local_size": st.local_size,
+                "img_per_s": r.get("img_per_s"),
+                "data_wait_frac": r.get("data_wait_frac"),
+                "steps_in_windows": r.get("steps"),
+            }
+        )
+    return {
+        "config": name,
+        "wall_s": wall,
+        "steps": summary["step"],
+        "stages": stages,
+        "loadavg_before": [round(x, 2) for x in load0],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "final_loss": hist[-1]["loss"] if hist else None,
+    }
 
 
 def implied_speedup(fast: dict[str, Any], base: dict[str, Any], fast_cfg: Config) -> float | None:
@@ -145,8 +168,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 order.reverse()  # alternate the order so drifting machine load hits both alike
             for name, cfg in order:
                 r = one_run(name, cfg, tmp / f"run_{name}_{rep}")
-                print(f"  {name}: {r['wall_s']:.1f} s, {r['steps']} steps, load {r['loadavg_before']} -> "
-                      f"{r['loadavg_after']}", flush=True)
+                print(
+                    f"  {name}: {r['wall_s']:.1f} s, {r['steps']} steps, load {r['loadavg_before']} -> "
+                    f"{r['loadavg_after']}",
+                    flush=True,
+                )
                 runs[name].append(r)
     finally:
         if args.keep:
@@ -157,10 +183,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     best_base = min(runs[args.baseline], key=lambda r: r["wall_s"])
     flop_ratio = flops_base["total_gflops_per_dataset_image"] / flops_fast["total_gflops_per_dataset_image"]
     return {
-        "benchmark": "end_to_end", "fast": args.fast, "baseline": args.baseline, "overrides": ov,
-        "train_images": args.train_images, "epochs": args.epochs, "repeats": args.repeats,
-        "runs": runs, "wall_s": {args.fast: best_fast["wall_s"], args.baseline: best_base["wall_s"]},
-        "wall_clock_ratio": best_base["wall_s"] / best_fast["wall_s"], "flop_ratio": flop_ratio,
+        "benchmark": "end_to_end",
+        "fast": args.fast,
+        "baseline": args.baseline,
+        "overrides": ov,
+        "train_images": args.train_images,
+        "epochs": args.epochs,
+        "repeats": args.repeats,
+        "runs": runs,
+        "wall_s": {args.fast: best_fast["wall_s"], args.baseline: best_base["wall_s"]},
+        "wall_clock_ratio": best_base["wall_s"] / best_fast["wall_s"],
+        "flop_ratio": flop_ratio,
         "implied_speedup_from_stage_rates": implied_speedup(best_fast, best_base, fast_cfg),
         "flops": {args.fast: flops_fast, args.baseline: flops_base},
         "machine": machine_info(torch.device("cuda") if torch.cuda.is_available() else None),
@@ -169,18 +202,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_readable(out: dict[str, Any]) -> None:
     f, b = out["fast"], out["baseline"]
-    print(f"end to end: {f} vs {b}, {out['train_images']} images x {out['epochs']} epochs, "
-          f"{out['machine']['cpu_model']}")
+    print(
+        f"end to end: {f} vs {b}, {out['train_images']} images x {out['epochs']} epochs, "
+        f"{out['machine']['cpu_model']}"
+    )
     for name in (f, b):
         best = min(out["runs"][name], key=lambda r: r["wall_s"])
         parts = ", ".join(
             f"{s['stage']} {s['global_size']}/{s['local_size']}: "
-            + (f"{s['img_per_s']:.1f} img/s (data wait {100 * s['data_wait_frac']:.0f}%)" if s["img_per_s"] else "n/a")
-            for s in best["stages"])
+            + (
+                f"{s['img_per_s']:.1f} img/s (data wait {100 * s['data_wait_frac']:.0f}%)"
+                if s["img_per_s"]
+                else "n/a"
+            )
+            for s in best["stages"]
+        )
         print(f"  {name:<20} {best['wall_s']:7.1f} s  {parts}")
     imp = out["implied_speedup_from_stage_rates"]
-    print(f"  wall-clock ratio {b}/{f}: {out['wall_clock_ratio']:.2f}x; FLOP ratio {out['flop_ratio']:.2f}x"
-          + (f"; implied by per-stage rates {imp:.2f}x" if imp else ""))
+    print(
+        f"  wall-clock ratio {b}/{f}: {out['wall_clock_ratio']:.2f}x; FLOP ratio {out['flop_ratio']:.2f}x"
+        + (f"; implied by per-stage rates {imp:.2f}x" if imp else "")
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="run both this many times (alternating order)")
     p.add_argument("--log-every", type=int, default=2)
     p.add_argument("--num-workers", type=int, default=None, help="data.num_workers (default: the preset's)")
-    p.add_argument("--threads", type=int, default=None, help="compute.threads (default: the trainer's policy)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="compute.threads (default: the trainer's policy)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary runs and data")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for both runs")

@@ -47,7 +47,6 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine_info, peak_tflops, set_threads, summarize_ms  # noqa: E402
-
 from fastdinov2.config import Config, load_config  # noqa: E402
 from fastdinov2.data.collate import mask_index_weights  # noqa: E402
 from fastdinov2.data.masking import sample_ibot_masks  # noqa: E402
@@ -55,7 +54,17 @@ from fastdinov2.flops import count_step_flops  # noqa: E402
 from fastdinov2.train.meta_arch import MetaArch  # noqa: E402
 from fastdinov2.train.optim import apply_optim_schedules, build_adamw, get_param_groups  # noqa: E402
 
-PHASES = ("schedules", "teacher", "student_fwd", "losses", "backward", "clip", "host_sync", "optimizer", "ema")
+PHASES = (
+    "schedules",
+    "teacher",
+    "student_fwd",
+    "losses",
+    "backward",
+    "clip",
+    "host_sync",
+    "optimizer",
+    "ema",
+)
 SKIPPABLE = ("clip", "host_sync", "optimizer", "ema")
 
 
@@ -92,8 +101,16 @@ def make_batch(cfg: Config, spec: StageSpec, device: torch.device, seed: int = 0
     per_sample = torch.stack([torch.from_numpy(sample_ibot_masks(rng, grid, cfg.ibot, 2)) for _ in range(b)])
     masks = per_sample.transpose(0, 1).reshape(2 * b, grid[0] * grid[1])  # crop-major
     idx, weight = mask_index_weights(masks)
-    return SyntheticBatch(g.to(device), loc.to(device), masks.to(device), idx.to(device), weight.to(device),
-                          int(idx.numel()), b, n_local)
+    return SyntheticBatch(
+        g.to(device),
+        loc.to(device),
+        masks.to(device),
+        idx.to(device),
+        weight.to(device),
+        int(idx.numel()),
+        b,
+        n_local,
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -102,7 +119,7 @@ def _sync(device: torch.device) -> None:
 
 
 class PhaseTimer:
-    """``with timer("name"):`` labels a phase for torch.profiler and, when enabled, times it (synchronised)."""
+    """``with timer("name"):`` labels a phase for torch.profiler; when enabled, also times it (synced)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -123,27 +140,45 @@ class PhaseTimer:
 
 
 class StepRunner:
-    """Student/teacher, optimizer and one training step, mirroring ``Trainer.train_step`` (one micro-batch)."""
+    """Student/teacher, optimizer and one training step, as ``Trainer.train_step`` (one micro-batch)."""
 
-    def __init__(self, cfg: Config, device: torch.device, *, compile_modules: bool = False,
-                 compile_step: bool = False, compile_mode: str | None = None, skip: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        device: torch.device,
+        *,
+        compile_modules: bool = False,
+        compile_step: bool = False,
+        compile_mode: str | None = None,
+        compile_backend: str = "inductor",
+        skip: tuple[str, ...] = (),
+    ) -> None:
         self.cfg, self.device, self.skip = cfg, device, set(skip)
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         torch.manual_seed(cfg.train.seed)
         self.model = MetaArch(cfg).to(device)
-        groups = get_param_groups(self.model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult)
+        groups = get_param_groups(
+            self.model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
+        )
         # A compiled update gets the foreach optimizer (inductor fuses it); eager CUDA gets the fused kernel.
         fused = device.type == "cuda" and not compile_step
-        self.optimizer = build_adamw(groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=fused)
+        self.optimizer = build_adamw(
+            groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=fused
+        )
         self.params = [p for p in self.model.student.parameters() if p.requires_grad]
         lr = cfg.optim.base_lr * math.sqrt(cfg.train.batch_size_per_gpu / cfg.optim.lr_reference_batch)
         # Mid-run values; the last layer is trained (not frozen), so its update is timed too.
-        self.sched = {"lr": lr, "wd": cfg.optim.weight_decay, "last_layer_lr": lr,
-                      "momentum": cfg.teacher.momentum_teacher, "teacher_temp": cfg.teacher.teacher_temp}
+        self.sched = {
+            "lr": lr,
+            "wd": cfg.optim.weight_decay,
+            "last_layer_lr": lr,
+            "momentum": cfg.teacher.momentum_teacher,
+            "teacher_temp": cfg.teacher.teacher_temp,
+        }
         self.timer = PhaseTimer(device)
         self.student: Callable[..., dict[str, Tensor]] = self.model.student
         self.compile_step = compile_step
-        kw: dict[str, Any] = {"dynamic": False}
+        kw: dict[str, Any] = {"dynamic": False, "backend": compile_backend}
         if compile_mode:
             kw["mode"] = compile_mode
         if compile_modules and not compile_step:
@@ -151,7 +186,9 @@ class StepRunner:
             t = self.model.teacher
             t.backbone.forward_features = torch.compile(t.backbone.forward_features, **kw)  # type: ignore[method-assign]
             t.heads = torch.compile(t.heads, **kw)  # type: ignore[method-assign]
-        self._forward_loss = torch.compile(self._forward_loss_eager, **kw) if compile_step else self._forward_loss_eager
+        self._forward_loss = (
+            torch.compile(self._forward_loss_eager, **kw) if compile_step else self._forward_loss_eager
+        )
         self._update = torch.compile(self._update_eager, **kw) if compile_step else self._update_eager
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -161,10 +198,13 @@ class StepRunner:
 
     def _forward_loss_eager(self, batch: SyntheticBatch) -> dict[str, Tensor]:
         with self.autocast():
-            t_cls, t_patch = self.model.teacher_targets(batch.global_crops, batch.mask_indices, batch.n_masked,
-                                                        self.sched["teacher_temp"])
+            t_cls, t_patch = self.model.teacher_targets(
+                batch.global_crops, batch.mask_indices, batch.n_masked, self.sched["teacher_temp"]
+            )
             s_out = self.model.student(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
-            return self.model.compute_losses(s_out, t_cls, t_patch, batch.masks, batch.masks_weight, batch.n_local)
+            return self.model.compute_losses(
+                s_out, t_cls, t_patch, batch.masks, batch.masks_weight, batch.n_local
+            )
 
     def _update_eager(self) -> Tensor:
         clip = self.cfg.optim.clip_grad
@@ -174,7 +214,7 @@ class StepRunner:
         return grad_norm
 
     def step(self, batch: SyntheticBatch) -> bool:
-        """One training step; returns whether loss and grad norm were finite (the update is skipped if not)."""
+        """One training step; returns whether loss and grad norm were finite (no update if not)."""
         if self.compile_step:
             return self._step_compiled(batch)
         cfg, timer, s = self.cfg, self.timer, self.sched
@@ -183,20 +223,29 @@ class StepRunner:
             self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
             with timer("teacher"):
-                t_cls, t_patch = self.model.teacher_targets(batch.global_crops, batch.mask_indices,
-                                                            batch.n_masked, s["teacher_temp"])
+                t_cls, t_patch = self.model.teacher_targets(
+                    batch.global_crops, batch.mask_indices, batch.n_masked, s["teacher_temp"]
+                )
             with timer("student_fwd"):
                 s_out = self.student(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
             with timer("losses"):
-                losses = self.model.compute_losses(s_out, t_cls, t_patch, batch.masks, batch.masks_weight,
-                                                   batch.n_local)
+                losses = self.model.compute_losses(
+                    s_out, t_cls, t_patch, batch.masks, batch.masks_weight, batch.n_local
+                )
             with timer("backward"):
                 losses["loss"].backward()
         totals = {k: v.detach().float() for k, v in losses.items()}
         with timer("clip"):
             if "clip" in self.skip or cfg.optim.clip_grad <= 0:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params  # type: ignore[union-attr]
-                                                                   if p.grad is not None]))
+                grad_norm = torch.linalg.vector_norm(
+                    torch.stack(
+                        [
+                            p.grad.norm()
+                            for p in self.params  # type: ignore[union-attr]
+                            if p.grad is not None
+                        ]
+                    )
+                )
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.clip_grad)
         finite = True
@@ -253,11 +302,19 @@ def stage_specs(cfg: Config, args: argparse.Namespace) -> list[StageSpec]:
             raise SystemExit(f"--stages: {args.stages!r} is not 'all' or a list of stage indices") from None
         for w in wanted:
             if not 0 <= w < len(stages):
-                raise SystemExit(f"--stages: stage {w} does not exist ({args.config} has {len(stages)} stages)")
+                raise SystemExit(
+                    f"--stages: stage {w} does not exist ({args.config} has {len(stages)} stages)"
+                )
         stages = [stages[w] for w in wanted]
-    return [StageSpec(st.name, st.global_size, st.local_size,
-                      args.batch_size or st.batch_size_per_gpu or cfg.train.batch_size_per_gpu)
-            for _, st in stages]
+    return [
+        StageSpec(
+            st.name,
+            st.global_size,
+            st.local_size,
+            args.batch_size or st.batch_size_per_gpu or cfg.train.batch_size_per_gpu,
+        )
+        for _, st in stages
+    ]
 
 
 def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: int = 15) -> dict[str, Any]:
@@ -274,8 +331,11 @@ def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: 
         _sync(runner.device)
         wall = time.perf_counter() - t0
     events = prof.key_averages()
-    phases = {e.key.removeprefix("phase::"): e.cpu_time_total / 1e3 / n_steps for e in events
-              if e.key.startswith("phase::")}
+    phases = {
+        e.key.removeprefix("phase::"): e.cpu_time_total / 1e3 / n_steps
+        for e in events
+        if e.key.startswith("phase::")
+    }
     ops = [e for e in events if not e.key.startswith("phase::") and not e.key.startswith("ProfilerStep")]
     self_cpu_ms = sum(e.self_cpu_time_total for e in ops) / 1e3 / n_steps
     top_ops = sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
@@ -285,12 +345,20 @@ def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: 
         "op_self_cpu_ms_per_step": self_cpu_ms,
         "outside_ops_ms_per_step": wall * 1e3 / n_steps - self_cpu_ms,
         "phase_cpu_ms_per_step": phases,
-        "top_ops": [{"op": e.key, "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / n_steps,
-                     "calls_per_step": e.count / n_steps} for e in top_ops],
+        "top_ops": [
+            {
+                "op": e.key,
+                "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / n_steps,
+                "calls_per_step": e.count / n_steps,
+            }
+            for e in top_ops
+        ],
         "op_calls_per_step": sum(e.count for e in ops) / n_steps,
     }
     if runner.device.type == "cuda":
-        out["self_device_ms_per_step"] = sum(getattr(e, "self_device_time_total", 0.0) for e in ops) / 1e3 / n_steps
+        out["self_device_ms_per_step"] = (
+            sum(getattr(e, "self_device_time_total", 0.0) for e in ops) / 1e3 / n_steps
+        )
     return out
 
 
@@ -308,15 +376,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    runner = StepRunner(cfg, device, compile_modules=args.compile, compile_step=args.compile_step,
-                        compile_mode=args.compile_mode, skip=skip)
+    runner = StepRunner(
+        cfg,
+        device,
+        compile_modules=args.compile,
+        compile_step=args.compile_step,
+        compile_mode=args.compile_mode,
+        compile_backend=args.compile_backend,
+        skip=skip,
+    )
     batches = [make_batch(cfg, s, device, seed=i) for i, s in enumerate(specs)]
     peak = peak_tflops(device, args.peak_tflops)
 
     results: list[dict[str, Any]] = []
     times: list[list[float]] = [[] for _ in specs]
+    cpu_times: list[list[float]] = [[] for _ in specs]  # process CPU time: robust to time-slicing
     nonfinite = [0 for _ in specs]
-    for i, batch in enumerate(batches):  # warm-up (and compilation) per stage
+    for batch in batches:  # warm-up (and compilation) per stage
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
@@ -330,26 +406,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i, batch in enumerate(batches):
             for _ in range(args.steps):
                 _sync(device)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 ok = runner.step(batch)
                 _sync(device)
                 times[i].append(time.perf_counter() - t0)
+                cpu_times[i].append(time.process_time() - c0)
                 nonfinite[i] += int(not ok)
 
     for i, (spec, batch) in enumerate(zip(specs, batches)):
-        flops = count_step_flops(cfg, spec.global_size, spec.local_size, batch_size=spec.batch_size) * spec.batch_size
+        flops = (
+            count_step_flops(cfg, spec.global_size, spec.local_size, batch_size=spec.batch_size)
+            * spec.batch_size
+        )
         stats = summarize_ms(times[i])
         sec = stats["median_ms"] / 1e3
         p = cfg.student.patch_size
         r = results[i]
-        r.update({
-            "stage": spec.name, "global_size": spec.global_size, "local_size": spec.local_size,
-            "batch_size": spec.batch_size, "n_local_crops": batch.n_local,
-            "tokens_global_crop": (spec.global_size // p) ** 2 + 1, "tokens_local_crop": (spec.local_size // p) ** 2 + 1,
-            "n_masked": batch.n_masked, **stats, "img_per_s": spec.batch_size / sec,
-            "gflops_per_step": flops / 1e9, "achieved_tflops": flops / sec / 1e12,
-            "mfu": (flops / sec / (peak * 1e12)) if peak else None, "nonfinite_steps": nonfinite[i],
-        })
+        r.update(
+            {
+                "stage": spec.name,
+                "global_size": spec.global_size,
+                "local_size": spec.local_size,
+                "batch_size": spec.batch_size,
+                "n_local_crops": batch.n_local,
+                "tokens_global_crop": (spec.global_size // p) ** 2 + 1,
+                "tokens_local_crop": (spec.local_size // p) ** 2 + 1,
+                "n_masked": batch.n_masked,
+                **stats,
+                "cpu_median_ms": float(np.median(cpu_times[i])) * 1e3,
+                "img_per_s": spec.batch_size / sec,
+                "gflops_per_step": flops / 1e9,
+                "achieved_tflops": flops / sec / 1e12,
+                "mfu": (flops / sec / (peak * 1e12)) if peak else None,
+                "nonfinite_steps": nonfinite[i],
+            }
+        )
     if args.breakdown:
         for i, batch in enumerate(batches):
             runner.timer.enabled, runner.timer.totals = True, defaultdict(list)
@@ -364,45 +455,77 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results[i]["profile"] = profile_stage(runner, batch, args.profile)
 
     out: dict[str, Any] = {
-        "benchmark": "step", "config": args.config, "overrides": args.overrides, "device": str(device),
-        "dtype": str(runner.dtype).removeprefix("torch."), "threads": threads, "compile": args.compile,
-        "compile_step": args.compile_step, "compile_mode": args.compile_mode, "skip": list(skip),
-        "peak_tflops": peak, "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
-        "model": {"embed_dim": runner.model.student.backbone.embed_dim, "depth": runner.model.student.backbone.n_blocks,
-                  "patch_size": cfg.student.patch_size, "prototypes": cfg.dino.head_n_prototypes,
-                  "student_params_m": sum(p.numel() for p in runner.params) / 1e6},
-        "stages": results, "machine": machine_info(device),
+        "benchmark": "step",
+        "config": args.config,
+        "overrides": args.overrides,
+        "device": str(device),
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "threads": threads,
+        "compile": args.compile,
+        "compile_step": args.compile_step,
+        "compile_mode": args.compile_mode,
+        "compile_backend": args.compile_backend,
+        "skip": list(skip),
+        "peak_tflops": peak,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "model": {
+            "embed_dim": runner.model.student.backbone.embed_dim,
+            "depth": runner.model.student.backbone.n_blocks,
+            "patch_size": cfg.student.patch_size,
+            "prototypes": cfg.dino.head_n_prototypes,
+            "student_params_m": sum(p.numel() for p in runner.params) / 1e6,
+        },
+        "stages": results,
+        "machine": machine_info(device),
     }
     if len(results) >= 2:
         lo, hi = results[0], results[-1]
-        out["ratio"] = {"between": [lo["stage"], hi["stage"]],
-                        "step_time": hi["median_ms"] / lo["median_ms"],
-                        "flops": hi["gflops_per_step"] / lo["gflops_per_step"]}
+        out["ratio"] = {
+            "between": [lo["stage"], hi["stage"]],
+            "step_time": hi["median_ms"] / lo["median_ms"],
+            "step_cpu_time": hi["cpu_median_ms"] / lo["cpu_median_ms"],
+            "flops": hi["gflops_per_step"] / lo["gflops_per_step"],
+        }
     return out
 
 
 def print_readable(out: dict[str, Any]) -> None:
     m = out["machine"]
     dev = m.get("gpu_name") or f"{m['cpu_model']} ({out['threads']} threads)"
-    print(f"step benchmark: {out['config']} on {dev}, {out['dtype']}, compile={out['compile']}, "
-          f"compile_step={out['compile_step']}, load {m['loadavg_1_5_15']}")
+    print(
+        f"step benchmark: {out['config']} on {dev}, {out['dtype']}, compile={out['compile']}, "
+        f"compile_step={out['compile_step']}, load {m['loadavg_1_5_15']}"
+    )
     for r in out["stages"]:
         mfu = f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
-        print(f"  {r['stage']:<16} {r['global_size']:>4}/{r['local_size']:<4} B={r['batch_size']:<4} "
-              f"{r['median_ms']:8.1f} ms/step (min {r['min_ms']:.1f})  {r['img_per_s']:8.1f} img/s  "
-              f"{r['gflops_per_step']:9.1f} GFLOP/step  {r['achieved_tflops'] * 1e3:8.1f} GFLOP/s{mfu}")
+        print(
+            f"  {r['stage']:<16} {r['global_size']:>4}/{r['local_size']:<4} B={r['batch_size']:<4} "
+            f"{r['median_ms']:8.1f} ms/step (min {r['min_ms']:.1f}, CPU time {r['cpu_median_ms']:.1f})  "
+            f"{r['img_per_s']:8.1f} img/s  "
+            f"{r['gflops_per_step']:9.1f} GFLOP/step  {r['achieved_tflops'] * 1e3:8.1f} GFLOP/s{mfu}"
+        )
         if "breakdown_ms" in r:
             parts = "  ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms"].items())
             print(f"    breakdown (ms, synchronised): {parts}")
         if "profile" in r:
             pr = r["profile"]
-            print(f"    profile: wall {pr['wall_ms_per_step']:.1f} ms/step, inside ops {pr['op_self_cpu_ms_per_step']:.1f},"
-                  f" outside ops {pr['outside_ops_ms_per_step']:.1f}, {pr['op_calls_per_step']:.0f} op calls/step")
-            print("      top ops: " + ", ".join(f"{o['op']} {o['self_cpu_ms_per_step']:.1f}" for o in pr["top_ops"][:8]))
+            print(
+                f"    profile: wall {pr['wall_ms_per_step']:.1f} ms/step, inside ops "
+                f"{pr['op_self_cpu_ms_per_step']:.1f}, outside ops {pr['outside_ops_ms_per_step']:.1f}, "
+                f"{pr['op_calls_per_step']:.0f} op calls/step"
+            )
+            print(
+                "      top ops: "
+                + ", ".join(f"{o['op']} {o['self_cpu_ms_per_step']:.1f}" for o in pr["top_ops"][:8])
+            )
     if "ratio" in out:
         r = out["ratio"]
-        print(f"  {r['between'][1]} / {r['between'][0]}: step-time ratio {r['step_time']:.2f}x, "
-              f"FLOP ratio {r['flops']:.2f}x")
+        print(
+            f"  {r['between'][1]} / {r['between'][0]}: step-time ratio {r['step_time']:.2f}x "
+            f"(process CPU time: {r['step_cpu_time']:.2f}x), FLOP ratio {r['flops']:.2f}x"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,12 +540,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default=None, help="time these GLOBAL/LOCAL sizes instead, e.g. 112/48,224/96")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher modules")
-    p.add_argument("--compile-step", action="store_true",
-                   help="torch.compile the whole forward+loss (and backward via AOTAutograd) and the update")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    p.add_argument(
+        "--compile-step",
+        action="store_true",
+        help="torch.compile the whole forward+loss (and backward via AOTAutograd) and the update",
+    )
+    p.add_argument(
+        "--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)"
+    )
+    p.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)"
+    )
     p.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(SKIPPABLE)}")
-    p.add_argument("--breakdown", action="store_true", help="also time each phase (synchronised) for --steps steps")
-    p.add_argument("--profile", type=int, default=0, metavar="N", help="torch.profiler over N steps per stage")
+    p.add_argument(
+        "--breakdown", action="store_true", help="also time each phase (synchronised) for --steps steps"
+    )
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="torch.profiler over N steps per stage"
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: by GPU name)")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")

@@ -93,3 +93,58 @@ def test_tensorboard_auto_mode_skips_silently_when_missing(tmp_path):
         logger.log({"step": 1, "loss": 0.5})
     assert _lines(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 0.5}]
     assert not (tmp_path / "tensorboard").exists()
+
+
+class _FakeWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is an optional extra)."""
+
+    instances: list[_FakeWriter] = []
+
+    def __init__(self, log_dir, purge_step=None):
+        self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, [], False
+        _FakeWriter.instances.append(self)
+
+    def add_scalar(self, tag, value, global_step):
+        self.scalars.append((tag, value, global_step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_scalars_are_mirrored_to_tensorboard_with_purge_on_resume(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    import fastdinov2.train.logging as mlog
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = _FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    monkeypatch.setattr(mlog, "tensorboard_available", lambda: True)
+    _FakeWriter.instances.clear()
+
+    logger = MetricsLogger(tmp_path, enabled=True, tensorboard=True)
+    logger.truncate_from(20)
+    logger.log({"step": 20, "loss": 1.25, "stage": 1, "note": "text", "nan": float("nan"), "flag": True})
+    logger.close()
+    (writer,) = _FakeWriter.instances
+    assert writer.log_dir == str(tmp_path / "tensorboard") and writer.purge_step == 20 and writer.closed
+    # numbers only (strings, bools and non-finite values are not scalars), tagged train/<key>, at the step
+    assert writer.scalars == [("train/loss", 1.25, 20), ("train/stage", 1.0, 20)]
+
+
+@pytest.mark.skipif(not tensorboard_available(), reason="tensorboard (optional extra) is not installed")
+def test_real_tensorboard_events_can_be_read_back(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsLogger(tmp_path, enabled=True, tensorboard=None) as logger:
+        assert logger.use_tensorboard
+        for step in (0, 10):
+            logger.log({"step": step, "loss": 2.0 - step / 10, "stage": "x"})
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(0, 2.0), (10, 1.0)]
+    assert "train/stage" not in acc.Tags()["scalars"]

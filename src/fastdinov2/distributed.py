@@ -232,6 +232,10 @@ def _fully_shard(module: nn.Module, device: torch.device, param_dtype: torch.dty
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     kw: dict[str, Any] = {"mesh": _mesh(device.type)}
+    if not root:
+        # Without a root unit, the first unit to run would count as a root and keep its parameters
+        # gathered after forward; the teacher has no backward, so every unit reshards right away.
+        kw["reshard_after_forward"] = True
     if param_dtype is not None and param_dtype != torch.float32:
         # Compute in bf16, reduce gradients in fp32 (the optimizer keeps fp32 master shards).
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
@@ -371,14 +375,16 @@ def full_optimizer_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any
     """
     from torch.distributed.tensor import DTensor
 
-    sd = optimizer.state_dict()
+    sd = optimizer.state_dict()  # its per-parameter dicts are the live state: build new ones
     keep = is_main_process()
-    for per_param in sd["state"].values():
-        for key, value in per_param.items():
-            if isinstance(value, DTensor):
-                full = value.full_tensor()
-                per_param[key] = full.cpu() if keep else None
-    return sd
+
+    def full(value: Any) -> Any:
+        if not isinstance(value, DTensor):
+            return value
+        gathered = value.full_tensor()
+        return gathered.cpu() if keep else None
+
+    return {**sd, "state": {i: {k: full(v) for k, v in per_param.items()} for i, per_param in sd["state"].items()}}
 
 
 def load_full_optimizer_state_dict(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:

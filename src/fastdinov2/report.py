@@ -448,9 +448,9 @@ def _plot_grid(runs: Sequence[RunData], keys: Sequence[tuple[str, str]], path: P
     return _save(fig, path)
 
 
-def _plot_per_stage(runs: Sequence[RunData], key: str, path: Path, ylabel: str, title: str,
+def _plot_by_resolution(runs: Sequence[RunData], key: str, path: Path, ylabel: str, title: str,
                     scale: float = 1.0, stat: str = "median") -> Path | None:
-    """Left: ``key`` vs step; right: its per-stage median/mean, grouped bars (one colour per run)."""
+    """Left: ``key`` vs step; right: its median/mean per crop resolution, grouped bars (one colour per run)."""
     if not any(_series(r.metrics, key)[0].size for r in runs):
         return None
     colors = _colors(len(runs))
@@ -638,9 +638,9 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
     plots: list[tuple[str, Path | None]] = [
         ("Losses", _plot_grid(runs, LOSS_KEYS, out / "losses.png", "training losses (dashed: stage switch)")),
         ("Schedules", _plot_grid(runs, SCHEDULE_KEYS, out / "schedules.png", "schedules")),
-        ("Throughput", _plot_per_stage(runs, "img_per_s", out / "throughput.png", "img/s",
+        ("Throughput", _plot_by_resolution(runs, "img_per_s", out / "throughput.png", "img/s",
                                        "training throughput")),
-        ("Data-wait share", _plot_per_stage(runs, "data_wait_frac", out / "data_wait.png", "% of step time",
+        ("Data-wait share", _plot_by_resolution(runs, "data_wait_frac", out / "data_wait.png", "% of step time",
                                             "time spent waiting for data", scale=100.0, stat="mean")),
     ]
     names = [r.name for r in runs]

@@ -325,15 +325,20 @@ def extract_features(
             None, dataset, {"transform": repr(getattr(dataset, "transform", None))}, kind, n_last_blocks,
             model=model,
         )
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    sharded = distributed.is_enabled() and world > 1
     if cache_path is not None:
         assert cache_key is not None
         cached = load_cached_features(cache_path, cache_key)
-        if cached is not None:
+        found = cached is not None
+        if sharded:  # extraction is collective: use the cache only if every rank found it
+            hits = torch.tensor([float(found)], device=dev if dev.type == "cuda" else "cpu")
+            found = int(distributed.all_reduce_sum(hits).item()) == world
+        if found:
+            assert cached is not None
             return cached
 
     n_total = len(dataset)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    sharded = distributed.is_enabled() and world > 1
     indices = list(range(rank, n_total, world)) if sharded else list(range(n_total))
     subset = Subset(dataset, indices) if sharded else dataset
     loader = DataLoader(

@@ -266,15 +266,17 @@ def _crop_box(bbx: tuple[float, float, float, float]) -> tuple[int, int, int, in
 
 
 @dataclass(frozen=True)
-class _Item:
+class RetrievalImage:
+    """An image to describe; queries carry their integer crop box (PIL pads outside the image, as revisitop)."""
+
     path: Path
-    box: tuple[int, int, int, int] | None  # query crop (PIL pads outside the image, as in revisitop)
+    box: tuple[int, int, int, int] | None = None
 
 
 class _ResizedImages(torch.utils.data.Dataset):
     """Item ``(i, (W, H))`` -> uint8 [3, H, W]: image i, cropped if a query, bicubic-resized."""
 
-    def __init__(self, items: list[_Item]) -> None:
+    def __init__(self, items: list[RetrievalImage]) -> None:
         self.items = items
 
     def __len__(self) -> int:
@@ -286,7 +288,7 @@ class _ResizedImages(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
-def _open_rgb(item: _Item) -> Image.Image:
+def _open_rgb(item: RetrievalImage) -> Image.Image:
     try:
         with Image.open(item.path) as im:
             img = im.convert("RGB")
@@ -295,7 +297,7 @@ def _open_rgb(item: _Item) -> Image.Image:
     return img.crop(item.box) if item.box is not None else img
 
 
-def _source_size(item: _Item) -> tuple[int, int]:
+def _source_size(item: RetrievalImage) -> tuple[int, int]:
     if item.box is not None:
         x1, y1, x2, y2 = item.box
         if x2 <= x1 or y2 <= y1:
@@ -321,7 +323,7 @@ def _size_batches(
 @torch.inference_mode()
 def extract_descriptors(
     model: torch.nn.Module,
-    items: list[_Item],
+    items: list[RetrievalImage],
     *,
     image_size: int,
     scales: Sequence[float],
@@ -392,18 +394,18 @@ def evaluate_retrieval(
         positive) and per-query ``aps``.
     """
     if image_size <= 0 or batch_size <= 0:
-        raise ValueError(f"image_size ({image_size}) and batch_size ({batch_size}) must be positive")
+        raise EvalError(f"image_size ({image_size}) and batch_size ({batch_size}) must be positive")
     data = load_revisitop(root, dataset)
     patch_size = int(getattr(model, "patch_size", 0))
     if patch_size <= 0:
-        raise ValueError(f"model {type(model).__name__} has no positive 'patch_size' attribute")
+        raise EvalError(f"model {type(model).__name__} has no positive 'patch_size' attribute")
     dev = resolve_device(device)
     model = model.to(dev).eval()
     scales = MULTISCALE_SCALES if multiscale else (1.0,)
     kw: dict[str, Any] = dict(image_size=image_size, scales=scales, patch_size=patch_size, device=dev,
                               batch_size=batch_size, num_workers=num_workers, progress=progress)
-    db = extract_descriptors(model, [_Item(data.image_path(n), None) for n in data.imlist], desc="database", **kw)
-    qitems = [_Item(data.image_path(n), _crop_box(g["bbx"])) for n, g in zip(data.qimlist, data.gnd)]
+    db = extract_descriptors(model, [RetrievalImage(data.image_path(n)) for n in data.imlist], desc="database", **kw)
+    qitems = [RetrievalImage(data.image_path(n), _crop_box(g["bbx"])) for n, g in zip(data.qimlist, data.gnd)]
     queries = extract_descriptors(model, qitems, desc="queries", **kw)
     ranks = rank_database(db, queries)
     results: dict[str, Any] = {

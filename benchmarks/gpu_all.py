@@ -1,0 +1,293 @@
+"""Every GPU benchmark in one go, in under 8 minutes, with JSON results for docs/results/gpu/<card>.json.
+
+Run from the repository root on a machine with one CUDA GPU::
+
+    python benchmarks/gpu_all.py                      # writes docs/results/gpu/<card>.json (+ <card>/ logs)
+    python benchmarks/gpu_all.py --out /tmp/res --budget-s 420
+    python benchmarks/gpu_all.py --dry-run            # print the plan only
+
+Jobs run one after another, most informative and cheapest first; each gets a timeout of at most what is
+left of ``--budget-s`` (default 450 s, leaving margin under 8 minutes for process start-up), and a job
+that cannot get its minimum time is skipped and listed as such. Every job writes
+``OUT/<card>/<job>.json`` and ``OUT/<card>/<job>.log``; at the end they are merged into ``OUT/<card>.json``.
+
+Jobs: step benchmark (``benchmarks/step.py``) for ViT-S/16 and ViT-B/16 at batch 64, both curriculum
+stages (112/48 and 224/96), eager with a per-phase breakdown; the same at batch 128; ViT-S/16 with 4096
+prototypes (is the fixed cost head-bound?); without the per-step host sync; the data pipeline
+(``benchmarks/data_pipeline.py``) on the host's CPU cores plus ``apply_photometric`` on the GPU; a
+``torchrun --nproc_per_node=1`` smoke of ``fastdinov2 train`` on the tiny preset with
+``compute.device=cuda``; then torch.compile variants (``--compile-step`` = forward+loss+backward and
+update compiled; ``--compile`` = modules only) while time remains.
+
+The Python interpreter is ``$PYTHON`` if set, else ``.venv/bin/python`` if present, else ``python3``;
+``src`` is put on ``PYTHONPATH`` so an uninstalled checkout works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+S16, B16 = "fastdinov2_vits16_in100", "fastdinov2_vitb16_in1k"
+
+
+@dataclass
+class Job:
+    name: str
+    argv: list[str]  # after the interpreter
+    cap_s: int  # timeout when enough budget is left
+    min_s: int  # skip the job when less than this is left
+    env: dict[str, str] = field(default_factory=dict)
+    json_out: bool = True  # the job takes --json-out
+
+
+def python_exe() -> str:
+    if os.environ.get("PYTHON"):
+        return os.environ["PYTHON"]
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else (shutil.which("python3") or sys.executable)
+
+
+def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
+    """The jobs, in order. ``smoke``: the same plan on the CPU with the tiny preset and 1 step each (to test
+    this script without a GPU)."""
+    dev = "cpu" if smoke else "cuda"
+    s16, b16 = ("fastdinov2_tiny", "fastdinov2_tiny") if smoke else (S16, B16)
+    steps = (
+        ["--steps", "1", "--rounds", "1", "--warmup", "1"]
+        if smoke
+        else ["--steps", "10", "--rounds", "3", "--warmup", "3"]
+    )
+    tiny_model = ["student.depth=1", "student.embed_dim=48", "student.num_heads=2"] if smoke else []
+
+    def step(name: str, cfg: str, *extra: str, batch: int = 64, cap: int = 90, min_s: int = 30) -> Job:
+        b = str(batch // 8 if smoke else batch)
+        return Job(
+            name,
+            [
+                "benchmarks/step.py",
+                "--config",
+                cfg,
+                "--device",
+                dev,
+                "--batch-size",
+                b,
+                *steps,
+                *extra,
+                *tiny_model,
+            ],
+            cap,
+            min_s,
+        )
+
+    smoke_steps = "4" if smoke else "30"
+    return [
+        step("step_vits16_b64", s16, "--breakdown"),
+        step("step_vitb16_b64", b16, "--breakdown"),
+        Job(
+            "data_pipeline",
+            [
+                "benchmarks/data_pipeline.py",
+                "--config",
+                s16,
+                "--rounds",
+                "2",
+                *(["--n-images", "2", "--lowpass", "resize", "--no-cuda"] if smoke else []),
+            ],
+            90,
+            40,
+        ),
+        Job(
+            "torchrun_smoke_tiny",
+            [
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=1",
+                "-m",
+                "fastdinov2",
+                "train",
+                "--config",
+                "fastdinov2_tiny",
+                "--output-dir",
+                str(cache_dir / "torchrun_run"),
+                f"compute.device={dev}",
+                f"data.cache_dir={cache_dir / 'data'}",
+                f"train.max_steps={smoke_steps}",
+                "train.knn_at_end=false",
+                "train.progress=false",
+                "train.log_every=5",
+                "data.num_workers=4",
+                *tiny_model,
+            ],
+            120,
+            45,
+            json_out=False,
+        ),
+        step("step_vits16_b64_compile_step", s16, "--compile-step", cap=180, min_s=100),
+        step("step_vits16_b64_nohostsync", s16, "--skip", "host_sync"),
+        step("step_vits16_b64_proto4096", s16, "dino.head_n_prototypes=4096", "ibot.head_n_prototypes=4096"),
+        step("step_vits16_b128", s16, batch=128),
+        step("step_vitb16_b128", b16, batch=128),
+        step("step_vits16_b64_compile", s16, "--compile", cap=120, min_s=80),
+        step("step_vitb16_b64_compile_step", b16, "--compile-step", cap=180, min_s=100),
+        step(
+            "step_vits16_b64_compile_step_cudagraphs",
+            s16,
+            "--compile-step",
+            "--compile-mode",
+            "reduce-overhead",
+            cap=150,
+            min_s=90,
+        ),
+    ]
+
+
+def card_slug(smoke: bool) -> str:
+    if smoke:
+        return "cpu-smoke"
+    try:
+        name = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        name = "unknown-gpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def run_job(job: Job, py: str, out: Path, timeout_s: float) -> dict[str, Any]:
+    """Run one job in its own process group (killed as a whole on timeout); returns its status."""
+    argv = [py, *job.argv] + (["--json-out", str(out / f"{job.name}.json")] if job.json_out else [])
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+        **job.env,
+    }
+    t0 = time.perf_counter()
+    with open(out / f"{job.name}.log", "w") as log:
+        log.write(" ".join(argv) + "\n")
+        log.flush()
+        proc = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc: int | str = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = "timeout"
+    return {
+        "job": job.name,
+        "rc": rc,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "timeout_s": round(timeout_s),
+    }
+
+
+def merge(out_dir: Path, card: str, statuses: list[dict[str, Any]], elapsed: float) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for st in statuses:
+        path = out_dir / card / f"{st['job']}.json"
+        if path.is_file():
+            results[st["job"]] = json.loads(path.read_text())
+        log = out_dir / card / f"{st['job']}.log"
+        if log.is_file():
+            st["log_tail"] = log.read_text()[-1500:]
+    return {"card": card, "elapsed_s": round(elapsed, 1), "jobs": statuses, "results": results}
+
+
+def summary_lines(merged: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, res in merged["results"].items():
+        if res.get("benchmark") == "step":
+            parts = ", ".join(
+                f"{s['global_size']}/{s['local_size']} {s['median_ms']:.1f} ms"
+                + (f" MFU {100 * s['mfu']:.0f}%" if s.get("mfu") else "")
+                for s in res["stages"]
+            )
+            ratio = res.get("ratio")
+            tail = (
+                f"; step ratio {ratio['step_time']:.2f}x vs FLOP ratio {ratio['flops']:.2f}x" if ratio else ""
+            )
+            lines.append(f"{name}: {parts}{tail}")
+        elif res.get("benchmark") == "data_pipeline":
+            best = {}
+            for r in res["samples"]:
+                key = f"{r['global_size']}/{r['local_size']}"
+                if r["photometric_on"] == "worker":
+                    best[key] = max(best.get(key, 0.0), r["img_per_s_per_core"])
+            lines.append(f"{name}: " + ", ".join(f"{k} {v:.0f} img/s/core (worker)" for k, v in best.items()))
+    for st in merged["jobs"]:
+        if st["rc"] != 0:
+            lines.append(f"{st['job']}: rc={st['rc']}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(REPO / "docs" / "results" / "gpu"), help="results folder")
+    p.add_argument("--budget-s", type=float, default=450.0, help="total seconds for all jobs")
+    p.add_argument("--only", default="", help="comma-separated job names to run (default: all)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny preset, 1 step: test this script")
+    args = p.parse_args(argv)
+
+    card = card_slug(args.smoke)
+    out_dir = Path(args.out)
+    job_dir = out_dir / card
+    cache = Path(os.environ.get("TMPDIR", "/tmp")) / f"fastdinov2_gpu_all_{card}"
+    jobs = plan(cache, smoke=args.smoke)
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {j.name for j in jobs}
+        if unknown:
+            raise SystemExit(f"--only: unknown job(s) {', '.join(sorted(unknown))}")
+        jobs = [j for j in jobs if j.name in wanted]
+    if args.dry_run:
+        for j in jobs:
+            print(f"{j.name:<42} cap {j.cap_s:>4}s min {j.min_s:>3}s  {' '.join(j.argv)}")
+        return 0
+    job_dir.mkdir(parents=True, exist_ok=True)
+    py = python_exe()
+    t_start = time.perf_counter()
+    statuses: list[dict[str, Any]] = []
+    for job in jobs:
+        left = args.budget_s - (time.perf_counter() - t_start)
+        if left < job.min_s:
+            statuses.append(
+                {"job": job.name, "rc": "skipped", "reason": f"{left:.0f}s left < {job.min_s}s minimum"}
+            )
+            print(f"[gpu_all] skip {job.name}: {left:.0f}s left", flush=True)
+            continue
+        timeout = min(job.cap_s, left)
+        print(f"[gpu_all] {job.name} (timeout {timeout:.0f}s) ...", flush=True)
+        st = run_job(job, py, job_dir, timeout)
+        statuses.append(st)
+        print(f"[gpu_all]   rc={st['rc']} in {st['wall_s']}s", flush=True)
+    elapsed = time.perf_counter() - t_start
+    merged = merge(out_dir, card, statuses, elapsed)
+    (out_dir / f"{card}.json").write_text(json.dumps(merged, indent=2, default=str) + "\n")
+    shutil.rmtree(cache, ignore_errors=True)
+    for line in summary_lines(merged):
+        print(line)
+    print(f"[gpu_all] {elapsed:.0f}s; results in {out_dir / f'{card}.json'} (logs in {job_dir})")
+    return 0 if all(s["rc"] == 0 for s in statuses) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

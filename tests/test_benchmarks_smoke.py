@@ -1,0 +1,194 @@
+"""Smoke tests of the benchmark scripts (benchmarks/*.py): each runs for one step on a tiny model, and the
+pieces with a checkable result (EMA of the mirrored train step, synthetic masks, per-stage rates, the
+GPU job planner) are compared with hand-computed values. No timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY = [
+    "student.embed_dim=32",
+    "student.depth=1",
+    "student.num_heads=2",
+    "dino.head_n_prototypes=32",
+    "ibot.head_n_prototypes=32",
+    "dino.head_hidden_dim=32",
+    "ibot.head_hidden_dim=32",
+    "dino.head_bottleneck_dim=16",
+    "ibot.head_bottleneck_dim=16",
+    "crops.local_crops_number=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Iterator[None]:
+    """The benchmarks pin torch's thread count (and OMP_NUM_THREADS); leave both as they were."""
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    yield
+    torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
+
+
+def _load(name: str) -> ModuleType:
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def step_mod() -> ModuleType:
+    return _load("step")
+
+
+def test_synthetic_batch_masks_are_crop_major_and_weighted(step_mod: ModuleType) -> None:
+    from fastdinov2.config import load_config
+
+    cfg = load_config("fastdinov2_tiny", TINY)
+    spec = step_mod.StageSpec("s", 32, 16, 4)
+    b = step_mod.make_batch(cfg, spec, torch.device("cpu"))
+    assert b.global_crops.shape == (8, 3, 32, 32) and b.local_crops.shape == (8, 3, 16, 16)
+    assert b.masks.shape == (8, 16) and b.n_masked == int(b.masks.sum())
+    assert torch.equal(b.mask_indices, b.masks.flatten().nonzero().flatten())
+    rows = b.mask_indices // 16  # every masked crop's weights sum to 1
+    for r in rows.unique():
+        assert b.masks_weight[rows == r].sum().item() == pytest.approx(1.0)
+
+
+def test_step_runner_applies_update_and_ema(step_mod: ModuleType) -> None:
+    from fastdinov2.config import load_config
+
+    torch.set_num_threads(1)
+    cfg = load_config("fastdinov2_tiny", TINY)
+    runner = step_mod.StepRunner(cfg, torch.device("cpu"))
+    batch = step_mod.make_batch(cfg, step_mod.StageSpec("s", 32, 16, 4), torch.device("cpu"))
+    s0 = [p.detach().clone() for p in runner.model.student.parameters()]
+    t0 = [p.detach().clone() for p in runner.model.teacher.parameters()]
+    assert runner.step(batch)
+    m = runner.sched["momentum"]
+    s1 = list(runner.model.student.parameters())
+    moved = sum(not torch.equal(a, b) for a, b in zip(s0, s1))
+    assert moved > len(s0) // 2  # AdamW moved (nearly) every student tensor
+    for before, after, student in zip(t0, runner.model.teacher.parameters(), s1):
+        torch.testing.assert_close(after, m * before + (1 - m) * student.detach())
+
+
+def test_step_benchmark_runs_both_stages(step_mod: ModuleType, tmp_path: Path) -> None:
+    out = step_mod.main(
+        [
+            "--config",
+            "fastdinov2_tiny",
+            "--batch-size",
+            "4",
+            "--steps",
+            "1",
+            "--rounds",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--skip",
+            "ema",
+            "--json-out",
+            str(tmp_path / "s.json"),
+            *TINY,
+        ]
+    )
+    assert [s["global_size"] for s in out["stages"]] == [32, 64]
+    assert out["ratio"]["flops"] > 2.0  # 4x the tokens at full resolution, minus the CLS token and heads
+    assert json.loads((tmp_path / "s.json").read_text())["ratio"] == out["ratio"]
+    with pytest.raises(SystemExit, match="--skip"):
+        step_mod.main(["--skip", "attention", *TINY])
+
+
+def test_data_pipeline_benchmark(tmp_path: Path) -> None:
+    dp = _load("data_pipeline")
+    a = dp.write_jpegs(tmp_path / "a", 2, 64, 48)
+    b = dp.write_jpegs(tmp_path / "b", 2, 64, 48)
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]  # deterministic
+    out = dp.main(
+        [
+            "--config",
+            "fastdinov2_tiny",
+            "--n-images",
+            "2",
+            "--rounds",
+            "1",
+            "--lowpass",
+            "resize",
+            "--batch-size",
+            "2",
+            "--no-cuda",
+            *TINY,
+        ]
+    )
+    keys = {(r["global_size"], r["photometric_on"]) for r in out["samples"]}
+    assert keys == {(32, "worker"), (32, "device"), (64, "worker"), (64, "device")}
+    assert all(r["img_per_s_per_core"] > 0 for r in out["samples"])
+    assert [p["global_size"] for p in out["photometric_batched"]] == [32, 64]
+
+
+def test_end_to_end_stage_rates_and_implied_speedup(tmp_path: Path) -> None:
+    e2e = _load("end_to_end")
+    history = [  # windows of 2 steps; the first and the one spanning the switch are left out
+        {"step": 0, "stage": 0, "img_per_s": 1.0, "data_wait_frac": 0.9},
+        {"step": 2, "stage": 0, "img_per_s": 100.0, "data_wait_frac": 0.0},
+        {"step": 4, "stage": 0, "img_per_s": 50.0, "data_wait_frac": 0.5},
+        {"step": 6, "stage": 1, "img_per_s": 7.0, "data_wait_frac": 0.0},
+        {"step": 8, "stage": 1, "img_per_s": 20.0, "data_wait_frac": 0.25},
+    ]
+    rates = e2e.stage_rates(history)
+    # stage 0: 4 steps over 2/100 + 2/50 = 0.06 -> 66.67; wait (0 * 0.02 + 0.5 * 0.04) / 0.06
+    assert rates[0]["img_per_s"] == pytest.approx(4 / 0.06)
+    assert rates[0]["data_wait_frac"] == pytest.approx(0.02 / 0.06)
+    assert rates[1] == pytest.approx({"img_per_s": 20.0, "data_wait_frac": 0.25, "steps": 2})
+
+    from fastdinov2.config import load_config
+
+    cfg = load_config("fastdinov2_tiny", ["optim.epochs=4"])  # 3 epochs low-res, 1 full-res
+    fast = {"stages": [{"img_per_s": 40.0}, {"img_per_s": 10.0}]}
+    base = {"stages": [{"img_per_s": 10.0}]}
+    assert e2e.implied_speedup(fast, base, cfg) == pytest.approx((4 / 10) / (3 / 40 + 1 / 10))
+
+    src = tmp_path / "src" / "train"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        for i in range(3):
+            from PIL import Image
+
+            Image.new("RGB", (8, 8)).save(src / c / f"{i}.png")
+    dest = e2e.make_subset(tmp_path / "src", tmp_path / "dst", 3)
+    files = sorted(p.relative_to(dest).as_posix() for p in (dest / "train").rglob("*.png"))
+    assert files == ["train/a/0.png", "train/a/1.png", "train/b/0.png"]
+
+
+def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
+    ga = _load("gpu_all")
+    names = [j.name for j in ga.plan(tmp_path)]
+    assert names[:2] == ["step_vits16_b64", "step_vitb16_b64"] and "torchrun_smoke_tiny" in names
+    assert all("--device" not in j.argv or "cuda" in j.argv for j in ga.plan(tmp_path))
+    assert all(
+        "cuda" not in j.argv and "compute.device=cuda" not in j.argv for j in ga.plan(tmp_path, smoke=True)
+    )
+    # no budget: every job is skipped, and the merged file says so
+    rc = ga.main(["--smoke", "--out", str(tmp_path / "res"), "--budget-s", "0"])
+    merged = json.loads((tmp_path / "res" / "cpu-smoke.json").read_text())
+    assert rc == 1 and {j["rc"] for j in merged["jobs"]} == {"skipped"} and len(merged["jobs"]) == len(names)

@@ -1,0 +1,365 @@
+"""Training under torchrun on CPU (gloo, 2 processes): DDP and FSDP2 reproduce one process with the same
+global batch, checkpoints move between world sizes, a killed worker is restarted from the last committed
+checkpoint, and distributed feature extraction shards and gathers correctly.
+
+The reference for every comparison is one in-process run with batch 2B; the 2-process runs use batch B per
+process. KoLeo is off (it is computed per rank by design). Child processes run with one OpenMP thread and
+loopback addresses only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastdinov2 import distributed
+from fastdinov2.config import ConfigError, load_config
+from fastdinov2.curriculum import Curriculum
+from fastdinov2.data.synthetic import SyntheticSpec, write_synthetic_dataset
+from fastdinov2.train.checkpoint import list_checkpoints
+from fastdinov2.train.loop import resume_step, step_covering, train
+from fastdinov2.train.sampler import StepBatchSampler
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+TINY = [
+    "student.embed_dim=32", "student.depth=2", "student.num_heads=2",
+    "dino.head_n_prototypes=32", "ibot.head_n_prototypes=32", "dino.head_hidden_dim=32",
+    "ibot.head_hidden_dim=32", "dino.head_bottleneck_dim=16", "ibot.head_bottleneck_dim=16",
+    "crops.global_crops_size=32", "crops.local_crops_size=16", "crops.local_crops_number=2",
+    "curriculum.stages.0.global_size=16", "curriculum.stages.0.local_size=8",
+    "curriculum.stages.1.global_size=32", "curriculum.stages.1.local_size=16",
+    "optim.epochs=2", "optim.warmup_epochs=0.5", "teacher.warmup_teacher_temp_epochs=1",
+    "data.num_workers=0", "train.log_every=1", "train.progress=false", "train.knn_at_end=false",
+    "dino.koleo_loss_weight=0", "train.checkpoint_every=4", "train.keep_last_checkpoints=10",
+]  # 32 images, global batch 8: 4 steps per epoch, 8 steps; stage 0 = steps 0-5; checkpoints at 4 and 8
+B = 4  # per-process batch of the 2-process runs; the reference runs one process with 2 * B
+N_STEPS = 8
+TIMEOUT = 55
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "synth"
+    write_synthetic_dataset(root, SyntheticSpec(num_classes=4, train_per_class=8, val_per_class=4, image_size=40))
+    return root
+
+
+def _overrides(data_root: Path, batch: int, *extra: str) -> list[str]:
+    return [*TINY, f"data.root={data_root}", f"train.batch_size_per_gpu={batch}", *extra]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_losses(run: Path, reference: Path) -> None:
+    got, want = _rows(run), _rows(reference)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(N_STEPS))
+    for g, w in zip(got, want, strict=True):
+        for key in ("loss", "dino_loss", "ibot_loss", "lr", "teacher_temp", "samples_seen"):
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), (g["step"], key, g[key], w[key])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in distributed.TORCHRUN_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _torchrun_args(out: Path, overrides: list[str], *torchrun_opts: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+            f"--master_port={_free_port()}", *torchrun_opts, "-m", "fastdinov2", "train",
+            "--output-dir", str(out), *overrides]
+
+
+def _torchrun(out: Path, overrides: list[str], *opts: str) -> subprocess.CompletedProcess[str]:
+    args = [*_torchrun_args(out, overrides), *opts]
+    done = subprocess.run(args, env=_child_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def _copy_run_up_to(src: Path, dest: Path, step: int) -> Path:
+    """A copy of run ``src`` whose newest checkpoint is ``step`` (the later ones are removed)."""
+    shutil.copytree(src, dest)
+    for s, path in list_checkpoints(dest / "checkpoints"):
+        if s > step:
+            shutil.rmtree(path)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def reference(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, batch 2B."""
+    run = tmp_path_factory.mktemp("reference")
+    assert train(load_config("fastdinov2_tiny", _overrides(data_root, 2 * B)), run)["finished"]
+    return run
+
+
+@pytest.fixture(scope="module")
+def ddp_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    run = tmp_path_factory.mktemp("ddp")
+    done = _torchrun(run, _overrides(data_root, B))
+    return run, done.stdout
+
+
+def _worker_pid(agent: subprocess.Popen[str], rank: int, restart: int) -> int | None:
+    """PID of the torchrun worker with ``RANK=rank`` in restart round ``restart``, if it is running."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{agent.pid}/task").glob("*"):
+        try:
+            kids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    for pid in kids:
+        try:
+            env = dict(
+                item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item
+            )
+        except OSError:
+            continue
+        if env.get("RANK") == str(rank) and env.get("TORCHELASTIC_RESTART_COUNT") == str(restart):
+            return pid
+    return None
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """FSDP2 on 2 processes under ``torchrun --max-restarts=1``; rank 1 is SIGKILLed as soon as the first
+    checkpoint is committed, so torchrun restarts both workers and they resume from the checkpoint."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs /proc to find the worker processes")
+    run = tmp_path_factory.mktemp("fsdp2")
+    overrides = _overrides(data_root, B, "compute.strategy=fsdp2", "train.checkpoint_every=2")
+    agent = subprocess.Popen(_torchrun_args(run, overrides, "--max-restarts=1"), env=_child_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        victim = None
+        while time.time() < deadline and agent.poll() is None:
+            if list_checkpoints(run / "checkpoints"):
+                victim = _worker_pid(agent, rank=1, restart=0)
+                if victim is not None:
+                    os.kill(victim, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        out, err = agent.communicate(timeout=max(1.0, deadline - time.time()))
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.communicate()
+    assert victim is not None, f"no committed checkpoint while the first workers ran: {err[-3000:]}"
+    assert agent.returncode == 0, err[-4000:]
+    return run, out
+
+
+# ---- cheap, single-process checks -----------------------------------------------------------------------
+def test_init_distributed_reads_the_torchrun_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in distributed.TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.init_distributed("cpu") == (0, 1, 0) and not distributed.is_enabled()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="LOCAL_RANK, MASTER_ADDR, MASTER_PORT missing"):
+        distributed.init_distributed("cpu")
+    for var, value in (("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE='two'"):
+        distributed.init_distributed("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(RuntimeError, match="RANK=2 must be < WORLD_SIZE=2"):
+        distributed.init_distributed("cpu")
+    assert not distributed.is_enabled()
+
+
+def test_single_process_wraps_nothing() -> None:
+    module = torch.nn.Linear(2, 2)
+    for strategy in ("ddp", "fsdp2"):
+        assert distributed.wrap_student(module, strategy, torch.device("cpu")) is module
+    with pytest.raises(ValueError, match="'zero3'"):
+        distributed.wrap_student(module, "zero3", torch.device("cpu"))
+
+
+def test_strategy_is_validated() -> None:
+    with pytest.raises(ConfigError, match="compute.strategy"):
+        load_config("fastdinov2_tiny", ["compute.strategy=zero3"])
+    with pytest.raises(ConfigError, match="compute.precision.*fsdp2"):
+        load_config("fastdinov2_tiny", ["compute.strategy=fsdp2", "compute.precision=fp16"])
+    assert load_config("fastdinov2_tiny", ["compute.strategy=fsdp2"]).compute.strategy == "fsdp2"
+
+
+def test_resume_step_carries_the_data_position_over(data_root: Path) -> None:
+    # 32 images: world 1 x batch 4 -> 8 steps/epoch (16 steps); world 2 x batch 4 -> 4 steps/epoch (8 steps).
+    cfg = load_config("fastdinov2_tiny", _overrides(data_root, B))
+    one, two = Curriculum(cfg, 32, world_size=1), Curriculum(cfg, 32, world_size=2)
+    assert (one.total_steps, two.total_steps) == (16, 8)
+    for step in range(two.total_steps + 1):  # shrinking the world: exact, step doubles
+        assert resume_step(one, two.sample_position(step)) == 2 * step
+    # growing the world: the first step at or after the position (an odd step skips B images)
+    assert [resume_step(two, one.sample_position(s)) for s in range(7)] == [0, 1, 1, 2, 2, 3, 3]
+    assert resume_step(two, 10**6) == two.total_steps  # past the end: the run is finished
+    assert [step_covering(two, p) for p in (0, 7, 8, 47, 48, 63)] == [0, 0, 1, 5, 6, 7]
+
+
+def test_sampler_shards_cover_each_epoch_once(data_root: Path) -> None:
+    cfg = load_config("fastdinov2_tiny", _overrides(data_root, B))
+    cur = Curriculum(cfg, 32, world_size=2)
+    shards = [[req for mb in StepBatchSampler(cur, 0, 0, 4, rank=r, world_size=2) for req in mb] for r in (0, 1)]
+    indices = [i for shard in shards for (i, _, _) in shard]
+    assert sorted(indices) == list(range(32))  # steps 0-3 are epoch 0: every image once, on one rank
+    assert not {k for _, k, _ in shards[0]} & {k for _, k, _ in shards[1]}
+
+
+# ---- two processes against one ------------------------------------------------------------------------
+def test_ddp_two_processes_match_one_process(ddp_run: tuple[Path, str], reference: Path) -> None:
+    run, stdout = ddp_run
+    _assert_same_losses(run, reference)
+    assert stdout.count("[fastdinov2] starting") == 1  # only rank 0 reports
+    assert all(r["world_size"] == 2 for r in _rows(run))
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in reference.iterdir())
+    ckpt = torch.load(run / "checkpoints" / "step_00000008" / "optim.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["sample_position"] == 64
+
+
+def test_fsdp2_matches_and_writes_full_state_dicts(fsdp_run: tuple[Path, str], reference: Path) -> None:
+    run = fsdp_run[0]
+    _assert_same_losses(run, reference)
+    for name in ("model.pt", "optim.pt"):
+        got = torch.load(run / "checkpoints" / "step_00000008" / name, weights_only=True)
+        want = torch.load(reference / "checkpoints" / "step_00000008" / name, weights_only=True)
+        if name == "model.pt":
+            for part in ("student", "teacher"):
+                assert {k: v.shape for k, v in got[part].items()} == {k: v.shape for k, v in want[part].items()}
+                for k, v in want[part].items():
+                    torch.testing.assert_close(got[part][k], v, rtol=1e-3, atol=1e-5)
+        else:
+            g, w = got["optimizer"]["state"], want["optimizer"]["state"]
+            assert g.keys() == w.keys()
+            for i in w:
+                assert g[i]["exp_avg_sq"].shape == w[i]["exp_avg_sq"].shape
+                torch.testing.assert_close(g[i]["exp_avg_sq"], w[i]["exp_avg_sq"], rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_process_checkpoint_resumes_on_one(strategy: str, data_root: Path, ddp_run: tuple[Path, str],
+                                               fsdp_run: tuple[Path, str], reference: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    run = _copy_run_up_to((ddp_run if strategy == "ddp" else fsdp_run)[0], tmp_path / "run", 4)
+    # Same global batch (2 x B -> 1 x 2B): the step is unchanged and the run continues exactly.
+    train(load_config("fastdinov2_tiny", _overrides(data_root, 2 * B)), run, allow_config_change=True)
+    err = capsys.readouterr().err
+    assert "written by 2 process(es) at step 4 after 32 images" in err and "at step 4," in err
+    _assert_same_losses(run, reference)
+
+
+def test_one_process_checkpoint_resumes_on_two(data_root: Path, reference: Path, tmp_path: Path) -> None:
+    run = _copy_run_up_to(reference, tmp_path / "run", 4)
+    done = _torchrun(run, _overrides(data_root, B), "--allow-config-change")
+    assert "written by 1 process(es) at step 4 after 32 images" in done.stderr
+    _assert_same_losses(run, reference)
+
+
+def test_world_change_with_fixed_per_process_batch_converts_the_step(
+    data_root: Path, ddp_run: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy_run_up_to(ddp_run[0], tmp_path / "run", 4)
+    summary = train(load_config("fastdinov2_tiny", _overrides(data_root, B)), run)  # same config, world 1
+    err = capsys.readouterr().err
+    assert "at step 4 after 32 images; resuming on 1 process(es) (global batch 4) at step 8" in err
+    assert "0 image(s) of the stream skipped" in err and "renumbered" in err
+    assert summary["step"] == 16 and summary["finished"]
+    rows = _rows(run)
+    # The 2-process records of steps 0-3 (8 images each) become steps 0, 2, 4, 6 of the 4-image steps.
+    assert [r["step"] for r in rows] == [0, 2, 4, 6, *range(8, 16)]
+    assert [r["samples_seen"] for r in rows] == [0, 8, 16, 24, *range(32, 64, 4)]
+    assert [r["world_size"] for r in rows] == [2] * 4 + [1] * 8
+
+
+# ---- fault tolerance ----------------------------------------------------------------------------------
+def test_killed_worker_is_restarted_from_the_last_checkpoint(fsdp_run: tuple[Path, str], reference: Path) -> None:
+    run, stdout = fsdp_run
+    # The first workers started from scratch; after the kill, torchrun's restart resumed from a checkpoint
+    # and the finished run is the uninterrupted one.
+    assert stdout.count("[fastdinov2] starting") == 1 and stdout.count("resuming from") == 1, stdout
+    _assert_same_losses(run, reference)
+
+
+# ---- distributed feature extraction ---------------------------------------------------------------------
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(n)
+        self.images = torch.rand(n, 3, 16, 16, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], i % 3
+
+
+def _feature_model() -> torch.nn.Module:
+    from fastdinov2.models.vit import DinoVisionTransformer
+
+    torch.manual_seed(0)
+    return DinoVisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=2, num_heads=2).eval()
+
+
+def _features_worker(rank: int, port: int, out_dir: str) -> None:
+    from fastdinov2.eval.features import extract_features
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=50))
+    try:
+        model, out = _feature_model(), {}
+        for n in (7, 1):  # uneven shards, and an empty one
+            out[f"cls{n}"] = extract_features(model, _Images(n), batch_size=2, progress=False)
+        out["blocks"] = extract_features(model, _Images(7), batch_size=3, kind="blocks", n_last_blocks=2,
+                                         progress=False)
+        # A cache only rank 0 can see (rank 1's path does not exist): both ranks must recompute together.
+        cache = Path(out_dir) / ("cache.safetensors" if rank == 0 else f"missing-{rank}.safetensors")
+        out["cached"] = extract_features(model, _Images(7), batch_size=2, progress=False, cache_path=cache,
+                                         cache_key="k")
+        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_feature_extraction_shards_and_gathers(tmp_path: Path) -> None:
+    from fastdinov2.eval.features import extract_features, save_cached_features
+
+    model = _feature_model()
+    want = {f"cls{n}": extract_features(model, _Images(n), batch_size=4, progress=False) for n in (7, 1)}
+    want["blocks"] = extract_features(model, _Images(7), batch_size=4, kind="blocks", n_last_blocks=2,
+                                      progress=False)
+    want["cached"] = want["cls7"]
+    stale = (torch.zeros(7, 16), torch.zeros(7, dtype=torch.long))
+    save_cached_features(tmp_path / "cache.safetensors", "k", *stale)  # would be wrong if used by rank 0 alone
+    mp.spawn(_features_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for key, (feats, labels) in want.items():
+            torch.testing.assert_close(got[key][0], feats, rtol=1e-5, atol=1e-6)
+            assert torch.equal(got[key][1], labels), key
+    assert want["cls7"][1].tolist() == [0, 1, 2, 0, 1, 2, 0]
