@@ -103,7 +103,7 @@ def test_synth_default_out_uses_cache_env(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setattr(cmds, "write_synthetic_dataset", lambda root, spec, **kw: seen.append(Path(root)))
     monkeypatch.setenv("FASTDINOV2_CACHE", str(tmp_path / "cache"))
     assert _run(["data", "synth", "--no-corrupted", "--no-retrieval"]) == 0
-    assert seen == [tmp_path / "cache" / "synthetic-v1"]
+    assert seen == [tmp_path / "cache" / "synthetic-v2"]
 
 
 # ------------------------------------------------------------------------------------------------ imagenet100

@@ -163,7 +163,7 @@ def test_layout_counts_and_meta(tmp_path: Path) -> None:
     assert img.format == "JPEG" and img.size == (48, 48)
     # the stored file is the rendered image up to JPEG loss
     ref = np.asarray(render_sample(0, 0, seed=7, size=48, num_classes=3), dtype=np.float64)
-    assert np.abs(np.asarray(load_image(recs[0].path), dtype=np.float64) - ref).mean() < 3.0
+    assert np.abs(np.asarray(load_image(recs[0].path), dtype=np.float64) - ref).mean() < 4.0  # JPEG q95 error
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
@@ -248,11 +248,11 @@ def test_default_root_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(syn, "write_synthetic_dataset", fake_write)
     monkeypatch.setenv("FASTDINOV2_CACHE", str(tmp_path / "env"))
-    assert default_dataset_root() == tmp_path / "env" / "synthetic-v1"
-    assert default_dataset_root(tmp_path / "explicit") == tmp_path / "explicit" / "synthetic-v1"
+    assert default_dataset_root() == tmp_path / "env" / "synthetic-v2"
+    assert default_dataset_root(tmp_path / "explicit") == tmp_path / "explicit" / "synthetic-v2"
     monkeypatch.delenv("FASTDINOV2_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert default_dataset_root() == tmp_path / "home" / ".cache" / "fastdinov2" / "synthetic-v1"
+    assert default_dataset_root() == tmp_path / "home" / ".cache" / "fastdinov2" / "synthetic-v2"
     assert all(spec == SyntheticSpec() for _, spec in written)
     assert SyntheticSpec() == SyntheticSpec(10, 300, 60, 96, 0)
 
@@ -350,8 +350,8 @@ def test_retrieval_set_layout_and_ground_truth(tmp_path: Path) -> None:
         img = Image.open(out / "jpg" / f"{name}.jpg").convert("RGB")
         if box is not None:
             img = img.crop((box[0], box[1], box[2], box[3]))
-        q = (np.asarray(img) // 64).reshape(-1, 3)
-        h = np.bincount(q[:, 0] * 16 + q[:, 1] * 4 + q[:, 2], minlength=64).astype(float)
+        q = (np.asarray(img) // 32).reshape(-1, 3)  # 8 bins per channel: colours are muted (saturation <= 0.3)
+        h = np.bincount(q[:, 0] * 64 + q[:, 1] * 8 + q[:, 2], minlength=512).astype(float)
         return h / np.linalg.norm(h)
 
     dis = sorted(set(range(len(imlist))) - used)
