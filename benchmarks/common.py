@@ -65,6 +65,7 @@ def machine_info(device: torch.device | None = None) -> dict[str, Any]:
         "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

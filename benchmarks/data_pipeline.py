@@ -22,6 +22,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -161,6 +162,7 @@ def bench_photometric(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    load_start = [round(x, 2) for x in os.getloadavg()]
     set_threads(1)  # a data-loader worker: one core, torch single-threaded
     base = load_config(args.config, args.overrides)
     if args.image_size == "auto":
@@ -231,6 +233,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "local_crops_number": base.crops.local_crops_number,
         "samples": rows,
         "photometric_batched": photometric,
+        "loadavg_start": load_start,
         "machine": machine_info(
             torch.device("cuda") if torch.cuda.is_available() and not args.no_cuda else None
         ),

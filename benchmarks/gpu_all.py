@@ -169,6 +169,44 @@ def card_slug(smoke: bool) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+PREFLIGHT = """
+import importlib, sys
+missing = []
+for name in ("torch", "numpy", "PIL", "omegaconf", "yaml", "safetensors", "tqdm", "fastdinov2.train.loop"):
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        missing.append(f"{name} ({type(exc).__name__}: {exc})")
+if missing:
+    sys.exit("missing Python modules: " + "; ".join(missing))
+import torch
+if NEED_CUDA and not torch.cuda.is_available():
+    sys.exit("torch " + torch.__version__ + " sees no CUDA device")
+try:  # the command line (torchrun job) also imports the evaluation and report modules
+    from fastdinov2.cli import build_parser
+    build_parser()
+except Exception as exc:
+    print(f"WARNING: the fastdinov2 command line cannot load ({type(exc).__name__}: {exc}); "
+          "the torchrun job will fail", file=sys.stderr)
+"""
+
+
+def preflight(py: str, need_cuda: bool) -> str | None:
+    """None when ``py`` can import fastdinov2 and its dependencies (and sees a GPU), else the reason."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code = PREFLIGHT.replace("NEED_CUDA", str(need_cuda))
+    try:
+        res = subprocess.run([py, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{py}: {exc}"
+    if res.returncode != 0:
+        return f"{py}: {(res.stderr.strip().splitlines() or ['exit code ' + str(res.returncode)])[-1]}"
+    for line in res.stderr.splitlines():
+        if line.startswith("WARNING:"):
+            print(f"[gpu_all] {line}", flush=True)
+    return None
+
+
 def run_job(job: Job, py: str, out: Path, timeout_s: float) -> dict[str, Any]:
     """Run one job in its own process group (killed as a whole on timeout); returns its status."""
     argv = [py, *job.argv] + (["--json-out", str(out / f"{job.name}.json")] if job.json_out else [])
@@ -245,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated job names to run (default: all)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny preset, 1 step: test this script")
+    p.add_argument("--no-preflight", action="store_true", help="skip the import / CUDA check")
     args = p.parse_args(argv)
 
     card = card_slug(args.smoke)
@@ -264,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     job_dir.mkdir(parents=True, exist_ok=True)
     py = python_exe()
+    problem = None if args.no_preflight else preflight(py, need_cuda=not args.smoke)
+    if problem:
+        print(f"[gpu_all] cannot run: {problem}", file=sys.stderr)
+        return 2
     t_start = time.perf_counter()
     statuses: list[dict[str, Any]] = []
     for job in jobs:

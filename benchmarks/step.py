@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -317,6 +318,70 @@ def stage_specs(cfg: Config, args: argparse.Namespace) -> list[StageSpec]:
     ]
 
 
+# aten ops that only make views or metadata (no kernel on a GPU); everything else counts as a launch.
+VIEW_OPS = frozenset(
+    f"aten::{n}"
+    for n in (
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "t",
+        "transpose",
+        "permute",
+        "expand",
+        "expand_as",
+        "unsqueeze",
+        "squeeze",
+        "select",
+        "slice",
+        "as_strided",
+        "detach",
+        "detach_",
+        "alias",
+        "unbind",
+        "chunk",
+        "split",
+        "flatten",
+        "unflatten",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "numpy_T",
+        "lift_fresh",
+        "resolve_conj",
+        "resolve_neg",
+        "narrow",
+        "view_as",
+        "split_with_sizes",
+        "_reshape_alias",
+        "set_",
+        "is_nonzero",
+    )
+)
+
+
+def top_level_ops(events: Any) -> dict[str, dict[str, int]]:
+    """Per phase: aten ops called from Python / autograd (not from inside another aten op), and those of
+    them that are not views: a proxy for kernel launches on a GPU, where each costs CPU time."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: {"ops": 0, "non_view_ops": 0})
+    for e in events:
+        if not e.name.startswith("aten::") or str(getattr(e, "device_type", "CPU")).split(".")[-1] != "CPU":
+            continue
+        phase, nested, parent = "other", False, e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                nested = True
+                break
+            if parent.name.startswith("phase::") and phase == "other":
+                phase = parent.name.removeprefix("phase::")
+            parent = parent.cpu_parent
+        if nested:
+            continue
+        counts[phase]["ops"] += 1
+        counts[phase]["non_view_ops"] += int(e.name not in VIEW_OPS)
+    return dict(counts)
+
+
 def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: int = 15) -> dict[str, Any]:
     """torch.profiler over ``n_steps`` steps: per-phase time, top operators by self time, and the share of
     wall time spent outside operators (Python, dispatch, allocator; on CPU everything is synchronous)."""
@@ -354,8 +419,13 @@ def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: 
             for e in top_ops
         ],
         "op_calls_per_step": sum(e.count for e in ops) / n_steps,
+        "top_level_ops_per_step": {
+            k: {kk: vv / n_steps for kk, vv in v.items()} for k, v in top_level_ops(prof.events()).items()
+        },
     }
     if runner.device.type == "cuda":
+        kernels = [e for e in prof.events() if str(getattr(e, "device_type", "")).split(".")[-1] == "CUDA"]
+        out["device_kernels_per_step"] = len(kernels) / n_steps
         out["self_device_ms_per_step"] = (
             sum(getattr(e, "self_device_time_total", 0.0) for e in ops) / 1e3 / n_steps
         )
@@ -363,6 +433,7 @@ def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    load_start = [round(x, 2) for x in os.getloadavg()]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
@@ -478,6 +549,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "student_params_m": sum(p.numel() for p in runner.params) / 1e6,
         },
         "stages": results,
+        "loadavg_start": load_start,
         "machine": machine_info(device),
     }
     if len(results) >= 2:
@@ -496,7 +568,7 @@ def print_readable(out: dict[str, Any]) -> None:
     dev = m.get("gpu_name") or f"{m['cpu_model']} ({out['threads']} threads)"
     print(
         f"step benchmark: {out['config']} on {dev}, {out['dtype']}, compile={out['compile']}, "
-        f"compile_step={out['compile_step']}, load {m['loadavg_1_5_15']}"
+        f"compile_step={out['compile_step']}, load {out['loadavg_start']} -> {m['loadavg_1_5_15']}"
     )
     for r in out["stages"]:
         mfu = f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
@@ -515,6 +587,17 @@ def print_readable(out: dict[str, Any]) -> None:
                 f"    profile: wall {pr['wall_ms_per_step']:.1f} ms/step, inside ops "
                 f"{pr['op_self_cpu_ms_per_step']:.1f}, outside ops {pr['outside_ops_ms_per_step']:.1f}, "
                 f"{pr['op_calls_per_step']:.0f} op calls/step"
+            )
+            tl = pr["top_level_ops_per_step"]
+            print(
+                f"      top-level ops/step {sum(v['ops'] for v in tl.values()):.0f} (not views: "
+                f"{sum(v['non_view_ops'] for v in tl.values()):.0f}): "
+                + ", ".join(f"{k} {v['non_view_ops']:.0f}" for k, v in tl.items())
+                + (
+                    f"; device kernels/step {pr['device_kernels_per_step']:.0f}"
+                    if "device_kernels_per_step" in pr
+                    else ""
+                )
             )
             print(
                 "      top ops: "

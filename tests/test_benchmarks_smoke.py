@@ -189,6 +189,30 @@ def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
         "cuda" not in j.argv and "compute.device=cuda" not in j.argv for j in ga.plan(tmp_path, smoke=True)
     )
     # no budget: every job is skipped, and the merged file says so
-    rc = ga.main(["--smoke", "--out", str(tmp_path / "res"), "--budget-s", "0"])
+    rc = ga.main(["--smoke", "--no-preflight", "--out", str(tmp_path / "res"), "--budget-s", "0"])
     merged = json.loads((tmp_path / "res" / "cpu-smoke.json").read_text())
     assert rc == 1 and {j["rc"] for j in merged["jobs"]} == {"skipped"} and len(merged["jobs"]) == len(names)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_step_matches_eager_step(step_mod: ModuleType, backend: str) -> None:
+    """``--compile-step`` (one compiled forward+loss, compiled update) gives the eager step's weights.
+
+    Uses backends without code generation (graph capture and, for aot_eager, the AOTAutograd backward);
+    about 10-20 s on a 2-core CPU, hence ``slow`` (run with ``-m slow``)."""
+    from fastdinov2.config import load_config
+
+    torch.set_num_threads(1)
+    cfg = load_config("fastdinov2_tiny", TINY)
+    batch = step_mod.make_batch(cfg, step_mod.StageSpec("s", 32, 16, 4), torch.device("cpu"))
+    eager = step_mod.StepRunner(cfg, torch.device("cpu"))
+    compiled = step_mod.StepRunner(cfg, torch.device("cpu"), compile_step=True, compile_backend=backend)
+    for _ in range(2):
+        assert eager.step(batch) and compiled.step(batch)
+    for a, b in zip(eager.model.student.parameters(), compiled.model.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(eager.model.teacher.parameters(), compiled.model.teacher.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(eager.model.dino_loss.center, compiled.model.dino_loss.center)
+    torch.testing.assert_close(eager.model.ibot_loss.center, compiled.model.ibot_loss.center)

@@ -9,6 +9,7 @@ loopback addresses only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from fastdinov2.curriculum import Curriculum
 from fastdinov2.data.synthetic import SyntheticSpec, write_synthetic_dataset
 from fastdinov2.train.checkpoint import list_checkpoints
 from fastdinov2.train.loop import resume_step, step_covering, train
+from fastdinov2.train.plan import build_schedules
 from fastdinov2.train.sampler import StepBatchSampler
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -91,11 +93,47 @@ def _torchrun_args(out: Path, overrides: list[str], *torchrun_opts: str) -> list
             "--output-dir", str(out), *overrides]
 
 
-def _torchrun(out: Path, overrides: list[str], *opts: str) -> subprocess.CompletedProcess[str]:
-    args = [*_torchrun_args(out, overrides), *opts]
-    done = subprocess.run(args, env=_child_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
+def _descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids = [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            out += [kid, *_descendants(kid)]
+    return out
+
+
+def _kill_tree(agent: subprocess.Popen[str]) -> None:
+    """SIGKILL the workers of a torchrun agent, then the agent (bounded clean-up after a failure)."""
+    for pid in _descendants(agent.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    agent.kill()
+    agent.communicate()
+
+
+def _start(out: Path, overrides: list[str], *torchrun_opts: str, extra: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    return subprocess.Popen([*_torchrun_args(out, overrides, *torchrun_opts), *extra], env=_child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(agent: subprocess.Popen[str], deadline: float) -> tuple[str, str]:
+    """Wait for the agent until ``deadline``; on time-out kill it with its workers and fail."""
+    try:
+        out, err = agent.communicate(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        _kill_tree(agent)
+        pytest.fail(f"torchrun did not finish within {TIMEOUT} s")
+    assert agent.returncode == 0, err[-4000:]
+    return out, err
+
+
+def _torchrun(out: Path, overrides: list[str], *opts: str) -> tuple[str, str]:
+    """Run ``fastdinov2 train`` on 2 processes; returns (stdout, stderr)."""
+    return _finish(_start(out, overrides, extra=opts), time.time() + TIMEOUT)
 
 
 def _copy_run_up_to(src: Path, dest: Path, step: int) -> Path:
@@ -116,21 +154,22 @@ def reference(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(scope="module")
+def reference_accum(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, 2 micro-batches of B per step (the same global batch as ``reference``)."""
+    run = tmp_path_factory.mktemp("reference_accum")
+    assert train(load_config("fastdinov2_tiny", _overrides(data_root, B, "train.grad_accum_steps=2")), run)["finished"]
+    return run
+
+
+@pytest.fixture(scope="module")
 def ddp_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     run = tmp_path_factory.mktemp("ddp")
-    done = _torchrun(run, _overrides(data_root, B))
-    return run, done.stdout
+    return run, _torchrun(run, _overrides(data_root, B))[0]
 
 
 def _worker_pid(agent: subprocess.Popen[str], rank: int, restart: int) -> int | None:
     """PID of the torchrun worker with ``RANK=rank`` in restart round ``restart``, if it is running."""
-    kids: list[int] = []
-    for task in Path(f"/proc/{agent.pid}/task").glob("*"):
-        try:
-            kids += [int(p) for p in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    for pid in kids:
+    for pid in _descendants(agent.pid):
         try:
             env = dict(
                 item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item
@@ -150,25 +189,18 @@ def fsdp_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
         pytest.skip("needs /proc to find the worker processes")
     run = tmp_path_factory.mktemp("fsdp2")
     overrides = _overrides(data_root, B, "compute.strategy=fsdp2", "train.checkpoint_every=2")
-    agent = subprocess.Popen(_torchrun_args(run, overrides, "--max-restarts=1"), env=_child_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + TIMEOUT
-        victim = None
-        while time.time() < deadline and agent.poll() is None:
-            if list_checkpoints(run / "checkpoints"):
-                victim = _worker_pid(agent, rank=1, restart=0)
-                if victim is not None:
-                    os.kill(victim, signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        out, err = agent.communicate(timeout=max(1.0, deadline - time.time()))
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.communicate()
-    assert victim is not None, f"no committed checkpoint while the first workers ran: {err[-3000:]}"
-    assert agent.returncode == 0, err[-4000:]
+    agent = _start(run, overrides, "--max-restarts=1")
+    deadline, victim = time.time() + TIMEOUT, None
+    while time.time() < deadline and agent.poll() is None and victim is None:
+        if list_checkpoints(run / "checkpoints"):  # the first checkpoint is committed: kill rank 1 now
+            victim = _worker_pid(agent, rank=1, restart=0)
+            if victim is not None:
+                os.kill(victim, signal.SIGKILL)
+        time.sleep(0.02)
+    if victim is None:
+        _kill_tree(agent)
+        pytest.fail("rank 1 was not found running after the first checkpoint")
+    out, _ = _finish(agent, deadline)
     return run, out
 
 
@@ -273,11 +305,15 @@ def test_two_process_checkpoint_resumes_on_one(strategy: str, data_root: Path, d
     _assert_same_losses(run, reference)
 
 
-def test_one_process_checkpoint_resumes_on_two(data_root: Path, reference: Path, tmp_path: Path) -> None:
-    run = _copy_run_up_to(reference, tmp_path / "run", 4)
-    done = _torchrun(run, _overrides(data_root, B), "--allow-config-change")
-    assert "written by 1 process(es) at step 4 after 32 images" in done.stderr
-    _assert_same_losses(run, reference)
+def test_one_process_checkpoint_resumes_on_two_with_accumulation(data_root: Path, reference_accum: Path,
+                                                                  tmp_path: Path) -> None:
+    # 1 process x 2 micro-batches of 4 -> 2 processes x 2 micro-batches of 2: each micro-batch holds the same
+    # images (and the centres see the same rows), so the run continues exactly, with DDP's no_sync on the
+    # first micro-batch of every step.
+    run = _copy_run_up_to(reference_accum, tmp_path / "run", 4)
+    _, err = _torchrun(run, _overrides(data_root, B // 2, "train.grad_accum_steps=2"), "--allow-config-change")
+    assert "written by 1 process(es) at step 4 after 32 images" in err
+    _assert_same_losses(run, reference_accum)
 
 
 def test_world_change_with_fixed_per_process_batch_converts_the_step(
@@ -294,6 +330,12 @@ def test_world_change_with_fixed_per_process_batch_converts_the_step(
     assert [r["step"] for r in rows] == [0, 2, 4, 6, *range(8, 16)]
     assert [r["samples_seen"] for r in rows] == [0, 8, 16, 24, *range(32, 64, 4)]
     assert [r["world_size"] for r in rows] == [2] * 4 + [1] * 8
+    # From the resume on, the schedules are those of the new global batch (lr scaled for 4 images, not 8).
+    cfg = load_config("fastdinov2_tiny", _overrides(data_root, B))
+    new = build_schedules(cfg, Curriculum(cfg, 32, world_size=1))
+    assert [r["lr"] for r in rows[4:]] == pytest.approx([float(new.lr[s]) for s in range(8, 16)], abs=1e-8)
+    # At the same point of training (epoch 1), the lr is the 2-process one scaled by sqrt(4 / 8).
+    assert rows[4]["lr"] == pytest.approx(_rows(ddp_run[0])[4]["lr"] / 2**0.5, rel=0.02)
 
 
 # ---- fault tolerance ----------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.max_steps=10")
     p.set_defaults(func=_cmd_train)
 
-    from fastdinov2 import flops
+    from fastdinov2 import experiment, flops
     from fastdinov2.data.commands import add_data_commands
     from fastdinov2.eval.commands import add_eval_commands
     from fastdinov2.report import add_report_command
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_commands(sub)
     add_report_command(sub)
     flops.add_command(sub)
+    experiment.add_command(sub)
     return parser
 
 

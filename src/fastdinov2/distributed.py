@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -102,8 +103,8 @@ class _CPUArray:
 
 
 def _pack(obj: Any) -> Any:
-    # Object collectives unpickle tensors through a storage path that breaks on CPU-only builds; numpy
-    # arrays travel safely.
+    # all_gather_object of this PyTorch fails to unpickle tensors ("UntypedStorage has no attribute
+    # dtype"); numpy arrays travel safely.
     if isinstance(obj, torch.Tensor):
         return _CPUArray(obj)
     if isinstance(obj, dict):
@@ -190,7 +191,12 @@ def init_distributed(device_type: str = "cpu", timeout_s: float = 1800.0) -> tup
         backend = "gloo"
     else:
         raise ValueError(f"device_type must be 'cpu' or 'cuda', got {device_type!r}")
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    # torchrun keeps one store across the restarts of its workers, and a restarted worker could read the
+    # address a dead peer published in the previous round: keep each round's keys apart.
+    store = dist.PrefixStore(f"fastdinov2/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return rank, world, local_rank
 
 
@@ -231,6 +237,9 @@ def _mesh(device_type: str) -> Any:
 def _fully_shard(module: nn.Module, device: torch.device, param_dtype: torch.dtype | None, root: bool) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    # forward_features returns views (CLS / patch slices of one tensor); nothing modifies them in place, so
+    # FSDP2's warning about in-place ops on view outputs does not apply.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     kw: dict[str, Any] = {"mesh": _mesh(device.type)}
     if not root:
         # Without a root unit, the first unit to run would count as a root and keep its parameters
@@ -241,7 +250,7 @@ def _fully_shard(module: nn.Module, device: torch.device, param_dtype: torch.dty
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for unit in _fsdp_units(module):
         fully_shard(unit, **kw)
-    backbone = module.backbone
+    backbone = cast(nn.Module, module.backbone)
     fully_shard(backbone, **kw)
     # The meta-architecture calls backbone.forward_features (not forward): let FSDP gather around it too.
     register_fsdp_forward_method(backbone, "forward_features")
@@ -306,19 +315,20 @@ def gradient_sync(student: nn.Module, enabled: bool) -> Iterator[None]:
     """Context for one micro-batch's backward: with ``enabled=False`` gradients are only accumulated
     locally (DDP ``no_sync``; FSDP2 ``set_requires_gradient_sync(False)``); the last micro-batch of a
     step runs with ``enabled=True`` and reduces the accumulated gradients across ranks once."""
-    if enabled:
+    no_sync = getattr(student, "no_sync", None)  # DDP
+    set_sync = getattr(student, "set_requires_gradient_sync", None)  # FSDP2
+    if enabled or (no_sync is None and set_sync is None):
         yield
-    elif hasattr(student, "no_sync"):
-        with student.no_sync():
+    elif no_sync is not None:
+        with no_sync():
             yield
-    elif hasattr(student, "set_requires_gradient_sync"):
-        student.set_requires_gradient_sync(False)
+    else:
+        assert set_sync is not None
+        set_sync(False)
         try:
             yield
         finally:
-            student.set_requires_gradient_sync(True)
-    else:
-        yield
+            set_sync(True)
 
 
 def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -338,7 +348,7 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> torch.Tensor
 
 
 # ---- full (unsharded) state dicts, the on-disk format at every world size --------------------------------
-def full_model_state_dict(module: nn.Module, all_ranks: bool = False) -> dict[str, torch.Tensor]:
+def full_model_state_dict(module: nn.Module, all_ranks: bool = False) -> dict[str, Any]:
     """``module``'s full state dict. Plain modules: ``module.state_dict()``. Sharded modules: a collective
     (every rank must call it); the full tensors land on rank 0's CPU and the other ranks get ``{}``, or,
     with ``all_ranks=True``, every rank gets them on its device."""
@@ -350,7 +360,7 @@ def full_model_state_dict(module: nn.Module, all_ranks: bool = False) -> dict[st
     return get_model_state_dict(module, options=options)
 
 
-def load_full_model_state_dict(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_full_model_state_dict(module: nn.Module, state: dict[str, Any]) -> None:
     """Load a full state dict (as written by :func:`full_model_state_dict`) into a plain or sharded module;
     every rank passes the full dict (it is sliced locally for sharded modules). Strict on keys."""
     if not is_sharded(module):

@@ -43,7 +43,9 @@ from fastdinov2.curriculum import Curriculum
 from fastdinov2.data.collate import TrainBatch, collate_train
 from fastdinov2.data.datasets import DataError, discover_training_images
 from fastdinov2.data.pretrain import PretrainDataset
+from fastdinov2.models.vit import DinoVisionTransformer, build_vit
 from fastdinov2.train.checkpoint import (
+    CheckpointError,
     find_latest_checkpoint,
     load_checkpoint,
     remove_stale_temporaries,
@@ -368,7 +370,13 @@ class Trainer:
 
         saved_step = int(optim_state["step"])
         saved_world = int(optim_state.get("world_size", 1))
-        position = int(optim_state["sample_position"])
+        if "total_steps" in optim_state:
+            position = int(optim_state["sample_position"])
+        elif saved_world == self.world_size:  # an older layout: its step is valid at this world size only
+            position = self.curriculum.sample_position(saved_step)
+        else:
+            raise CheckpointError(f"{path} was written by {saved_world} process(es) in an older layout without "
+                                  f"a data position; resume it on {saved_world} process(es)")
         step = resume_step(self.curriculum, position)
         self.state.step = step
         rngs = optim_state["rng"] if isinstance(optim_state["rng"], list) else [optim_state["rng"]]
@@ -392,14 +400,12 @@ class Trainer:
             )
         return path
 
-    def teacher_backbone(self) -> nn.Module:
+    def teacher_backbone(self) -> DinoVisionTransformer:
         """The teacher backbone as a plain module on every rank (a collective under fsdp2, which rebuilds
         it from the gathered full weights)."""
         backbone = self.model.teacher.backbone
         if not dist_utils.is_sharded(backbone):
             return backbone
-        from fastdinov2.models.vit import build_vit
-
         plain = build_vit(**backbone.config).to(self.device)
         plain.load_state_dict(dist_utils.full_model_state_dict(backbone, all_ranks=True))
         return plain
