@@ -31,7 +31,7 @@ from fastdinov2.config import ConfigError, load_config
 from fastdinov2.curriculum import Curriculum
 from fastdinov2.data.synthetic import SyntheticSpec, write_synthetic_dataset
 from fastdinov2.train.checkpoint import list_checkpoints
-from fastdinov2.train.loop import resume_step, step_covering, train
+from fastdinov2.train.loop import train
 from fastdinov2.train.plan import build_schedules
 from fastdinov2.train.sampler import StepBatchSampler
 
@@ -247,11 +247,11 @@ def test_resume_step_carries_the_data_position_over(data_root: Path) -> None:
     one, two = Curriculum(cfg, 32, world_size=1), Curriculum(cfg, 32, world_size=2)
     assert (one.total_steps, two.total_steps) == (16, 8)
     for step in range(two.total_steps + 1):  # shrinking the world: exact, step doubles
-        assert resume_step(one, two.sample_position(step)) == 2 * step
+        assert one.resume_step(two.sample_position(step)) == 2 * step
     # growing the world: the first step at or after the position (an odd step skips B images)
-    assert [resume_step(two, one.sample_position(s)) for s in range(7)] == [0, 1, 1, 2, 2, 3, 3]
-    assert resume_step(two, 10**6) == two.total_steps  # past the end: the run is finished
-    assert [step_covering(two, p) for p in (0, 7, 8, 47, 48, 63)] == [0, 0, 1, 5, 6, 7]
+    assert [two.resume_step(one.sample_position(s)) for s in range(7)] == [0, 1, 1, 2, 2, 3, 3]
+    assert two.resume_step(10**6) == two.total_steps  # past the end: the run is finished
+    assert [two.step_covering(p) for p in (0, 7, 8, 47, 48, 63)] == [0, 0, 1, 5, 6, 7]
 
 
 def test_sampler_shards_cover_each_epoch_once(data_root: Path) -> None:

@@ -110,6 +110,25 @@ class Curriculum:
         st = self.stage_at(step)
         return st.start_sample + (step - st.start_step) * st.global_batch
 
+    def step_covering(self, position: int) -> int:
+        """The step whose global batch holds data position ``position`` (``>= total_steps`` past the end)."""
+        for st in self.stages:
+            if position < st.start_sample + st.num_steps * st.global_batch:
+                return st.start_step + (position - st.start_sample) // st.global_batch
+        last = self.stages[-1]
+        return last.end_step + (position - last.start_sample - last.num_steps * last.global_batch) // last.global_batch
+
+    def resume_step(self, position: int) -> int:
+        """The first step that starts at or after data position ``position``, at most ``total_steps``.
+
+        This is how a checkpoint continues at another world size (or global batch): the data position
+        (images consumed) is carried over, never the raw step counter. No image is fed twice; fewer than one
+        global batch of the stream is skipped when ``position`` falls inside a step.
+        """
+        if position <= 0:
+            return 0
+        return min(self.total_steps, self.step_covering(position - 1) + 1)
+
     def describe(self) -> str:
         lines = []
         for st in self.stages:

@@ -13,7 +13,7 @@ parallelism (DDP or FSDP2, ``compute.strategy``) is applied to the student from 
 Resuming at another world size: the progress of a run is its data position (images consumed,
 :meth:`Curriculum.sample_position`), which does not depend on the world size, while its step counter
 does. A checkpoint is resumed at the first step of this run whose data position is at or after the
-saved one (:func:`resume_step`), so no image is fed twice and at most one global batch minus one image of
+saved one (:meth:`Curriculum.resume_step`), so no image is fed twice and at most one global batch minus one image of
 the stream is skipped; with an unchanged global batch (e.g. 2 x B -> 1 x 2B) that is exactly the saved step.
 The message on stderr states the conversion, and ``metrics.jsonl`` is renumbered to the new steps.
 """
@@ -154,27 +154,6 @@ def _reseed(seed: int, rank: int, step: int) -> None:
     np.random.seed(s)
 
 
-def step_covering(cur: Curriculum, position: int) -> int:
-    """The step of ``cur`` whose global batch holds data position ``position`` (``>= total_steps`` past the end)."""
-    for st in cur.stages:
-        if position < st.start_sample + st.num_steps * st.global_batch:
-            return st.start_step + (position - st.start_sample) // st.global_batch
-    last = cur.stages[-1]
-    return last.end_step + (position - last.start_sample - last.num_steps * last.global_batch) // last.global_batch
-
-
-def resume_step(cur: Curriculum, position: int) -> int:
-    """The first step of ``cur`` that starts at or after data position ``position``, at most ``total_steps``.
-
-    This is how a checkpoint continues at another world size (or global batch): the data position (images
-    consumed) is carried over, never the raw step counter. No image is fed twice; fewer than one global
-    batch of the stream is skipped when ``position`` falls inside a step of ``cur``.
-    """
-    if position <= 0:
-        return 0
-    return min(cur.total_steps, step_covering(cur, position - 1) + 1)
-
-
 def renumber_metrics(logger: MetricsLogger, saved_step: int, cur: Curriculum) -> int:
     """After a resume that changed the step numbering: drop the records the earlier run logged at or after
     its checkpoint ``saved_step`` (they are superseded), and move each kept record to the step of ``cur``
@@ -187,7 +166,7 @@ def renumber_metrics(logger: MetricsLogger, saved_step: int, cur: Curriculum) ->
     out, last = [], -1
     for rec in read_metrics(logger.path):
         if "samples_seen" in rec:
-            new = step_covering(cur, int(rec["samples_seen"]))
+            new = cur.step_covering(int(rec["samples_seen"]))
             if new <= last:
                 continue
             rec = {**rec, "step": new}
@@ -377,7 +356,7 @@ class Trainer:
         else:
             raise CheckpointError(f"{path} was written by {saved_world} process(es) in an older layout without "
                                   f"a data position; resume it on {saved_world} process(es)")
-        step = resume_step(self.curriculum, position)
+        step = self.curriculum.resume_step(position)
         self.state.step = step
         rngs = optim_state["rng"] if isinstance(optim_state["rng"], list) else [optim_state["rng"]]
         if saved_world == self.world_size and step == saved_step and len(rngs) == self.world_size:
