@@ -93,8 +93,8 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
 
     smoke_steps = "4" if smoke else "30"
     return [
-        step("step_vits16_b64", s16, "--breakdown"),
-        step("step_vitb16_b64", b16, "--breakdown"),
+        step("step_vits16_b64", s16, "--breakdown", "--profile", "3"),
+        step("step_vitb16_b64", b16, "--breakdown", "--profile", "3"),
         Job(
             "data_pipeline",
             [
@@ -264,7 +264,7 @@ def summary_lines(merged: dict[str, Any]) -> list[str]:
             )
             lines.append(f"{name}: {parts}{tail}")
         elif res.get("benchmark") == "data_pipeline":
-            best = {}
+            best: dict[str, float] = {}
             for r in res["samples"]:
                 key = f"{r['global_size']}/{r['local_size']}"
                 if r["photometric_on"] == "worker":

@@ -432,13 +432,24 @@ def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: 
     return out
 
 
+def trainer_threads(cfg: Config, device: torch.device) -> int:
+    """The intra-op threads ``Trainer`` would use: ``compute.threads``, else on the CPU the cores left to
+    the compute process by ``data.num_workers`` loader workers (at least 1), else all cores."""
+    cores = os.cpu_count() or 1
+    if cfg.compute.threads:
+        return cfg.compute.threads
+    if device.type == "cpu" and cfg.data.num_workers > 0:
+        return max(1, cores - cfg.data.num_workers)
+    return cores
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load_start = [round(x, 2) for x in os.getloadavg()]
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    threads = set_threads(args.threads)
     cfg = load_config(args.config, args.overrides)
+    threads = set_threads(args.threads or trainer_threads(cfg, device))
     specs = stage_specs(cfg, args)
     skip = tuple(s for s in args.skip.split(",") if s) if args.skip else ()
     for s in skip:
@@ -621,7 +632,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per stage first")
     p.add_argument("--stages", default="all", help="'all' or comma-separated stage indices of the preset")
     p.add_argument("--sizes", default=None, help="time these GLOBAL/LOCAL sizes instead, e.g. 112/48,224/96")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: as the trainer: cores - data.num_workers on a CPU)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher modules")
     p.add_argument(
         "--compile-step",
