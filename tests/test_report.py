@@ -163,6 +163,9 @@ def test_end_of_training_knn_and_linear_results(fast_run):
     best = {"name": "blocks1_cls_lr0.01", "top1": 62.0, "top5": 90.0, "selection_top1": 61.0}
     write_result(fast_run / "eval" / "linear.json", "linear", None, {},
                  {"best": best, "heads": [best, best], "selection_split": "val"})
+    # the saved best head (weights + metadata JSON beside them) is not a result and is skipped
+    (fast_run / "eval" / "linear_head.json").write_text('{"classes": ["a", "b"], "lr": 0.1}')
+    (fast_run / "eval" / "linear_head.safetensors").write_bytes(b"")
     md = build_report([fast_run], fast_run / "r").read_text()
     assert "— knn_end_of_training" in md
     assert _table_row(md, "random_init: best top-1") == ["5.00"]

@@ -172,6 +172,8 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunData:
         notes.append(f"no {METRICS_FILE}")
     evals: list[EvalEntry] = []
     for f in sorted((path / "eval").glob("*.json")):
+        if f.with_suffix(".safetensors").is_file():
+            continue  # the metadata of a saved head (e.g. linear_head.json), not a result
         obj = read_result(f)
         protocol, results = str(obj["protocol"]), obj["results"]
         if not isinstance(results, dict):
