@@ -210,3 +210,16 @@ def test_sigterm_saves_and_exits_75_then_continues(data_root: Path, tmp_path: Pa
     assert f"resuming from {ckpts[-1][1]}" in done.stdout
     assert torch.load(tmp_path / "run" / "checkpoints" / f"step_{saved_step + 2:08d}" / "optim.pt",
                       weights_only=True)["step"] == saved_step + 2
+
+
+def test_fp16_overflow_is_left_to_the_grad_scaler(data_root: Path, tmp_path: Path) -> None:
+    from fastdinov2.train.loop import Trainer
+
+    # fp16 gradients overflow at the grad scaler's initial scale (2**16): those steps must be skipped by the
+    # scaler, which lowers its scale, and not be treated as a NaN fault that halts the run.
+    trainer = Trainer(_cfg(data_root, "compute.precision=fp16", "train.max_steps=3"), tmp_path)
+    assert trainer.scaler is not None
+    scale0 = trainer.scaler.get_scale()
+    summary = trainer.run()
+    assert summary["step"] == 3 and trainer.state.nan_skips == 0
+    assert trainer.state.scaler_skips >= 1 and trainer.scaler.get_scale() < scale0

@@ -89,6 +89,7 @@ class RunState:
     step: int = 0
     bad_samples: int = 0
     nan_skips: int = 0
+    scaler_skips: int = 0  # fp16 overflow steps skipped by the grad scaler
     consecutive_skips: int = 0
     preempt_signal: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
@@ -275,7 +276,7 @@ class Trainer:
             self.param_groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
             fused=self.device.type == "cuda",
         )
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         self.state = RunState()
         self.ckpt_dir = output_dir / "checkpoints"
         self.logger: MetricsLogger | None = None
@@ -311,6 +312,7 @@ class Trainer:
             "total_steps": cur.total_steps,
             "world_size": self.world_size,
             "counters": {"bad_samples": self.state.bad_samples, "nan_skips": self.state.nan_skips,
+                         "scaler_skips": self.state.scaler_skips,
                          "consecutive_skips": self.state.consecutive_skips},
         }
         return model_state, optim_state
@@ -345,6 +347,7 @@ class Trainer:
         counters = optim_state.get("counters", {})
         self.state.bad_samples = int(counters.get("bad_samples", 0))
         self.state.nan_skips = int(counters.get("nan_skips", 0))
+        self.state.scaler_skips = int(counters.get("scaler_skips", 0))
         self.state.consecutive_skips = int(counters.get("consecutive_skips", 0))
 
         saved_step = int(optim_state["step"])
@@ -464,8 +467,16 @@ class Trainer:
         params = [p for p in self.model.student.parameters() if p.grad is not None]
         grad_norm = dist_utils.clip_grad_norm_(params, cfg.optim.clip_grad)  # norm over all ranks' shards
         totals["grad_norm"] = grad_norm.detach().float()
-        finite = bool(torch.isfinite(totals["loss"]).item() and torch.isfinite(grad_norm).item())
-        finite = not _agree(not finite, self.device)
+        loss_ok = not _agree(not bool(torch.isfinite(totals["loss"]).item()), self.device)
+        grad_ok = bool(torch.isfinite(grad_norm).item())  # a norm over all ranks: the same on every rank
+        if self.scaler is not None and loss_ok and not grad_ok:
+            # fp16 gradient overflow: expected now and then; the grad scaler skips this update and lowers its
+            # scale. Not a fault, so the NaN policy does not apply.
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.state.scaler_skips += 1
+            return None
+        finite = loss_ok and grad_ok
         if not finite:
             bad_terms = [k for k, v in totals.items() if not torch.isfinite(v).item()]
             if cfg.train.nan_policy == "halt":
@@ -566,6 +577,7 @@ class Trainer:
                         "data_wait_frac": wait_time / max(now - window_t0, 1e-9),
                         "bad_samples": self.state.bad_samples,
                         "nan_skips": self.state.nan_skips,
+                        "scaler_skips": self.state.scaler_skips,
                     }
                     self.state.history.append(record)
                     if self.logger is not None:
