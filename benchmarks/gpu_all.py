@@ -134,22 +134,37 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             45,
             json_out=False,
         ),
-        step("step_vits16_b64_compile_step", s16, "--compile-step", cap=180, min_s=100),
-        step("step_vits16_b64_nohostsync", s16, "--skip", "host_sync"),
-        step("step_vits16_b64_proto4096", s16, "dino.head_n_prototypes=4096", "ibot.head_n_prototypes=4096"),
-        step("step_vits16_b128", s16, batch=128),
-        step("step_vitb16_b128", b16, batch=128),
-        step("step_vits16_b64_compile", s16, "--compile", cap=120, min_s=80),
-        step("step_vitb16_b64_compile_step", b16, "--compile-step", cap=180, min_s=100),
+        Job(
+            "pytest_gpu",  # the step issues no host sync on CUDA (torch.cuda.set_sync_debug_mode), and the rest
+            ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/"],
+            120,
+            30,
+            json_out=False,
+        ),
+        step("step_vits16_b64_hostsync", s16, "--host-sync"),
         step(
             "step_vits16_b64_compile_step_cudagraphs",
             s16,
             "--compile-step",
             "--compile-mode",
             "reduce-overhead",
-            cap=150,
-            min_s=90,
+            cap=240,
+            min_s=120,
         ),
+        step("step_vits16_b64_compile_step", s16, "--compile-step", cap=180, min_s=100),
+        step("step_vits16_b64_proto4096", s16, "dino.head_n_prototypes=4096", "ibot.head_n_prototypes=4096"),
+        Job(  # iBOT prototype layer + loss, materialised vs chunked (ibot.loss_chunk_rows): ms and peak memory
+            "head_loss_m3800_k65536",
+            ["benchmarks/head_loss.py", "--device", dev, "--chunk-rows", "256,1024",
+             *(["--m", "64", "--k", "512", "--d", "32", "--steps", "1", "--warmup", "0"] if smoke
+               else ["--steps", "5", "--warmup", "2"])],
+            60,
+            20,
+        ),
+        step("step_vits16_b128", s16, batch=128),
+        step("step_vitb16_b128", b16, batch=128),
+        step("step_vits16_b64_compile", s16, "--compile", cap=120, min_s=80),
+        step("step_vitb16_b64_compile_step", b16, "--compile-step", cap=180, min_s=100),
     ]
 
 

@@ -3,7 +3,8 @@
 A step is what ``Trainer.train_step`` does for one micro-batch (mirrored here, not imported, so the
 benchmark needs no data and no run directory): schedules -> zero_grad -> teacher targets (teacher
 forward, heads, centring) -> student forward -> DINO + iBOT + KoLeo losses -> backward -> grad clip ->
-finiteness check (host sync, as the trainer) -> AdamW step (fused on CUDA, foreach on CPU) -> EMA teacher.
+finiteness check kept on the device (as the trainer: no host sync) -> fused AdamW step gated by it
+(``found_inf``) -> EMA teacher gated by it.
 It reuses ``MetaArch``, ``train.optim`` and the loss modules; inputs are synthetic tensors already on the
 device (random normalised crops, real iBOT block masks of the stage's grid), so no data loading is timed.
 
@@ -23,7 +24,8 @@ Examples::
 Extra options: ``--compile`` (torch.compile of the student and of the teacher's backbone/heads, as
 modules), ``--compile-step`` (one compiled function for teacher targets + student + losses, so AOTAutograd
 also compiles the backward, and a second one for clip + optimizer + EMA; ``--compile-mode reduce-overhead``
-adds CUDA graphs), ``--skip optimizer,ema,clip,host_sync`` (drop a part to measure its marginal cost),
+adds CUDA graphs), ``--skip optimizer,ema,clip,finite_check`` (drop a part to measure its marginal cost),
+``--host-sync`` (add the three host reads of the trainer's earlier finiteness check, to measure their cost),
 ``--breakdown`` (per-phase times, synchronised between phases), ``--profile N`` (torch.profiler over N
 steps per stage: time per phase, top operators, and the share of wall time not spent inside operators).
 """
@@ -62,11 +64,11 @@ PHASES = (
     "losses",
     "backward",
     "clip",
-    "host_sync",
+    "finite_check",
     "optimizer",
     "ema",
 )
-SKIPPABLE = ("clip", "host_sync", "optimizer", "ema")
+SKIPPABLE = ("clip", "finite_check", "optimizer", "ema")
 
 
 @dataclass(frozen=True)
@@ -153,16 +155,17 @@ class StepRunner:
         compile_mode: str | None = None,
         compile_backend: str = "inductor",
         skip: tuple[str, ...] = (),
+        host_sync: bool = False,
     ) -> None:
-        self.cfg, self.device, self.skip = cfg, device, set(skip)
+        self.cfg, self.device, self.skip, self.host_sync = cfg, device, set(skip), host_sync
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         torch.manual_seed(cfg.train.seed)
         self.model = MetaArch(cfg).to(device)
         groups = get_param_groups(
             self.model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
         )
-        # A compiled update gets the foreach optimizer (inductor fuses it); eager CUDA gets the fused kernel.
-        fused = device.type == "cuda" and not compile_step
+        # A compiled update gets the foreach optimizer (inductor fuses it); eager gets the fused kernel.
+        fused = not compile_step
         self.optimizer = build_adamw(
             groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=fused
         )
@@ -219,9 +222,11 @@ class StepRunner:
         if self.compile_step:
             return self._step_compiled(batch)
         cfg, timer, s = self.cfg, self.timer, self.sched
+        centers = [self.model.dino_loss.center, self.model.ibot_loss.center]
         with timer("schedules"):
             apply_optim_schedules(self.optimizer, s["lr"], s["wd"], s["last_layer_lr"])
             self.optimizer.zero_grad(set_to_none=True)
+            saved_centers = [c.clone() for c in centers]
         with self.autocast():
             with timer("teacher"):
                 t_cls, t_patch = self.model.teacher_targets(
@@ -249,20 +254,25 @@ class StepRunner:
                 )
             else:
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.clip_grad)
-        finite = True
-        with timer("host_sync"):
-            if "host_sync" not in self.skip:  # the trainer's finiteness check and cross-rank agreement
+        ok: Tensor | None = None
+        with timer("finite_check"):
+            if "finite_check" not in self.skip:  # as Trainer.train_step: on the device, centres restored
+                ok = torch.isfinite(totals["loss"]) & torch.isfinite(grad_norm)
+                for c, saved in zip(centers, saved_centers, strict=True):
+                    c.copy_(torch.where(ok, c, saved))
+            if self.host_sync:  # the trainer's earlier check: two reads and a cross-rank flag read back
                 finite = bool(torch.isfinite(totals["loss"]).item() and torch.isfinite(grad_norm).item())
                 finite = not bool(torch.tensor([0.0 if finite else 1.0], device=self.device).item() > 0)
-        if not finite:
-            self.optimizer.zero_grad(set_to_none=True)
-            return False
         with timer("optimizer"):
             if "optimizer" not in self.skip:
+                if ok is not None:
+                    self.optimizer.found_inf = (~ok).to(torch.float32)  # type: ignore[attr-defined]
                 self.optimizer.step()
+                if ok is not None:
+                    del self.optimizer.found_inf  # type: ignore[attr-defined]
         with timer("ema"):
             if "ema" not in self.skip:
-                self.model.update_teacher(s["momentum"])
+                self.model.update_teacher(s["momentum"], apply=ok)
         return True
 
     def _step_compiled(self, batch: SyntheticBatch) -> bool:
@@ -277,8 +287,8 @@ class StepRunner:
         with timer("update"):
             grad_norm = self._update()
         finite = True
-        with timer("host_sync"):
-            if "host_sync" not in self.skip:  # checked after the update here (a benchmark: no skip logic)
+        with timer("finite_check"):
+            if self.host_sync:  # checked after the update here (a benchmark: no skip logic)
                 finite = bool(torch.isfinite(losses["loss"]).item() and torch.isfinite(grad_norm).item())
         return finite
 
@@ -466,6 +476,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         compile_mode=args.compile_mode,
         compile_backend=args.compile_backend,
         skip=skip,
+        host_sync=args.host_sync,
     )
     batches = [make_batch(cfg, s, device, seed=i) for i, s in enumerate(specs)]
     peak = peak_tflops(device, args.peak_tflops)
@@ -548,6 +559,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "compile_mode": args.compile_mode,
         "compile_backend": args.compile_backend,
         "skip": list(skip),
+        "host_sync": args.host_sync,
         "peak_tflops": peak,
         "steps": args.steps,
         "rounds": args.rounds,
@@ -651,6 +663,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)"
     )
     p.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(SKIPPABLE)}")
+    p.add_argument(
+        "--host-sync",
+        action="store_true",
+        help="add the host reads of the trainer's earlier finiteness check (2 .item() + a flag), to time them",
+    )
     p.add_argument(
         "--breakdown", action="store_true", help="also time each phase (synchronised) for --steps steps"
     )

@@ -119,6 +119,17 @@ def test_step_benchmark_runs_both_stages(step_mod: ModuleType, tmp_path: Path) -
         step_mod.main(["--skip", "attention", *TINY])
 
 
+def test_head_loss_benchmark(tmp_path: Path) -> None:
+    hl = _load("head_loss")
+    out = hl.main(["--device", "cpu", "--threads", "1", "--m", "40", "--k", "256", "--d", "16", "--chunk-rows",
+                   "7,64", "--steps", "1", "--warmup", "0", "--json-out", str(tmp_path / "h.json")])
+    assert [r["variant"] for r in out["variants"]] == ["reference", "chunked_c7", "chunked_c64"]
+    assert out["max_rel_loss_diff"] < 1e-5  # same loss
+    peaks = {r["variant"]: r["peak_mib"] for r in out["variants"]}
+    assert peaks["reference"] > 0 and peaks["chunked_c7"] < peaks["reference"]  # measured, and smaller
+    assert json.loads((tmp_path / "h.json").read_text())["variants"] == out["variants"]
+
+
 def test_data_pipeline_benchmark(tmp_path: Path) -> None:
     dp = _load("data_pipeline")
     a = dp.write_jpegs(tmp_path / "a", 2, 64, 48)

@@ -149,7 +149,7 @@ def test_adamw_schedules_and_frozen_last_layer() -> None:
     model = _Model()
     groups = get_param_groups(model, 0.5, 0.2)
     opt = build_adamw(groups, betas=(0.9, 0.999))
-    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]  # CPU parameters
+    assert opt.defaults["fused"] is True  # the fused kernel on CPU parameters too
     assert opt.defaults["betas"] == (0.9, 0.999)
     apply_optim_schedules(opt, lr=1e-2, wd=0.04, last_layer_lr=0.0)
     for g in opt.param_groups:
@@ -169,6 +169,34 @@ def test_adamw_schedules_and_frozen_last_layer() -> None:
     fresh.load_state_dict(state)
     first = next(iter(model.parameters()))
     torch.testing.assert_close(fresh.state[first]["exp_avg"], opt.state[first]["exp_avg"])
+
+
+def test_fused_adamw_matches_foreach_and_skips_on_found_inf() -> None:
+    torch.manual_seed(0)
+    models = [_Model() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_adamw(get_param_groups(m, 0.5, 0.2), betas=(0.9, 0.999), fused=f)
+            for m, f in zip(models, (True, False), strict=True)]
+    assert opts[1].defaults["foreach"] is True
+    for step in range(3):
+        for m, opt in zip(models, opts, strict=True):
+            apply_optim_schedules(opt, lr=1e-2, wd=0.04, last_layer_lr=1e-2)
+            opt.zero_grad()
+            torch.stack([(p * (step + 1)).square().sum() for p in m.parameters()]).sum().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # a device-side found_inf flag (as the trainer sets it) skips the update and the step count
+    fused, model = opts[0], models[0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    fused.found_inf = torch.ones(())  # type: ignore[attr-defined]
+    fused.step()
+    del fused.found_inf  # type: ignore[attr-defined]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert all(int(s["step"]) == 3 for s in fused.state.values())
 
 
 def test_build_adamw_errors_and_missing_group_keys() -> None:

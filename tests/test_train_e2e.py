@@ -223,3 +223,23 @@ def test_fp16_overflow_is_left_to_the_grad_scaler(data_root: Path, tmp_path: Pat
     summary = trainer.run()
     assert summary["step"] == 3 and trainer.state.nan_skips == 0
     assert trainer.state.scaler_skips >= 1 and trainer.scaler.get_scale() < scale0
+
+
+def test_compute_compile_compiles_modules_in_place(data_root: Path, tmp_path: Path) -> None:
+    from fastdinov2.train.loop import Trainer
+
+    plain = Trainer(_cfg(data_root), tmp_path / "plain")
+    compiled = Trainer(_cfg(data_root, "compute.compile=true"), tmp_path / "compiled")
+    for model in (compiled.model.student, compiled.model.teacher):
+        assert model.backbone._compiled_call_impl is not None and model.dino_head._compiled_call_impl is not None
+    assert plain.model.student.backbone._compiled_call_impl is None
+    # in place: parameter names, hence checkpoints and exports, are those of the eager model
+    assert list(compiled.model.state_dict()) == list(plain.model.state_dict())
+
+
+@pytest.mark.slow
+def test_compute_compile_trains_like_eager(data_root: Path, tmp_path: Path) -> None:
+    eager = train(_cfg(data_root, "train.max_steps=2"), tmp_path / "eager")
+    compiled = train(_cfg(data_root, "train.max_steps=2", "compute.compile=true"), tmp_path / "compiled")
+    for a, b in zip(eager["history"], compiled["history"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)

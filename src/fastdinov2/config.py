@@ -81,6 +81,9 @@ class IbotConfig:
     head_bottleneck_dim: int = 256
     head_hidden_dim: int = 2048
     head_nlayers: int = 3
+    # > 0: iBOT loss fused with the prototype layer, this many masked-token rows per chunk (no [M, K]
+    # logits; losses/chunked.py). 0: the reference path. Ignored (reference path) with Sinkhorn-Knopp.
+    loss_chunk_rows: int = 0
 
 
 @dataclass
@@ -186,7 +189,7 @@ class TrainConfig:
 class ComputeConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
+    compile: bool = False  # torch.compile the backbones and heads in place (nn.Module.compile); see docs/benchmarks.md
     threads: int | None = None
     strategy: str = "ddp"  # data parallelism under torchrun: "ddp" | "fsdp2" (shards params; for ViT-L/g)
 
@@ -366,6 +369,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= i.mask_sample_probability <= 1.0, "ibot.mask_sample_probability", "must be in [0, 1]")
     _check(0.0 <= i.mask_ratio_min <= i.mask_ratio_max <= 1.0, "ibot.mask_ratio_min",
            "need 0 <= ibot.mask_ratio_min <= ibot.mask_ratio_max <= 1")
+    _check(i.loss_chunk_rows >= 0, "ibot.loss_chunk_rows", "must be >= 0 (0: no chunked iBOT loss)")
     t = cfg.teacher
     _check(0.0 <= t.momentum_teacher <= t.final_momentum_teacher <= 1.0, "teacher.momentum_teacher",
            "need 0 <= teacher.momentum_teacher <= teacher.final_momentum_teacher <= 1")

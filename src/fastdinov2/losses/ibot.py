@@ -172,3 +172,23 @@ class iBOTPatchLoss(nn.Module):
             batch_center = (packed[:-1] / count.clamp(min=1.0)).unsqueeze(0)  # [1, K]
             m = torch.where(count > 0, self.center_momentum, 1.0)
             self.center.mul_(m).add_(batch_center * (1.0 - m))
+
+    @torch.no_grad()
+    def update_center_from_sum(self, logit_sum: Tensor, count: Tensor | float) -> None:
+        """:meth:`update_center` from this rank's per-prototype sum of the teacher logits over its valid
+        masked tokens, ``logit_sum [K]``, and their number ``count`` (a scalar tensor or a number).
+
+        Used by the chunked iBOT loss (:mod:`fastdinov2.losses.chunked`), which never forms the ``[M, K]``
+        logits. Same reduction as :meth:`update_center` (sum and count reduced together; every rank must
+        call it; a global count of 0 leaves the centre unchanged).
+        """
+        if logit_sum.shape != (self.patch_out_dim,):
+            raise ValueError(f"logit_sum must have shape [{self.patch_out_dim}], got {tuple(logit_sum.shape)}")
+        with autocast_off(logit_sum):
+            s = logit_sum.float()
+            n = torch.as_tensor(count, dtype=torch.float32, device=s.device).reshape(1)
+            packed = all_reduce_sum(torch.cat([s, n]))  # [K + 1]
+            count_all = packed[-1:]
+            batch_center = (packed[:-1] / count_all.clamp(min=1.0)).unsqueeze(0)  # [1, K]
+            m = torch.where(count_all > 0, self.center_momentum, 1.0)
+            self.center.mul_(m).add_(batch_center * (1.0 - m))

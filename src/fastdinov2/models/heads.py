@@ -72,8 +72,22 @@ class DINOHead(nn.Module):
                     nn.init.zeros_(m.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def features(self, x: Tensor) -> Tensor:
+        """``[N, in_dim] -> [N, bottleneck_dim]``: the L2-normalised bottleneck (input of ``last_layer``)."""
         x = self.mlp(x)
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12  # 1e-12 underflows in fp16
-        x = F.normalize(x, dim=-1, p=2, eps=eps)
-        return self.last_layer(x)
+        return F.normalize(x, dim=-1, p=2, eps=eps)
+
+    def forward(self, x: Tensor, features_from: int | None = None) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """Prototype scores ``[N, out_dim]`` of every row (``features_from=None``), or, with
+        ``features_from=n``, ``(scores [n, out_dim] of the first n rows, normalised bottleneck features
+        [N - n, bottleneck_dim] of the other rows, effective prototype weight [out_dim, bottleneck_dim])``.
+
+        The second form serves the chunked iBOT loss, which applies the prototype layer itself; the weight
+        is computed inside ``forward`` so that DDP/FSDP2 (which hook ``forward``) see every use of it.
+        """
+        feats = self.features(x)
+        if features_from is None:
+            return self.last_layer(feats)
+        weight = self.last_layer.weight
+        return F.linear(feats[:features_from], weight), feats[features_from:], weight

@@ -231,6 +231,62 @@ def _agree(flag: bool, device: torch.device) -> bool:
     return bool(dist_utils.all_reduce_max(t).item() > 0)
 
 
+@dataclass
+class HealthSnapshot:
+    """What :meth:`DeviceHealth.read` found: non-finite steps since the previous read."""
+
+    n_skipped: int
+    run: int  # consecutive non-finite steps ending at the last recorded step
+    longest: int  # longest consecutive run since the previous read (a run carried in from before included)
+    first_bad: int  # step of the first non-finite step since the previous read, -1 if none
+    first_values: dict[str, float]  # its loss terms and grad_norm
+    last_ok: bool  # whether the last recorded step's update was applied
+
+
+class DeviceHealth:
+    """Per-step finiteness bookkeeping kept on the device, so that a step needs no host synchronisation.
+
+    :meth:`record` costs a few scalar kernels; :meth:`read` is the one host sync, done at the loop's sync
+    points (log steps, checkpoints, the end of the run, and a preemption).
+    """
+
+    def __init__(self, device: torch.device, consecutive: int = 0) -> None:
+        long = dict(device=device, dtype=torch.int64)
+        self.n_skipped = torch.zeros((), **long)
+        self.run = torch.full((), consecutive, **long)
+        self.longest = self.run.clone()
+        self.first_bad = torch.full((), -1, **long)
+        self.last_ok = torch.ones((), device=device, dtype=torch.bool)
+        self.names: list[str] = []
+        self.first_values: torch.Tensor | None = None
+
+    def record(self, ok: torch.Tensor, step: int, totals: dict[str, torch.Tensor]) -> None:
+        """``ok``: bool scalar tensor, whether step ``step`` (with loss terms ``totals``) was finite."""
+        bad = ~ok
+        values = torch.stack([v.float() for v in totals.values()])
+        if self.first_values is None or self.names != list(totals):
+            self.names = list(totals)
+            self.first_values = torch.zeros_like(values)
+        is_first = bad & (self.first_bad < 0)
+        self.n_skipped += bad.long()
+        self.run = (self.run + 1) * bad.long()
+        self.longest = torch.maximum(self.longest, self.run)
+        self.first_bad = torch.where(is_first, step, self.first_bad)
+        self.first_values = torch.where(is_first, values, self.first_values)
+        self.last_ok = ok.clone()
+
+    def read(self) -> HealthSnapshot:
+        """One host sync: the record since the previous read; then starts a new record."""
+        scalars = torch.stack([self.n_skipped, self.run, self.longest, self.first_bad, self.last_ok.long()])
+        n_skipped, run, longest, first_bad, last_ok = scalars.tolist()
+        values = self.first_values.tolist() if (self.first_values is not None and n_skipped) else []
+        self.n_skipped.zero_()
+        self.longest = self.run.clone()
+        self.first_bad.fill_(-1)
+        return HealthSnapshot(int(n_skipped), int(run), int(longest), int(first_bad),
+                              dict(zip(self.names, values, strict=False)), bool(last_ok))
+
+
 class Trainer:
     """Holds the set-up of one run; :meth:`run` is the training loop."""
 
@@ -272,12 +328,14 @@ class Trainer:
         self.param_groups = get_param_groups(
             self.model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
         )
-        self.optimizer = build_adamw(
-            self.param_groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
-            fused=self.device.type == "cuda",
-        )
+        self.optimizer = build_adamw(self.param_groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        # The fused AdamW kernel takes the finiteness flag on the device: the step needs no host sync.
+        self.sync_free = bool(self.optimizer.defaults.get("fused")) and self.scaler is None
         self.state = RunState()
+        self._health = DeviceHealth(self.device)
+        if cfg.compute.compile:
+            self._compile_modules()
         self.ckpt_dir = output_dir / "checkpoints"
         self.logger: MetricsLogger | None = None
         self.renumbered_from: int | None = None  # the checkpoint's own step, when resume_step changed it
@@ -285,6 +343,16 @@ class Trainer:
         torch.manual_seed(cfg.train.seed * 1000 + self.rank + 1)
         random.seed(cfg.train.seed * 1000 + self.rank)
         np.random.seed(cfg.train.seed * 1000 + self.rank)
+
+    def _compile_modules(self) -> None:
+        """``compute.compile``: compile the student's and the teacher's backbone and heads in place
+        (``nn.Module.compile``: parameter names and checkpoints are unchanged). The loss, optimizer and EMA
+        stay eager; ``benchmarks/step.py --compile`` / ``--compile-step`` measure what each variant gains."""
+        for model in (self.model.student, self.model.teacher):
+            model.backbone.compile()
+            model.dino_head.compile()
+            if model.ibot_head is not None:
+                model.ibot_head.compile()
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -427,17 +495,11 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def train_step(self, micro_batches: list[TrainBatch], step: int) -> dict[str, torch.Tensor] | None:
-        """Forward/backward over the micro-batches of one step and the optimizer update.
-
-        Returns the loss terms (detached, averaged over micro-batches), or None when the update was
-        skipped under ``nan_policy=skip``.
-        """
-        cfg = self.cfg
-        sched = self.schedules.at(step)
-        apply_optim_schedules(self.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"],
-                              backbone_lr_scale=sched["backbone_lr_scale"])
-        self.optimizer.zero_grad(set_to_none=True)
+    def _forward_backward(
+        self, micro_batches: list[TrainBatch], step: int, sched: dict[str, float]
+    ) -> dict[str, torch.Tensor]:
+        """Forward/backward over the micro-batches; returns the loss terms (device scalars, mean over
+        micro-batches and ranks). Issues no host synchronisation."""
         n_micro = len(micro_batches)
         totals: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(micro_batches):
@@ -461,12 +523,45 @@ class Trainer:
                 totals[k] = totals.get(k, 0) + v.detach().float() / n_micro
         # Each rank's terms are means over its shard of the batch: log their mean over ranks (one collective).
         names = list(totals)
-        totals = dict(zip(names, dist_utils.all_reduce_mean(torch.stack([totals[k] for k in names])), strict=True))
+        return dict(zip(names, dist_utils.all_reduce_mean(torch.stack([totals[k] for k in names])), strict=True))
+
+    def train_step(self, micro_batches: list[TrainBatch], step: int) -> dict[str, torch.Tensor] | None:
+        """Forward/backward over the micro-batches of one step and the optimizer update.
+
+        Returns the loss terms and ``grad_norm`` (detached device scalars, averaged over micro-batches and
+        ranks). With the fused AdamW kernel (CPU and CUDA) the step issues **no host synchronisation**: the
+        finiteness of the loss and of the global gradient norm stays on the device, where it gates the
+        update (AdamW's ``found_inf``) and the EMA, and is counted; the loop reads it at its sync points
+        (:meth:`sync_health`). Without the fused kernel, and with fp16's grad scaler, the check is read at
+        once (the legacy path); there ``None`` is returned for a skipped update.
+        """
+        cfg = self.cfg
+        sched = self.schedules.at(step)
+        apply_optim_schedules(self.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"],
+                              backbone_lr_scale=sched["backbone_lr_scale"])
+        self.optimizer.zero_grad(set_to_none=True)
+        # The centres are updated during the forward pass; a non-finite step must not leave NaN in them.
+        centers = [self.model.dino_loss.center, self.model.ibot_loss.center]
+        saved_centers = [c.clone() for c in centers]
+        totals = self._forward_backward(micro_batches, step, sched)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.student.parameters() if p.grad is not None]
         grad_norm = dist_utils.clip_grad_norm_(params, cfg.optim.clip_grad)  # norm over all ranks' shards
         totals["grad_norm"] = grad_norm.detach().float()
+        if self.scaler is None and self.sync_free:
+            # Loss terms are means over ranks and the norm covers all ranks: `ok` is the same everywhere.
+            ok = torch.isfinite(totals["loss"]) & torch.isfinite(totals["grad_norm"])
+            self._health.record(ok, step, totals)
+            for c, saved in zip(centers, saved_centers, strict=True):
+                c.copy_(torch.where(ok, c, saved))
+            self.optimizer.found_inf = (~ok).to(torch.float32)  # type: ignore[attr-defined]  # fused AdamW skips
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf  # type: ignore[attr-defined]
+            self.model.update_teacher(sched["momentum"], apply=ok)
+            return totals
         loss_ok = not _agree(not bool(torch.isfinite(totals["loss"]).item()), self.device)
         grad_ok = bool(torch.isfinite(grad_norm).item())  # a norm over all ranks: the same on every rank
         if self.scaler is not None and loss_ok and not grad_ok:
@@ -476,26 +571,12 @@ class Trainer:
             self.scaler.update()
             self.state.scaler_skips += 1
             return None
-        finite = loss_ok and grad_ok
-        if not finite:
-            bad_terms = [k for k, v in totals.items() if not torch.isfinite(v).item()]
-            if cfg.train.nan_policy == "halt":
-                raise TrainingError(
-                    f"non-finite values at step {step}: {', '.join(bad_terms) or 'on another rank'} "
-                    f"({', '.join(f'{k}={v.item():.4g}' for k, v in totals.items())}); the last committed "
-                    f"checkpoint in {self.ckpt_dir} is intact. Lower optim.base_lr, or set train.nan_policy=skip"
-                )
+        if not (loss_ok and grad_ok):
             self.optimizer.zero_grad(set_to_none=True)
-            self.state.nan_skips += 1
-            self.state.consecutive_skips += 1
-            if self.is_main:
-                print(f"[fastdinov2] step {step}: non-finite {', '.join(bad_terms)}; update skipped "
-                      f"({self.state.consecutive_skips} in a row)", file=sys.stderr)
-            if self.state.consecutive_skips >= cfg.train.max_consecutive_skips:
-                raise TrainingError(
-                    f"{self.state.consecutive_skips} consecutive non-finite steps (up to step {step}); "
-                    f"train.max_consecutive_skips={cfg.train.max_consecutive_skips}"
-                )
+            for c, saved in zip(centers, saved_centers, strict=True):
+                c.copy_(saved)
+            run = self.state.consecutive_skips + 1
+            self._on_nonfinite(step, 1, step, {k: float(v.item()) for k, v in totals.items()}, run, run)
             if self.scaler is not None:
                 self.scaler.update()
             return None
@@ -507,6 +588,45 @@ class Trainer:
             self.optimizer.step()
         self.model.update_teacher(sched["momentum"])
         return totals
+
+    def _on_nonfinite(self, step: int, n_skipped: int, first_bad: int, first_values: dict[str, float],
+                      run: int, longest: int) -> None:
+        """Apply ``train.nan_policy`` to ``n_skipped`` non-finite steps seen up to ``step``: the first at
+        ``first_bad`` (its loss terms ``first_values``), ``run`` consecutive ones ending at ``step``, and a
+        longest consecutive run of ``longest`` (runs carried in from before included)."""
+        cfg = self.cfg
+        bad_terms = [k for k, v in first_values.items() if not np.isfinite(v)]
+        if cfg.train.nan_policy == "halt":
+            raise TrainingError(
+                f"non-finite values at step {first_bad}: {', '.join(bad_terms) or 'on another rank'} "
+                f"({', '.join(f'{k}={v:.4g}' for k, v in first_values.items())}); no update was applied from "
+                f"it, and the last committed checkpoint in {self.ckpt_dir} is intact. Lower optim.base_lr, "
+                "or set train.nan_policy=skip"
+            )
+        self.state.nan_skips += n_skipped
+        self.state.consecutive_skips = run
+        if self.is_main:
+            where = f"step {step}" if n_skipped == 1 and first_bad == step else f"steps {first_bad}..{step}"
+            print(f"[fastdinov2] {where}: {n_skipped} non-finite step(s), first with "
+                  f"{', '.join(bad_terms) or 'a non-finite value on another rank'}; update(s) skipped "
+                  f"({run} in a row now)", file=sys.stderr)
+        if longest >= cfg.train.max_consecutive_skips:
+            raise TrainingError(
+                f"{longest} consecutive non-finite steps (up to step {step}); "
+                f"train.max_consecutive_skips={cfg.train.max_consecutive_skips}"
+            )
+
+    def sync_health(self, step: int) -> bool:
+        """Read the on-device finiteness record of the steps since the last call (one host sync) and apply
+        the NaN policy to them. Returns whether the last step's update was applied."""
+        if not self.sync_free or self.scaler is not None:
+            return True
+        h = self._health.read()
+        if h.n_skipped > 0:
+            self._on_nonfinite(step, h.n_skipped, h.first_bad, h.first_values, h.run, h.longest)
+        else:
+            self.state.consecutive_skips = h.run
+        return h.last_ok
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _batches(self, loader: DataLoader) -> Iterator[list[TrainBatch]]:
@@ -538,6 +658,7 @@ class Trainer:
                   f"({len(self.records)} images in {self.data_root}, device {self.device}, world {self.world_size})")
             print(cur.describe())
         start = self.state.step
+        self._health = DeviceHealth(self.device, self.state.consecutive_skips)
         if start >= end_step:
             return self._summary(end_step)
         loader = self.make_loader(start, end_step)
@@ -560,8 +681,17 @@ class Trainer:
                 totals = self.train_step(micro, step) if micro else None
                 self.state.step = step + 1
                 window_imgs += sum(b.batch_size for b in micro) * self.world_size
-                if totals is not None and (step % cfg.train.log_every == 0 or step + 1 == end_step):
+                is_log = step % cfg.train.log_every == 0 or step + 1 == end_step
+                is_ckpt = self.state.step % cfg.train.checkpoint_every == 0 and self.state.step < end_step
+                # Host sync points: only here are device values read back (the step itself issues none).
+                if is_log or is_ckpt:
+                    applied = self.sync_health(step)
+                    if totals is not None and not applied:
+                        totals = None  # a skipped update is not logged as a normal step
+                if totals is not None and is_log:
                     now = time.perf_counter()
+                    names = list(totals)
+                    values = torch.stack([totals[k].float() for k in names]).tolist()  # one host sync
                     record = {
                         "step": step,
                         "epoch": round(cur.epoch_at(step), 4),
@@ -572,7 +702,7 @@ class Trainer:
                         "local_size": stage.local_size,
                         "noise_max_scale": stage.noise.max_scale if stage.noise.kind != "none" else 0.0,
                         **{k: round(v, 8) for k, v in self.schedules.at(step).items()},
-                        **{k: float(v.item()) for k, v in totals.items()},
+                        **dict(zip(names, (float(v) for v in values), strict=True)),
                         "img_per_s": window_imgs / max(now - window_t0, 1e-9),
                         "data_wait_frac": wait_time / max(now - window_t0, 1e-9),
                         "bad_samples": self.state.bad_samples,
@@ -591,19 +721,26 @@ class Trainer:
                     window_t0, wait_time, window_imgs = now, 0.0, 0
                 if progress is not None:
                     progress.update(1)
-                if _agree(self.state.preempt_signal is not None, self.device):
+                # One process: the signal flag is read on the host. Several: the ranks agree at sync points.
+                if self.world_size == 1:
+                    preempt = self.state.preempt_signal is not None
+                else:
+                    preempt = (is_log or is_ckpt) and _agree(self.state.preempt_signal is not None, self.device)
+                if preempt:
+                    self.sync_health(step)
                     path = self.save()
                     if progress is not None:
                         progress.close()
                     raise Preempted(f"received signal {self.state.preempt_signal}; saved {path} at step "
                                     f"{self.state.step}; run the same command again to continue")
-                if self.state.step % cfg.train.checkpoint_every == 0 and self.state.step < end_step:
+                if is_ckpt:
                     self.save()
                 t_wait = time.perf_counter()
         if progress is not None:
             progress.close()
         if self.state.step < end_step:
             raise TrainingError(f"the data loader stopped early at step {self.state.step} of {end_step}")
+        self.sync_health(self.state.step - 1)
         self.save()
         return self._summary(end_step)
 

