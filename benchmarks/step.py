@@ -51,7 +51,7 @@ from torch import Tensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine_info, peak_tflops, set_threads, summarize_ms  # noqa: E402
 from fastdinov2.config import Config, load_config  # noqa: E402
-from fastdinov2.data.collate import mask_index_weights  # noqa: E402
+from fastdinov2.data.collate import mask_index_weights, pad_masked_tokens  # noqa: E402
 from fastdinov2.data.masking import sample_ibot_masks  # noqa: E402
 from fastdinov2.flops import count_step_flops  # noqa: E402
 from fastdinov2.train.meta_arch import MetaArch  # noqa: E402
@@ -104,13 +104,15 @@ def make_batch(cfg: Config, spec: StageSpec, device: torch.device, seed: int = 0
     per_sample = torch.stack([torch.from_numpy(sample_ibot_masks(rng, grid, cfg.ibot, 2)) for _ in range(b)])
     masks = per_sample.transpose(0, 1).reshape(2 * b, grid[0] * grid[1])  # crop-major
     idx, weight = mask_index_weights(masks)
+    n_masked = int(idx.numel())
+    idx, weight = pad_masked_tokens(idx, weight, cfg.compute.masked_tokens_bucket)  # as the trainer's loader
     return SyntheticBatch(
         g.to(device),
         loc.to(device),
         masks.to(device),
         idx.to(device),
         weight.to(device),
-        int(idx.numel()),
+        n_masked,
         b,
         n_local,
     )

@@ -190,6 +190,9 @@ class ComputeConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the backbones and heads in place (nn.Module.compile); see docs/benchmarks.md
+    # Pad each batch's masked-token rows to a multiple of this (weight-0 rows), so compiled code / CUDA graphs
+    # see a few shapes per stage instead of one per batch; 0 = no padding.
+    masked_tokens_bucket: int = 0
     threads: int | None = None
     strategy: str = "ddp"  # data parallelism under torchrun: "ddp" | "fsdp2" (shards params; for ViT-L/g)
 
@@ -444,6 +447,7 @@ def validate(cfg: Config) -> None:
     _choice(cfg.compute.device, "compute.device", DEVICES)
     _choice(cfg.compute.precision, "compute.precision", PRECISIONS)
     _choice(cfg.compute.strategy, "compute.strategy", STRATEGIES)
+    _check(cfg.compute.masked_tokens_bucket >= 0, "compute.masked_tokens_bucket", "must be >= 0 (0: no padding)")
     _check(not (cfg.compute.strategy == "fsdp2" and cfg.compute.precision == "fp16"), "compute.precision",
            "'fp16' is not supported with compute.strategy=fsdp2 (its grad scaler would not see other ranks' "
            "shards); use 'bf16' or 'fp32'")

@@ -25,9 +25,9 @@ class TrainBatch:
     global_crops: torch.Tensor  # [2B, 3, G, G] float32 (normalised) | uint8 (photometric pending)
     local_crops: torch.Tensor  # [nL*B, 3, L, L]
     masks: torch.Tensor  # bool [2B, N], N = grid_h * grid_w
-    mask_indices: torch.Tensor  # int64 [M]
-    masks_weight: torch.Tensor  # float32 [M]
-    n_masked_patches: int  # M
+    mask_indices: torch.Tensor  # int64 [M'] (M' >= M when padded to compute.masked_tokens_bucket)
+    masks_weight: torch.Tensor  # float32 [M'], 0 for padding rows
+    n_masked_patches: int  # M, the real masked tokens (the first M rows)
     labels: torch.Tensor  # int64 [B]
     sample_keys: torch.Tensor  # int64 [B]
     indices: torch.Tensor  # int64 [B] dataset indices
@@ -91,6 +91,23 @@ def mask_index_weights(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return flat, weight
 
 
+def pad_masked_tokens(
+    mask_indices: torch.Tensor, masks_weight: torch.Tensor, bucket: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad ``mask_indices [M]`` / ``masks_weight [M]`` with rows (index 0, weight 0) up to the next multiple
+    of ``bucket`` (at least one bucket), so a compiled step sees few distinct shapes. ``bucket <= 0``: as is.
+
+    Padding rows carry weight 0, so they add nothing to the iBOT loss or its gradients, and the centre
+    update leaves them out (``masks_weight > 0`` marks the real rows).
+    """
+    if bucket <= 0:
+        return mask_indices, masks_weight
+    m = int(mask_indices.numel())
+    pad = max(1, -(-m // bucket)) * bucket - m
+    return (torch.cat([mask_indices, mask_indices.new_zeros(pad)]),
+            torch.cat([masks_weight, masks_weight.new_zeros(pad)]))
+
+
 def _crop_major(per_sample: list[torch.Tensor]) -> torch.Tensor:
     """B tensors [k, ...] -> [k*B, ...] ordered crop-major."""
     t = torch.stack(per_sample)  # [B, k, ...]
@@ -122,8 +139,11 @@ def _empty_batch(shape: StageShape | None, bad: list[tuple[str, str]]) -> TrainB
     )
 
 
-def collate_train(samples: list[PretrainSample | BadSample]) -> TrainBatch:
+def collate_train(samples: list[PretrainSample | BadSample], masked_bucket: int = 0) -> TrainBatch:
     """Collate one stage's samples; :class:`BadSample` markers are dropped and listed in ``bad_samples``.
+
+    ``masked_bucket > 0`` pads the masked-token rows to a multiple of it (:func:`pad_masked_tokens`);
+    ``n_masked_patches`` stays the number of real masked tokens.
 
     Raises ValueError if the samples come from different stages (naming them).
     """
@@ -148,6 +168,8 @@ def collate_train(samples: list[PretrainSample | BadSample]) -> TrainBatch:
     assert shape is not None
     masks = _crop_major([s["masks"] for s in good])
     mask_indices, masks_weight = mask_index_weights(masks)
+    n_masked = int(mask_indices.numel())
+    mask_indices, masks_weight = pad_masked_tokens(mask_indices, masks_weight, masked_bucket)
     device_mode = shape.photometric_on == "device"
     gparams = lparams = None
     if device_mode:
@@ -159,7 +181,7 @@ def collate_train(samples: list[PretrainSample | BadSample]) -> TrainBatch:
         masks=masks,
         mask_indices=mask_indices,
         masks_weight=masks_weight,
-        n_masked_patches=int(mask_indices.numel()),
+        n_masked_patches=n_masked,
         labels=torch.tensor([s["label"] for s in good], dtype=torch.int64),
         sample_keys=torch.tensor([s["sample_key"] for s in good], dtype=torch.int64),
         indices=torch.tensor([s["index"] for s in good], dtype=torch.int64),

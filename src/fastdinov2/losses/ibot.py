@@ -156,22 +156,25 @@ class iBOTPatchLoss(nn.Module):
             return -(per_token * masks_weight.float()).sum() / student_masks_flat.shape[0]
 
     @torch.no_grad()
-    def update_center(self, teacher_logits: Tensor) -> None:
+    def update_center(self, teacher_logits: Tensor, valid: Tensor | None = None) -> None:
         """EMA update of ``center [1, K]`` with the mean of the masked tokens' ``teacher_logits [M, K]``.
 
-        The mean runs over all masked tokens of all ranks (sum and count reduced together). Every rank
-        must call it, also with ``M = 0``; when no rank has a masked token the centre is left unchanged
-        (decided on device, without a host sync).
+        ``valid`` (bool ``[M]``, optional) marks the real rows when the batch was padded to a fixed number
+        of rows (``compute.masked_tokens_bucket``); padding rows are left out of the mean. The mean runs
+        over all valid masked tokens of all ranks (sum and count reduced together). Every rank must call
+        it, also with ``M = 0``; when no rank has a masked token the centre is left unchanged (decided on
+        device, without a host sync).
         """
         self._check_logits("teacher_logits", teacher_logits)
         with autocast_off(teacher_logits):
             t = teacher_logits.float()
-            packed = torch.cat([t.sum(dim=0), t.new_full((1,), float(t.shape[0]))])  # [K + 1]
-            packed = all_reduce_sum(packed)
-            count = packed[-1:]
-            batch_center = (packed[:-1] / count.clamp(min=1.0)).unsqueeze(0)  # [1, K]
-            m = torch.where(count > 0, self.center_momentum, 1.0)
-            self.center.mul_(m).add_(batch_center * (1.0 - m))
+            if valid is None:
+                self.update_center_from_sum(t.sum(dim=0), float(t.shape[0]))
+            else:
+                if valid.shape != (t.shape[0],):
+                    raise ValueError(f"valid must have shape [{t.shape[0]}], got {tuple(valid.shape)}")
+                rows = valid.unsqueeze(1)
+                self.update_center_from_sum(torch.where(rows, t, 0.0).sum(dim=0), valid.sum())
 
     @torch.no_grad()
     def update_center_from_sum(self, logit_sum: Tensor, count: Tensor | float) -> None:

@@ -21,6 +21,7 @@ The message on stderr states the conversion, and ``metrics.jsonl`` is renumbered
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -471,7 +472,7 @@ class Trainer:
             dataset,
             batch_sampler=sampler,
             num_workers=workers,
-            collate_fn=collate_train,
+            collate_fn=functools.partial(collate_train, masked_bucket=self.cfg.compute.masked_tokens_bucket),
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers > 0 else None,
             persistent_workers=False,

@@ -169,15 +169,19 @@ class MetaArch(nn.Module):
         if t.ibot_chunk_rows > 0:
             return self._chunked_teacher_targets(cls, patches, n_masked, teacher_temp)
         cls_logits, patch_logits = t.heads(cls, patches)
+        padded = patch_logits.shape[0] != n_masked  # rows after the first n_masked are padding (weight 0)
         if self.cfg.dino.centering == "sinkhorn_knopp":
             cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
-            n_masked_t = torch.tensor(n_masked, device=patch_logits.device, dtype=torch.long)
-            patch_probs = self.ibot_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp, n_masked_t)
+            patch_probs = self.ibot_loss.sinkhorn_knopp_teacher(patch_logits[:n_masked], teacher_temp, n_masked)
+            if padded:
+                patch_probs = torch.nn.functional.pad(patch_probs, (0, 0, 0, patch_logits.shape[0] - n_masked))
         else:
             cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
             self.dino_loss.update_center(cls_logits)
             patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
-            self.ibot_loss.update_center(patch_logits)  # every rank calls it: it is a cross-rank reduction
+            # every rank calls it: it is a cross-rank reduction
+            valid = torch.arange(patch_logits.shape[0], device=patch_logits.device) < n_masked if padded else None
+            self.ibot_loss.update_center(patch_logits, valid)
         return list(cls_probs.chunk(2)), patch_probs
 
     @torch.no_grad()
