@@ -172,3 +172,108 @@ def test_render_crops_rejects_unknown_method():
     img = _smooth_image(32, 32)
     with pytest.raises(ValueError, match="lowpass"):
         render_crops(DecodedImage(img, img.size), np.array([[0, 0, 8, 8]]), 8, 16, "wavelet")
+
+
+# ------------------------------------------------------------------ resampling implementation (torch)
+
+
+def _photo_like(w: int, h: int, seed: int = 0) -> Image.Image:
+    """Smooth field plus texture: has both low and high frequencies."""
+    rng = np.random.default_rng(seed)
+    base = np.asarray(_smooth_image(w, h, seed), np.float32)
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+def test_resize_crops_match_pils_box_resize_in_distribution():
+    """Same filter family as the former Pillow implementation (``resize(box=...)``): per-crop statistics agree."""
+    img = _photo_like(200, 150)
+    decoded = DecodedImage(img, img.size, 1)
+    rng = np.random.default_rng(0)
+    from fastdinov2.data.augment import sample_resized_crop_boxes
+
+    for scale, size in (((0.32, 1.0), 64), ((0.05, 0.32), 24), ((0.005, 0.01), 32)):  # down / up-sampling
+        boxes = sample_resized_crop_boxes(rng, 200, 150, 40, scale)
+        out = resize_crops(decoded, boxes, size).permute(0, 2, 3, 1).numpy().astype(np.float64)
+        ref = np.stack([
+            np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=(lf, t, lf + w, t + h)))
+            for t, lf, h, w in boxes.tolist()
+        ]).astype(np.float64)
+        assert np.abs(out - ref).mean() < 1.0  # differences only at the box border (support outside it)
+        np.testing.assert_allclose(out.mean(axis=(1, 2)), ref.mean(axis=(1, 2)), atol=1.0)
+        np.testing.assert_allclose(out.std(axis=(1, 2)), ref.std(axis=(1, 2)), rtol=0.05, atol=0.5)
+
+
+@pytest.mark.parametrize("lowpass", ["resize", "fourier", "jpeg_draft"])
+def test_flips_mirror_the_unflipped_crops_exactly(tmp_path, lowpass):
+    path = tmp_path / "f.jpg"
+    _photo_like(160, 120).save(path, quality=95)
+    decoded = decode_image(path, lowpass, 0.5)
+    boxes = np.array([[0, 0, 120, 120], [10, 33, 61, 47], [5, 7, 100, 150]])
+    flips = np.array([True, False, True])
+    plain = render_crops(decoded, boxes, 24, 48, lowpass)
+    flipped = render_crops(decoded, boxes, 24, 48, lowpass, flips)
+    assert flipped.shape == plain.shape == (3, 3, 24, 24) and flipped.is_contiguous()
+    for i, f in enumerate(flips.tolist()):
+        assert torch.equal(flipped[i], plain[i].flip(-1) if f else plain[i])
+    with pytest.raises(ValueError, match="flip"):
+        render_crops(decoded, boxes, 24, 48, lowpass, flips[:2])
+
+
+def test_decoded_boxes_round_half_to_even_and_are_unbiased():
+    from fastdinov2.data.lowpass import decoded_boxes
+
+    got = decoded_boxes(np.array([[1, 3, 5, 7], [0, 0, 375, 500], [373, 499, 2, 1]]), 2, (250, 188))
+    # edges 0.5 -> 0, 1.5 -> 2, 3 -> 3, 5 -> 5; clipped to the drafted image; at least one pixel
+    np.testing.assert_array_equal(got, [[0, 2, 3, 3], [0, 0, 188, 250], [186, 249, 2, 1]])
+    np.testing.assert_array_equal(decoded_boxes(np.array([[1, 3, 5, 7]]), 1, (250, 188)), [[1, 3, 5, 7]])
+    assert decoded_boxes(np.zeros((0, 4), dtype=np.int64), 2, (4, 4)).shape == (0, 4)
+    from fastdinov2.data.augment import sample_resized_crop_boxes
+
+    boxes = sample_resized_crop_boxes(np.random.default_rng(0), 500, 375, 4000, (0.05, 1.0))
+    for scale in (2, 4):
+        snapped = decoded_boxes(boxes, scale, ((500 + scale - 1) // scale, (375 + scale - 1) // scale))
+        err = snapped * scale - boxes  # in full-resolution pixels
+        assert np.abs(err[:, :2]).max() <= scale / 2
+        assert np.abs(err.mean(axis=0)).max() < 0.1 * scale  # no systematic shift or growth
+
+
+def test_jpeg_draft_crops_are_pils_resize_of_the_snapped_box(tmp_path):
+    """Drafted crops = Pillow's resize of the box snapped to the drafted grid; close to the fractional box."""
+    from fastdinov2.data.lowpass import decoded_boxes
+
+    for name, image in (("smooth", _smooth_image(300, 200)), ("textured", _photo_like(300, 200))):
+        path = tmp_path / f"{name}.jpg"
+        image.save(path, quality=95)
+        draft = decode_image(path, "jpeg_draft", 0.5)
+        assert draft.scale == 2 and draft.image is not None
+        img = draft.image
+        boxes = np.array([[1, 3, 151, 149], [20, 41, 99, 101], [0, 0, 200, 200], [7, 9, 55, 57]])  # >= 5% area
+        out = resize_crops(draft, boxes, 48).permute(0, 2, 3, 1).numpy().astype(np.float64)
+
+        def pil(rows, img=img) -> np.ndarray:  # type: ignore[no-untyped-def]
+            return np.stack([
+                np.asarray(img.resize((48, 48), Image.Resampling.BICUBIC, box=(lf, t, lf + w, t + h)))
+                for t, lf, h, w in rows
+            ]).astype(np.float64)
+
+        snapped = pil(decoded_boxes(boxes, 2, img.size).tolist())
+        assert np.abs(out - snapped).mean() < 0.5  # differences only at the box border
+        fractional = pil((boxes / 2).tolist())  # the former implementation: a shift <= 1/2 drafted pixel
+        np.testing.assert_allclose(out.mean(axis=(1, 2)), fractional.mean(axis=(1, 2)), atol=3.0)
+        np.testing.assert_allclose(out.std(axis=(1, 2)), fractional.std(axis=(1, 2)), rtol=0.05)
+
+
+def test_decoded_image_pixels_and_image_views():
+    img = _smooth_image(20, 10)
+    dec = DecodedImage(img, (40, 20), 2)
+    arr = dec.array()
+    assert arr.shape == (10, 20, 3) and arr.dtype == np.uint8 and arr.flags.writeable
+    own = dec.with_pixels()
+    assert own.image is None and own.pixels is not None and own.size == (20, 10) == dec.size
+    assert own.full_size == (40, 20) and own.scale == 2 and own.array() is own.pixels
+    own.pixels[:] = 0
+    assert np.array_equal(np.asarray(img), arr)  # the decoded PIL image is not touched
+    with pytest.raises(ValueError, match="image or pixels"):
+        DecodedImage(None, (1, 1))
+    with pytest.raises(ValueError, match="uint8"):
+        DecodedImage(None, (1, 1), 1, np.zeros((1, 1, 3), np.float32))

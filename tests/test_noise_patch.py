@@ -164,3 +164,38 @@ def test_apply_noise_patch_dispatch():
         apply_noise_patch(img, NoiseConfig(kind="salt"), _rng(0))
     with pytest.raises(ValueError, match="shape"):
         gaussian_noise_patch(np.zeros((4, 4)), _rng(0))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_inplace_gives_the_same_result_and_needs_a_writable_image(dtype):
+    base = np.random.default_rng(3).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    img = base if dtype == np.uint8 else base.astype(np.float32) / 255
+    for kind in ("gaussian", "blur"):
+        cfg = NoiseConfig(kind=kind, p=1.0)
+        ref, rec = apply_noise_patch(img, cfg, _rng(1))
+        buf = img.copy()
+        out, rec2 = apply_noise_patch(buf, cfg, _rng(1), inplace=True)
+        assert out is buf and rec == rec2 and np.array_equal(out, ref)
+        ro = img.copy()
+        ro.flags.writeable = False
+        with pytest.raises(ValueError, match="writable"):
+            apply_noise_patch(ro, cfg, _rng(1), inplace=True)
+
+
+def test_uint8_noise_is_gaussian_with_the_drawn_sigma():
+    """The 8-bit path (the one the dataset uses) adds round(255 * sigma * z), z ~ N(0, 1) exactly."""
+    img = np.full((48, 48, 3), 128, dtype=np.uint8)
+    zs = []
+    for i in range(300):
+        out, rec = gaussian_noise_patch(img, _rng(i), 1.0, 0.1)  # <= 5 sigma from the bounds: no clamping
+        if rec.sigma < 0.03 or rec.side < 8:
+            continue
+        d = out[rec.top:rec.top + rec.side, rec.left:rec.left + rec.side].astype(np.float64) - 128
+        zs.append((d / (255 * rec.sigma)).ravel())
+    z = np.concatenate(zs)
+    assert z.size > 100_000
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1.0) < 0.01
+    assert abs(np.mean(np.abs(z) > 1) - 0.3173) < 0.01
+    assert abs(np.mean(np.abs(z) > 2) - 0.0455) < 0.004
+    assert abs(np.mean(np.abs(z) > 3) - 0.0027) < 0.001
+    assert abs(np.mean(z**4) - 3.0) < 0.1  # Gaussian kurtosis

@@ -114,10 +114,12 @@ def multicrop(
         rng, width, height, n_local, (crops.local_crops_scale_min, crops.local_crops_scale_max)
     )
     flips = rng.random(N_GLOBAL_CROPS + n_local) < 0.5
-    gcrops = render_crops(decoded, gboxes, stage.global_size, crops.global_crops_size, stage.lowpass)
-    lcrops = render_crops(decoded, lboxes, stage.local_size, crops.local_crops_size, stage.lowpass)
-    gflip = torch.from_numpy(flips[:N_GLOBAL_CROPS])
-    lflip = torch.from_numpy(flips[N_GLOBAL_CROPS:])
-    gcrops = torch.where(gflip.view(-1, 1, 1, 1), gcrops.flip(-1), gcrops)
-    lcrops = torch.where(lflip.view(-1, 1, 1, 1), lcrops.flip(-1), lcrops)
+    if decoded.pixels is None:  # one PIL -> array conversion for all crops
+        decoded = decoded.with_pixels()
+    gcrops = render_crops(
+        decoded, gboxes, stage.global_size, crops.global_crops_size, stage.lowpass, flips[:N_GLOBAL_CROPS]
+    )
+    lcrops = render_crops(
+        decoded, lboxes, stage.local_size, crops.local_crops_size, stage.lowpass, flips[N_GLOBAL_CROPS:]
+    )
     return MultiCrops(gcrops, lcrops, gboxes, lboxes, flips)

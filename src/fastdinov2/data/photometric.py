@@ -21,6 +21,7 @@ DINOv2.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -146,9 +147,35 @@ def sample_photometric_params(
 
     ``resolution_scale`` = rendered crop size / full crop size scales the blur kernel and sigma (see the
     module docstring). The number of draws does not depend on the outcomes, so the stream is stable.
+    Same draws as ``sample_crops_photometric_params(rng, [crop_kind] * n, [resolution_scale] * n)``.
     """
     if crop_kind not in P_BLUR:
         raise ValueError(f"crop_kind must be one of {', '.join(P_BLUR)}, got {crop_kind!r}")
+    blur_kernel_size(resolution_scale)  # validates the scale even for n = 0
+    return sample_crops_photometric_params(rng, [crop_kind] * n, [resolution_scale] * n)
+
+
+def sample_crops_photometric_params(
+    rng: np.random.Generator, crop_kinds: Sequence[CropKind], resolution_scales: Sequence[float]
+) -> PhotometricParams:
+    """Draw DINOv2 photometric parameters for crops of mixed kinds (one draw per field for all crops).
+
+    Crop ``i`` has kind ``crop_kinds[i]`` and rendered/full size ratio ``resolution_scales[i]``; each
+    crop's parameters have exactly the distribution :func:`sample_photometric_params` gives its kind.
+    Drawing a whole sample's crops at once (e.g. ``["global1", "global2"] + ["local"] * 8``) is cheaper
+    than one call per kind; the draws differ from the per-kind calls'.
+    """
+    n = len(crop_kinds)
+    if len(resolution_scales) != n:
+        raise ValueError(f"{n} crop kinds but {len(resolution_scales)} resolution scales")
+    for kind in set(crop_kinds):
+        if kind not in P_BLUR:
+            raise ValueError(f"crop_kind must be one of {', '.join(P_BLUR)}, got {kind!r}")
+    p_blur = np.array([P_BLUR[k] for k in crop_kinds])
+    p_solarize = np.array([P_SOLARIZE[k] for k in crop_kinds])
+    scales = np.asarray(resolution_scales, dtype=np.float64)
+    by_scale = {float(r): blur_kernel_size(float(r)) for r in set(resolution_scales)}
+    kernels = [by_scale[float(r)] for r in resolution_scales]
     jitter = rng.random(n) < P_JITTER
     order = np.argsort(rng.random((n, 4)), axis=1)
     brightness = rng.uniform(1 - BRIGHTNESS, 1 + BRIGHTNESS, n)
@@ -156,21 +183,21 @@ def sample_photometric_params(
     saturation = rng.uniform(1 - SATURATION, 1 + SATURATION, n)
     hue = rng.uniform(-HUE, HUE, n)
     gray = rng.random(n) < P_GRAYSCALE
-    blur = rng.random(n) < P_BLUR[crop_kind]
-    sigma = rng.uniform(*BLUR_SIGMA, n) * resolution_scale
-    solarize = rng.random(n) < P_SOLARIZE[crop_kind]
-    f32 = torch.float32
+    blur = rng.random(n) < p_blur
+    sigma = rng.uniform(*BLUR_SIGMA, n) * scales
+    solarize = rng.random(n) < p_solarize
+    f32 = np.float32
     return PhotometricParams(
         jitter=torch.from_numpy(jitter),
         jitter_order=torch.from_numpy(order.astype(np.int64)),
-        brightness=torch.from_numpy(brightness).to(f32),
-        contrast=torch.from_numpy(contrast).to(f32),
-        saturation=torch.from_numpy(saturation).to(f32),
-        hue=torch.from_numpy(hue).to(f32),
+        brightness=torch.from_numpy(brightness.astype(f32)),
+        contrast=torch.from_numpy(contrast.astype(f32)),
+        saturation=torch.from_numpy(saturation.astype(f32)),
+        hue=torch.from_numpy(hue.astype(f32)),
         grayscale=torch.from_numpy(gray),
         blur=torch.from_numpy(blur),
-        blur_sigma=torch.from_numpy(sigma).to(f32),
-        blur_kernel_size=torch.full((n,), blur_kernel_size(resolution_scale), dtype=torch.int64),
+        blur_sigma=torch.from_numpy(sigma.astype(f32)),
+        blur_kernel_size=torch.tensor(kernels, dtype=torch.int64).reshape(n),
         solarize=torch.from_numpy(solarize),
     )
 

@@ -21,18 +21,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from fastdinov2.config import Config, CropsConfig, IbotConfig, StageConfig
 from fastdinov2.data.augment import N_GLOBAL_CROPS, multicrop, sample_rngs
 from fastdinov2.data.datasets import BadImageError, ImageRecord
-from fastdinov2.data.lowpass import DecodedImage, decode_image
+from fastdinov2.data.lowpass import decode_image
 from fastdinov2.data.masking import sample_ibot_masks
 from fastdinov2.data.noise_patch import NoisePatchRecord, apply_noise_patch
-from fastdinov2.data.photometric import PhotometricParams, apply_photometric, sample_photometric_params
+from fastdinov2.data.photometric import (
+    CropKind,
+    PhotometricParams,
+    apply_photometric,
+    sample_crops_photometric_params,
+)
 
 PhotometricOn = Literal["worker", "device"]
 Request = tuple[int, int, int]  # (index into records, sample_key, stage index)
@@ -110,6 +113,14 @@ class PretrainDataset(Dataset):
         self.seed = int(seed)
         self.photometric_on: PhotometricOn = photometric_on
         self.shapes = tuple(stage_shape(cfg, i, photometric_on) for i in range(len(self.stages)))
+        n_local = self.crops.local_crops_number
+        kinds: list[CropKind] = ["global1", "global2", *(["local"] * n_local)]
+        self._crop_kinds = tuple(kinds)  # photometric parameters: all crops of a sample in one draw
+        self._crop_scales = tuple(
+            (st.global_size / self.crops.global_crops_size,) * N_GLOBAL_CROPS
+            + (st.local_size / self.crops.local_crops_size,) * n_local
+            for st in self.stages
+        )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -141,20 +152,19 @@ class PretrainDataset(Dataset):
 
         noise = NoisePatchRecord("none", False)
         if st.noise.kind != "none":
-            pixels, noise = apply_noise_patch(np.asarray(decoded.image), st.noise, rngs.noise)
-            decoded = DecodedImage(Image.fromarray(pixels), decoded.full_size, decoded.scale)
+            decoded = decoded.with_pixels()  # one writable copy, patched in place
+            assert decoded.pixels is not None
+            _, noise = apply_noise_patch(decoded.pixels, st.noise, rngs.noise, inplace=True)
 
         views = multicrop(decoded, crops, st, rngs.geometry)
         masks = torch.from_numpy(sample_ibot_masks(rngs.masks, shape.mask_grid, self.ibot, N_GLOBAL_CROPS))
 
-        prng = rngs.photometric
-        g_scale = st.global_size / crops.global_crops_size
-        l_scale = st.local_size / crops.local_crops_size
-        gparams = PhotometricParams.cat([
-            sample_photometric_params(prng, 1, "global1", g_scale),
-            sample_photometric_params(prng, 1, "global2", g_scale),
-        ])
-        lparams = sample_photometric_params(prng, crops.local_crops_number, "local", l_scale)
+        n_local = crops.local_crops_number
+        params = sample_crops_photometric_params(
+            rngs.photometric, self._crop_kinds, self._crop_scales[stage]
+        )
+        gparams = params.select(slice(0, N_GLOBAL_CROPS))
+        lparams = params.select(slice(N_GLOBAL_CROPS, N_GLOBAL_CROPS + n_local))
         gcrops, lcrops = views.global_crops, views.local_crops
         if self.photometric_on == "worker":
             gcrops = apply_photometric(gcrops, gparams)
