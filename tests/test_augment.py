@@ -357,3 +357,25 @@ def test_dataset_noise_changes_only_pixels_not_geometry_or_params(records):
         assert torch.equal(a["global_params"].blur_sigma, b["global_params"].blur_sigma)
         changed += int(not torch.equal(a["global_crops"], b["global_crops"]))
     assert changed >= 4  # a patch of side U{1..90} on the 120x90 image mostly lands in a global crop
+
+
+@pytest.mark.parametrize("kind,scale", [("global1", 1.0), ("global2", 0.5), ("local", 1.0)])
+def test_dense_device_path_matches_the_subset_path_without_host_reads(kind, scale):
+    from fastdinov2.data.photometric import _gaussian_blur_conv, gaussian_blur
+
+    from .test_train_sync_free import SyncRecorder
+
+    rng = np.random.default_rng(3)
+    n, size = 24, 20
+    params = sample_photometric_params(rng, n, kind, scale)
+    crops = torch.from_numpy(rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8))
+    subset = apply_photometric(crops, params, dense=False)
+    moved = params.to("cpu")
+    with SyncRecorder() as rec:
+        dense = apply_photometric(crops, moved, dense=True)
+    # the only host reads are of the blur kernel size, which PhotometricParams.to keeps on the CPU
+    assert moved.blur_kernel_size.device.type == "cpu" and rec.calls == ["unique", "item"]
+    torch.testing.assert_close(dense, subset, rtol=1e-4, atol=1e-4)
+    x = torch.rand(3, 3, 17, 19)
+    sigma = torch.tensor([0.3, 1.0, 2.0])
+    torch.testing.assert_close(_gaussian_blur_conv(x, sigma, 9), gaussian_blur(x, sigma, 9), rtol=1e-5, atol=1e-6)

@@ -92,7 +92,11 @@ class PhotometricParams:
         return PhotometricParams(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PhotometricParams:
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        """A copy on ``device``; ``blur_kernel_size`` stays on the CPU: it sets the shape of the blur, which
+        the host must know, and reading it from a GPU would stall the launch queue."""
+        moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        moved.blur_kernel_size = self.blur_kernel_size.cpu()
+        return moved
 
     def pin_memory(self) -> PhotometricParams:
         return self._map(lambda t: t.pin_memory())
@@ -296,6 +300,59 @@ def _apply_subset(x: torch.Tensor, sel: torch.Tensor, fn, *args: torch.Tensor) -
     return x
 
 
+def _gaussian_blur_conv(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """:func:`gaussian_blur` as two depthwise convolutions (one kernel launch each): the GPU version.
+
+    x: [n,C,H,W] float, sigma: [n] -> [n,C,H,W].
+    """
+    n, c, hgt, wid = x.shape
+    half = (kernel_size - 1) / 2
+    t = torch.linspace(-half, half, kernel_size, device=x.device, dtype=x.dtype)
+    k1 = torch.exp(-0.5 * (t.view(1, -1) / sigma.to(x.dtype).view(-1, 1)) ** 2)
+    k1 = (k1 / k1.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0, output_size=n * c)  # [n*C, k]
+    pad = kernel_size // 2
+    y = F.pad(x.reshape(1, n * c, hgt, wid), (pad, pad, 0, 0), mode="reflect")
+    y = F.conv2d(y, k1.view(n * c, 1, 1, kernel_size), groups=n * c)
+    y = F.pad(y, (0, 0, pad, pad), mode="reflect")
+    y = F.conv2d(y, k1.view(n * c, 1, kernel_size, 1), groups=n * c)
+    return y.view(n, c, hgt, wid)
+
+
+def _where(sel: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.where(sel.view(-1, 1, 1, 1), a, b)
+
+
+def _apply_dense(x: torch.Tensor, params: PhotometricParams, ksize: int | None) -> torch.Tensor:
+    """The augmentation computed for every crop and selected per crop with ``torch.where``: no data-dependent
+    shapes, hence no host synchronisation (the GPU path). Brightness, contrast and saturation use factor 1
+    for crops that skip them, which is an exact identity."""
+    one, zero = torch.ones_like(params.brightness), torch.zeros_like(params.hue)
+    for pos in range(4):
+        op_at_pos = params.jitter_order[:, pos]
+        for op, (name, fn) in _JITTER_OPS.items():
+            sel = params.jitter & (op_at_pos == op)
+            if op == OP_HUE:
+                x = _where(sel, fn(x, torch.where(sel, params.hue, zero)), x)
+            else:
+                x = fn(x, torch.where(sel, getattr(params, name), one))
+    x = _where(params.grayscale, _grayscale(x), x)
+    if ksize is not None:
+        x = _where(params.blur, _gaussian_blur_conv(x, params.blur_sigma, ksize), x)
+    return _where(params.solarize, _solarize(x), x)
+
+
+_NORM_CACHE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _norm_tensors(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean/std ``[1,3,1,1]`` on ``device``, made once (a host-to-device copy each time would wait
+    for the GPU's queue)."""
+    if device not in _NORM_CACHE:
+        _NORM_CACHE[device] = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+                               torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+    return _NORM_CACHE[device]
+
+
 def _solarize(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x)
 
@@ -305,34 +362,45 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_photometric(
-    crops: torch.Tensor, params: PhotometricParams, normalize: bool = True
+    crops: torch.Tensor, params: PhotometricParams, normalize: bool = True, dense: bool | None = None
 ) -> torch.Tensor:
     """DINOv2 photometric augmentation of a batch of crops of one size.
 
     crops: uint8 [N,3,S,S] (or float in [0,1]); params: N crops' parameters on the same device.
     Returns float32 [N,3,S,S]: ImageNet-normalised (``normalize=True``) or in [0, 1].
     Order: colour jitter (per-crop op order), grayscale, blur, solarize, normalise.
+
+    ``dense`` (default: True off the CPU) computes every op for every crop and selects per crop with
+    ``torch.where`` — no host synchronisation, one kernel sequence per op, blur as depthwise convolutions;
+    otherwise each op runs on the subset of crops that drew it (cheaper on a CPU, but the subset sizes
+    are read back to the host).
     """
     if crops.ndim != 4 or crops.shape[1] != 3:
         raise ValueError(f"crops must be [N,3,H,W], got {tuple(crops.shape)}")
     if len(params) != crops.shape[0]:
         raise ValueError(f"{crops.shape[0]} crops but parameters for {len(params)}")
     x = crops.float().mul_(1.0 / 255.0) if crops.dtype == torch.uint8 else crops.float().clone()
-    if x.shape[0] > 0:
+    if dense is None:
+        dense = crops.device.type != "cpu"
+    if x.shape[0] > 0 and dense:
+        sizes = params.blur_kernel_size.cpu().unique()  # a CPU tensor after PhotometricParams.to
+        if sizes.numel() != 1:
+            raise ValueError(f"crops of one batch must share one blur kernel size, got {sizes.tolist()}")
+        x = _apply_dense(x, params, int(sizes.item()))
+    elif x.shape[0] > 0:  # the CPU path: each op on the crops that draw it
         for pos in range(4):
             op_at_pos = params.jitter_order[:, pos]
             for op, (name, fn) in _JITTER_OPS.items():
                 x = _apply_subset(x, params.jitter & (op_at_pos == op), fn, getattr(params, name))
         x = _apply_subset(x, params.grayscale, _grayscale)
         if params.blur.any():
-            sizes = params.blur_kernel_size[params.blur].unique()
+            sizes = params.blur_kernel_size[params.blur.to(params.blur_kernel_size.device)].unique()
             if sizes.numel() != 1:
                 raise ValueError(f"crops of one batch must share one blur kernel size, got {sizes.tolist()}")
             ksize = int(sizes.item())
             x = _apply_subset(x, params.blur, lambda t, s: gaussian_blur(t, s, ksize), params.blur_sigma)
         x = _apply_subset(x, params.solarize, _solarize)
     if normalize:
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        mean, std = _norm_tensors(x.device)
         x = x.sub_(mean).div_(std)
     return x
