@@ -96,6 +96,32 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         step("step_vits16_b64", s16, "--breakdown", "--profile", "3"),
         step("step_vitb16_b64", b16, "--breakdown", "--profile", "3"),
         Job(
+            "pytest_gpu",  # the training step issues no host sync on CUDA (torch.cuda.set_sync_debug_mode)
+            ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_train_sync_free.py"],
+            120,
+            30,
+            json_out=False,
+        ),
+        step(
+            "step_vits16_b64_compile_step_cudagraphs",
+            s16,
+            "--compile-step",
+            "--compile-mode",
+            "reduce-overhead",
+            cap=240,
+            min_s=120,
+        ),
+        step("step_vits16_b64_hostsync", s16, "--host-sync"),
+        step("step_vits16_b64_proto4096", s16, "dino.head_n_prototypes=4096", "ibot.head_n_prototypes=4096"),
+        Job(  # iBOT prototype layer + loss, materialised vs chunked (ibot.loss_chunk_rows): ms and peak memory
+            "head_loss_m3800_k65536",
+            ["benchmarks/head_loss.py", "--device", dev, "--chunk-rows", "256,1024",
+             *(["--m", "64", "--k", "512", "--d", "32", "--steps", "1", "--warmup", "0"] if smoke
+               else ["--steps", "5", "--warmup", "2"])],
+            60,
+            20,
+        ),
+        Job(
             "data_pipeline",
             [
                 "benchmarks/data_pipeline.py",
@@ -134,33 +160,7 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             45,
             json_out=False,
         ),
-        Job(
-            "pytest_gpu",  # the step issues no host sync on CUDA (torch.cuda.set_sync_debug_mode), and the rest
-            ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/"],
-            120,
-            30,
-            json_out=False,
-        ),
-        step("step_vits16_b64_hostsync", s16, "--host-sync"),
-        step(
-            "step_vits16_b64_compile_step_cudagraphs",
-            s16,
-            "--compile-step",
-            "--compile-mode",
-            "reduce-overhead",
-            cap=240,
-            min_s=120,
-        ),
         step("step_vits16_b64_compile_step", s16, "--compile-step", cap=180, min_s=100),
-        step("step_vits16_b64_proto4096", s16, "dino.head_n_prototypes=4096", "ibot.head_n_prototypes=4096"),
-        Job(  # iBOT prototype layer + loss, materialised vs chunked (ibot.loss_chunk_rows): ms and peak memory
-            "head_loss_m3800_k65536",
-            ["benchmarks/head_loss.py", "--device", dev, "--chunk-rows", "256,1024",
-             *(["--m", "64", "--k", "512", "--d", "32", "--steps", "1", "--warmup", "0"] if smoke
-               else ["--steps", "5", "--warmup", "2"])],
-            60,
-            20,
-        ),
         step("step_vits16_b128", s16, batch=128),
         step("step_vitb16_b128", b16, batch=128),
         step("step_vits16_b64_compile", s16, "--compile", cap=120, min_s=80),
