@@ -21,7 +21,11 @@ from fastdinov2.train.loop import DeviceHealth, Trainer
 from .test_train_e2e import TINY
 
 SYNCING = {"__bool__", "item", "tolist", "__float__", "__int__", "__index__", "nonzero", "numpy", "unique",
-           "masked_select", "_local_scalar_dense", "argwhere", "nonzero_static"}
+           "masked_select", "_local_scalar_dense", "argwhere", "nonzero_static",
+           # tensors made from host data: a blocking host-to-device copy on a GPU
+           "tensor", "as_tensor", "new_tensor", "from_numpy"}
+# Foreach ops whose scalar argument, if given a tensor, is read back to the host as a Python number.
+SCALAR_ONLY = {"_foreach_lerp_", "_foreach_lerp", "_foreach_add_", "_foreach_add", "_foreach_sub_", "_foreach_sub"}
 
 
 class SyncRecorder(TorchFunctionMode):
@@ -35,6 +39,8 @@ class SyncRecorder(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         if name in SYNCING:
             self.calls.append(name)
+        elif name in SCALAR_ONLY and any(isinstance(a, torch.Tensor) for a in [*args[2:], *(kwargs or {}).values()]):
+            self.calls.append(f"{name}(tensor scalar)")
         elif name == "__getitem__" and len(args) > 1:
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index):

@@ -54,7 +54,7 @@ def sinkhorn_knopp(
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
     with autocast_off(logits):
         x = logits.float()
-        local_max = x.max() if x.numel() > 0 else x.new_tensor(float("-inf"))
+        local_max = x.max() if x.numel() > 0 else x.new_full((), float("-inf"))
         shift = all_reduce_max(local_max.reshape(1).clone())
         q = torch.exp((x - shift) / teacher_temp).t()  # [K, N]: prototypes x samples, as in the paper
         n_prototypes = q.shape[0]

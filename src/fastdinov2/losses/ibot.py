@@ -97,8 +97,11 @@ class iBOTPatchLoss(nn.Module):
                 f"n_masked_patches_tensor={n_masked_patches_tensor} but teacher_logits has "
                 f"{teacher_logits.shape[0]} rows"
             )
-        count = torch.as_tensor(n_masked_patches_tensor, device=teacher_logits.device)
-        global_rows = all_reduce_sum(count.to(torch.float32).reshape(1).clone())
+        if isinstance(n_masked_patches_tensor, Tensor):
+            count = n_masked_patches_tensor.to(device=teacher_logits.device, dtype=torch.float32).reshape(1).clone()
+        else:  # a fill kernel, not a host-to-device copy (which would wait for the GPU's queue)
+            count = torch.full((1,), float(n_masked_patches_tensor), device=teacher_logits.device)
+        global_rows = all_reduce_sum(count)
         return sinkhorn_knopp(teacher_logits, teacher_temp, global_rows, n_iterations)
 
     def forward_masked(
@@ -189,7 +192,10 @@ class iBOTPatchLoss(nn.Module):
             raise ValueError(f"logit_sum must have shape [{self.patch_out_dim}], got {tuple(logit_sum.shape)}")
         with autocast_off(logit_sum):
             s = logit_sum.float()
-            n = torch.as_tensor(count, dtype=torch.float32, device=s.device).reshape(1)
+            if isinstance(count, Tensor):
+                n = count.to(device=s.device, dtype=torch.float32).reshape(1)
+            else:  # a fill kernel, not a host-to-device copy (which would wait for the GPU's queue)
+                n = torch.full((1,), float(count), device=s.device)
             packed = all_reduce_sum(torch.cat([s, n]))  # [K + 1]
             count_all = packed[-1:]
             batch_center = (packed[:-1] / count_all.clamp(min=1.0)).unsqueeze(0)  # [1, K]

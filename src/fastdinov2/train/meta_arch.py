@@ -257,5 +257,9 @@ class MetaArch(nn.Module):
         if apply is None:
             torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
         else:
-            weight = apply.to(torch.float32) * (1.0 - momentum)  # 0 when the update is skipped
-            torch._foreach_lerp_(t_params, s_params, weight)
+            # _foreach_lerp_ has no tensor-weight overload (a tensor would be read back as a Python number):
+            # teacher += weight * (student - teacher), with the weight a device tensor, 0 when skipped.
+            weight = apply.to(torch.float32) * (1.0 - momentum)
+            delta = torch._foreach_sub(s_params, t_params)
+            torch._foreach_mul_(delta, weight)
+            torch._foreach_add_(t_params, delta)
