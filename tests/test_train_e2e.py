@@ -237,9 +237,33 @@ def test_compute_compile_compiles_modules_in_place(data_root: Path, tmp_path: Pa
     assert list(compiled.model.state_dict()) == list(plain.model.state_dict())
 
 
+def test_compute_compile_accepts_booleans_and_names_bad_values() -> None:
+    assert load_config("fastdinov2_tiny", ["compute.compile=true"]).compute.compile == "modules"
+    assert load_config("fastdinov2_tiny", ["compute.compile=false"]).compute.compile == "none"
+    assert load_config("fastdinov2_tiny", ["compute.compile=step"]).compute.compile == "step"
+    with pytest.raises(ConfigError, match="compute.compile"):
+        load_config("fastdinov2_tiny", ["compute.compile=graphs"])
+
+
+def test_compute_compile_step_trains_like_eager(data_root: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastdinov2.train.loop import Trainer
+
+    # aot_eager: dynamo + AOTAutograd capture the same forward and backward graphs, without code generation
+    monkeypatch.setattr(Trainer, "compile_backend", "aot_eager")
+    torch._dynamo.reset()
+    eager = train(_cfg(data_root, "train.max_steps=3", "compute.masked_tokens_bucket=16"), tmp_path / "eager")
+    compiled = train(_cfg(data_root, "train.max_steps=3", "compute.masked_tokens_bucket=16", "compute.compile=step"),
+                     tmp_path / "compiled")
+    for a, b in zip(eager["history"], compiled["history"], strict=True):
+        for key in ("loss", "dino_loss", "ibot_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+
+
 @pytest.mark.slow
-def test_compute_compile_trains_like_eager(data_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["true", "step"])
+def test_compute_compile_trains_like_eager(data_root: Path, tmp_path: Path, mode: str) -> None:
     eager = train(_cfg(data_root, "train.max_steps=2"), tmp_path / "eager")
-    compiled = train(_cfg(data_root, "train.max_steps=2", "compute.compile=true"), tmp_path / "compiled")
+    compiled = train(_cfg(data_root, "train.max_steps=2", f"compute.compile={mode}"), tmp_path / "compiled")
     for a, b in zip(eager["history"], compiled["history"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)

@@ -28,6 +28,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("halt", "skip")
 STRATEGIES = ("ddp", "fsdp2")
+COMPILE_MODES = ("none", "modules", "step")
 FFN_LAYERS = ("auto", "mlp", "swiglu")
 
 
@@ -189,7 +190,9 @@ class TrainConfig:
 class ComputeConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False  # torch.compile the backbones and heads in place (nn.Module.compile); see docs/benchmarks.md
+    # torch.compile: "none"; "modules" (backbones and heads, in place); "step" (teacher targets + student + losses
+    # as one function, backward by AOTAutograd). true/false mean "modules"/"none". See docs/benchmarks.md.
+    compile: str = "none"
     # Pad each batch's masked-token rows to a multiple of this (weight-0 rows), so compiled code / CUDA graphs
     # see a few shapes per stage instead of one per batch; 0 = no padding.
     masked_tokens_bucket: int = 0
@@ -447,6 +450,10 @@ def validate(cfg: Config) -> None:
     _choice(cfg.compute.device, "compute.device", DEVICES)
     _choice(cfg.compute.precision, "compute.precision", PRECISIONS)
     _choice(cfg.compute.strategy, "compute.strategy", STRATEGIES)
+    # compute.compile: the booleans of earlier configs (OmegaConf turns them into "True"/"False") keep working
+    cfg.compute.compile = {"true": "modules", "false": "none"}.get(str(cfg.compute.compile).lower(),
+                                                                   str(cfg.compute.compile))
+    _choice(cfg.compute.compile, "compute.compile", COMPILE_MODES)
     _check(cfg.compute.masked_tokens_bucket >= 0, "compute.masked_tokens_bucket", "must be >= 0 (0: no padding)")
     _check(not (cfg.compute.strategy == "fsdp2" and cfg.compute.precision == "fp16"), "compute.precision",
            "'fp16' is not supported with compute.strategy=fsdp2 (its grad scaler would not see other ranks' "

@@ -335,8 +335,11 @@ class Trainer:
         self.sync_free = bool(self.optimizer.defaults.get("fused")) and self.scaler is None
         self.state = RunState()
         self._health = DeviceHealth(self.device)
-        if cfg.compute.compile:
+        self._forward_loss_fn = self._forward_loss
+        if cfg.compute.compile == "modules":
             self._compile_modules()
+        elif cfg.compute.compile == "step":
+            self._forward_loss_fn = torch.compile(self._forward_loss, backend=self.compile_backend)
         self.ckpt_dir = output_dir / "checkpoints"
         self.logger: MetricsLogger | None = None
         self.renumbered_from: int | None = None  # the checkpoint's own step, when resume_step changed it
@@ -345,15 +348,18 @@ class Trainer:
         random.seed(cfg.train.seed * 1000 + self.rank)
         np.random.seed(cfg.train.seed * 1000 + self.rank)
 
+    #: torch.compile backend of ``compute.compile`` (tests use "aot_eager": the same graphs, no code generation).
+    compile_backend = "inductor"
+
     def _compile_modules(self) -> None:
-        """``compute.compile``: compile the student's and the teacher's backbone and heads in place
+        """``compute.compile=modules``: compile the student's and the teacher's backbone and heads in place
         (``nn.Module.compile``: parameter names and checkpoints are unchanged). The loss, optimizer and EMA
         stay eager; ``benchmarks/step.py --compile`` / ``--compile-step`` measure what each variant gains."""
         for model in (self.model.student, self.model.teacher):
-            model.backbone.compile()
-            model.dino_head.compile()
+            model.backbone.compile(backend=self.compile_backend)
+            model.dino_head.compile(backend=self.compile_backend)
             if model.ibot_head is not None:
-                model.ibot_head.compile()
+                model.ibot_head.compile(backend=self.compile_backend)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -496,6 +502,17 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def _forward_loss(
+        self, global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor,
+        mask_indices: torch.Tensor, masks_weight: torch.Tensor, n_masked: int, teacher_temp: float, n_local: int,
+    ) -> dict[str, torch.Tensor]:
+        """Teacher targets (and centre updates) + student forward + all loss terms of one micro-batch: the
+        function ``compute.compile=step`` compiles (its backward is compiled by AOTAutograd). Shapes as in
+        :class:`~fastdinov2.data.collate.TrainBatch`; returns the scalar loss terms."""
+        t_cls, t_patch = self.model.teacher_targets(global_crops, mask_indices, n_masked, teacher_temp)
+        s_out = self.student(global_crops, local_crops, masks, mask_indices)
+        return self.model.compute_losses(s_out, t_cls, t_patch, masks, masks_weight, n_local)
+
     def _forward_backward(
         self, micro_batches: list[TrainBatch], step: int, sched: dict[str, float]
     ) -> dict[str, torch.Tensor]:
@@ -510,11 +527,10 @@ class Trainer:
             n_local = batch.local_crops.shape[0] // max(1, batch.batch_size)
             # Gradients are reduced across ranks once per step, in the backward of the last micro-batch.
             with dist_utils.gradient_sync(self.student, enabled=i == n_micro - 1), self.autocast():
-                t_cls, t_patch = self.model.teacher_targets(
-                    batch.global_crops, batch.mask_indices, batch.n_masked_patches, sched["teacher_temp"]
+                losses = self._forward_loss_fn(
+                    batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices, batch.masks_weight,
+                    batch.n_masked_patches, sched["teacher_temp"], n_local,
                 )
-                s_out = self.student(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
-                losses = self.model.compute_losses(s_out, t_cls, t_patch, batch.masks, batch.masks_weight, n_local)
                 loss = losses["loss"] / n_micro
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
