@@ -285,3 +285,32 @@ def test_drop_path_per_sample() -> None:
     torch.manual_seed(0)
     assert torch.equal(dp(x), y)  # reproducible from the default generator
     assert torch.equal(dp.eval()(x), x)
+
+
+@pytest.mark.parametrize("layerscale,drop_path", [(1e-5, 0.0), (1e-5, 0.3), (None, 0.3), (None, 0.0)])
+def test_fused_residual_equals_the_modules_in_sequence(layerscale: float | None, drop_path: float) -> None:
+    from fastdinov2.models.vit import Block
+
+    torch.manual_seed(0)
+    block = Block(16, 2, drop_path=drop_path, layerscale_init=layerscale).train()
+    if layerscale:
+        with torch.no_grad():
+            block.ls1.gamma.uniform_(0.5, 1.5)
+            block.ls2.gamma.uniform_(0.5, 1.5)
+    x = torch.randn(6, 5, 16, requires_grad=True)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        x = x + block.drop_path(block.ls1(block.attn(block.norm1(x))))
+        return x + block.drop_path(block.ls2(block.mlp(block.norm2(x))))
+
+    torch.manual_seed(1)
+    out = block(x)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    torch.manual_seed(1)  # the same stochastic-depth draws
+    ref = reference(x)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, p in zip(grads, block.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)

@@ -198,9 +198,25 @@ class Block(nn.Module):
         self.ls2: nn.Module = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
+    def _add_branch(self, x: Tensor, branch: Tensor, ls: nn.Module) -> Tensor:
+        """``x + drop_path(ls(branch))`` with the layer scale and the stochastic-depth mask folded into one
+        per-sample, per-channel factor and a single ``addcmul``: the same result as the three modules in
+        sequence (to rounding) and the same random draw, with 2-4 fewer kernels per residual (the GPU step
+        is launch-bound)."""
+        gamma = ls.gamma if isinstance(ls, LayerScale) else None
+        dp = self.drop_path
+        if dp.drop_prob > 0.0 and dp.training:
+            keep = 1.0 - dp.drop_prob
+            mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+            factor = mask * (gamma / keep) if gamma is not None else mask / keep
+            return torch.addcmul(x, branch, factor)
+        if gamma is not None:
+            return torch.addcmul(x, branch, gamma)
+        return x + branch
+
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        x = self._add_branch(x, self.attn(self.norm1(x)), self.ls1)
+        return self._add_branch(x, self.mlp(self.norm2(x)), self.ls2)
 
 
 class DinoVisionTransformer(nn.Module):

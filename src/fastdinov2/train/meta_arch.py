@@ -206,8 +206,9 @@ class MetaArch(nn.Module):
         cfg = self.cfg
         n_terms = 2 + 2 * n_local  # DINO crop pairs: 2 global-global + 2 per local crop
         local = student_out["local_logits"]
-        dino_local = (
-            self.dino_loss(list(local.chunk(n_local)), teacher_cls) if n_local > 0 else local.new_zeros(())
+        dino_local = (  # every local crop against both teacher crops; the local logits are crop-major
+            self.dino_loss.cross_entropy_all_pairs(local.view(n_local, -1, local.shape[-1]), torch.stack(teacher_cls))
+            if n_local > 0 else local.new_zeros(())
         )
         dino_global = self.dino_loss([student_out["global_logits"]], [torch.cat(teacher_cls)]) * 2
         dino = (dino_local + dino_global) / n_terms
