@@ -14,7 +14,8 @@ that cannot get its minimum time is skipped and listed as such. Every job writes
 Jobs: step benchmark (``benchmarks/step.py``) for ViT-S/16 and ViT-B/16 at batch 64, both curriculum
 stages (112/48 and 224/96), eager with a per-phase breakdown; the same at batch 128; ViT-S/16 with 4096
 prototypes (is the fixed cost head-bound?); without the per-step host sync; the data pipeline
-(``benchmarks/data_pipeline.py``) on the host's CPU cores plus ``apply_photometric`` on the GPU; a
+(``benchmarks/data_pipeline.py``) on the host's CPU cores plus ``apply_photometric`` on the GPU; the batched
+photometric augmentation, ours vs kornia (``benchmarks/photometric_libs.py``; ours only without kornia); a
 ``torchrun --nproc_per_node=1`` smoke of ``fastdinov2 train`` on the tiny preset with
 ``compute.device=cuda``; then torch.compile variants (``--compile-step`` = forward+loss+backward and
 update compiled; ``--compile`` = modules only) while time remains.
@@ -134,6 +135,14 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             90,
             40,
         ),
+        Job(  # batched photometric augmentation: ours (dense, subset) vs kornia; ours only if kornia is missing
+            "photometric_libs",
+            ["benchmarks/photometric_libs.py", "--device", dev,
+             *(["--batch-size", "2", "--sizes", "32/16", "--rounds", "1", "--warmup", "0", "--check-batch", "2",
+                 "--check-repeats", "2"] if smoke else ["--rounds", "10", "--warmup", "3"])],
+            60,
+            20,
+        ),
         Job(
             "torchrun_smoke_tiny",
             [
@@ -159,6 +168,15 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             120,
             45,
             json_out=False,
+        ),
+        Job(  # the trainer with data loading, ViT-S/16 pair, 2048 embedded images x 1 epoch (24 + 8 vs 32 steps)
+            "end_to_end_vits16",
+            ["benchmarks/end_to_end.py", "--fast", s16, "--baseline", "dinov2_tiny" if smoke else "dinov2_vits16_in100",
+             "--train-images", "64" if smoke else "2048", "--epochs", "1", "--num-workers", "2" if smoke else "12",
+             "--cache-dir", str(cache_dir / "data"), f"compute.device={dev}", "data.photometric_on=device",
+             *(["train.batch_size_per_gpu=8", *tiny_model] if smoke else [])],
+            150,
+            60,
         ),
         step("step_vits16_b64_compile_step", s16, "--compile-step", cap=180, min_s=100),
         step("step_vits16_b128", s16, batch=128),
@@ -285,6 +303,14 @@ def summary_lines(merged: dict[str, Any]) -> list[str]:
                 if r["photometric_on"] == "worker":
                     best[key] = max(best.get(key, 0.0), r["img_per_s_per_core"])
             lines.append(f"{name}: " + ", ".join(f"{k} {v:.0f} img/s/core (worker)" for k, v in best.items()))
+        elif res.get("benchmark") == "photometric_libs":
+            parts = [
+                f"{s['global_size']}/{s['local_size']} "
+                + " ".join(f"{r['variant']} {r['ms_per_sample']:.3f}" for r in s["rows"])
+                for s in res["sizes"]
+            ]
+            missing = f" ({res['kornia_missing']})" if res.get("kornia_missing") else ""
+            lines.append(f"{name}: ms/sample " + "; ".join(parts) + missing)
     for st in merged["jobs"]:
         if st["rc"] != 0:
             lines.append(f"{st['job']}: rc={st['rc']}")

@@ -243,6 +243,10 @@ def test_compute_compile_accepts_booleans_and_names_bad_values() -> None:
     assert load_config("fastdinov2_tiny", ["compute.compile=step"]).compute.compile == "step"
     with pytest.raises(ConfigError, match="compute.compile"):
         load_config("fastdinov2_tiny", ["compute.compile=graphs"])
+    assert load_config("fastdinov2_tiny", ["compute.compile_mode=reduce-overhead"]).compute.compile_mode \
+        == "reduce-overhead"
+    with pytest.raises(ConfigError, match="compute.compile_mode"):
+        load_config("fastdinov2_tiny", ["compute.compile_mode=fast"])
 
 
 def test_compute_compile_step_trains_like_eager(data_root: Path, tmp_path: Path,

@@ -29,6 +29,7 @@ DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("halt", "skip")
 STRATEGIES = ("ddp", "fsdp2")
 COMPILE_MODES = ("none", "modules", "step")
+TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 FFN_LAYERS = ("auto", "mlp", "swiglu")
 
 
@@ -193,6 +194,8 @@ class ComputeConfig:
     # torch.compile: "none"; "modules" (backbones and heads, in place); "step" (teacher targets + student + losses
     # as one function, backward by AOTAutograd). true/false mean "modules"/"none". See docs/benchmarks.md.
     compile: str = "none"
+    # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune", "max-autotune-no-cudagraphs"
+    compile_mode: str = "default"
     # Pad each batch's masked-token rows to a multiple of this (weight-0 rows), so compiled code / CUDA graphs
     # see a few shapes per stage instead of one per batch; 0 = no padding.
     masked_tokens_bucket: int = 0
@@ -454,6 +457,7 @@ def validate(cfg: Config) -> None:
     cfg.compute.compile = {"true": "modules", "false": "none"}.get(str(cfg.compute.compile).lower(),
                                                                    str(cfg.compute.compile))
     _choice(cfg.compute.compile, "compute.compile", COMPILE_MODES)
+    _choice(cfg.compute.compile_mode, "compute.compile_mode", TORCH_COMPILE_MODES)
     _check(cfg.compute.masked_tokens_bucket >= 0, "compute.masked_tokens_bucket", "must be >= 0 (0: no padding)")
     _check(not (cfg.compute.strategy == "fsdp2" and cfg.compute.precision == "fp16"), "compute.precision",
            "'fp16' is not supported with compute.strategy=fsdp2 (its grad scaler would not see other ranks' "

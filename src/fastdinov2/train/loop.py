@@ -339,7 +339,7 @@ class Trainer:
         if cfg.compute.compile == "modules":
             self._compile_modules()
         elif cfg.compute.compile == "step":
-            self._forward_loss_fn = torch.compile(self._forward_loss, backend=self.compile_backend)
+            self._forward_loss_fn = torch.compile(self._forward_loss, **self._compile_kwargs())
         self.ckpt_dir = output_dir / "checkpoints"
         self.logger: MetricsLogger | None = None
         self.renumbered_from: int | None = None  # the checkpoint's own step, when resume_step changed it
@@ -355,11 +355,19 @@ class Trainer:
         """``compute.compile=modules``: compile the student's and the teacher's backbone and heads in place
         (``nn.Module.compile``: parameter names and checkpoints are unchanged). The loss, optimizer and EMA
         stay eager; ``benchmarks/step.py --compile`` / ``--compile-step`` measure what each variant gains."""
+        kw = self._compile_kwargs()
         for model in (self.model.student, self.model.teacher):
-            model.backbone.compile(backend=self.compile_backend)
-            model.dino_head.compile(backend=self.compile_backend)
+            model.backbone.compile(**kw)
+            model.dino_head.compile(**kw)
             if model.ibot_head is not None:
-                model.ibot_head.compile(backend=self.compile_backend)
+                model.ibot_head.compile(**kw)
+
+    def _compile_kwargs(self) -> dict[str, Any]:
+        """``torch.compile`` arguments: the backend, and ``compute.compile_mode`` (inductor only)."""
+        kw: dict[str, Any] = {"backend": self.compile_backend}
+        if self.compile_backend == "inductor" and self.cfg.compute.compile_mode != "default":
+            kw["mode"] = self.cfg.compute.compile_mode
+        return kw
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
