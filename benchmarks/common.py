@@ -12,7 +12,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +113,14 @@ def emit(result: dict[str, Any], json_out: str | None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(text, flush=True)
+
+
+def run_benchmark(
+    args: Any, run: Callable[[Any], dict[str, Any]], print_readable: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
+    """The common ``main`` of a benchmark: ``run(args)``, print the readable lines, then the JSON line
+    (and ``--json-out``). Returns the result."""
+    out = run(args)
+    print_readable(out)
+    emit(out, args.json_out)
+    return out

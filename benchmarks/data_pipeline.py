@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, machine_info, set_threads  # noqa: E402
+from common import machine_info, run_benchmark, set_threads  # noqa: E402
 from fastdinov2.config import LOWPASS_METHODS, Config, load_config  # noqa: E402
 from fastdinov2.data.augment import sample_rngs  # noqa: E402
 from fastdinov2.data.datasets import ImageRecord  # noqa: E402
@@ -285,10 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    out = run(args)
-    print_readable(out)
-    emit(out, args.json_out)
-    return out
+    return run_benchmark(args, run, print_readable)
 
 
 if __name__ == "__main__":

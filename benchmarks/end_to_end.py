@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, machine_info  # noqa: E402
+from common import machine_info, run_benchmark  # noqa: E402
 from fastdinov2.config import Config, load_config  # noqa: E402
 from fastdinov2.data.datasets import discover_training_images  # noqa: E402
 from fastdinov2.flops import training_flops  # noqa: E402
@@ -258,10 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    out = run(args)
-    print_readable(out)
-    emit(out, args.json_out)
-    return out
+    return run_benchmark(args, run, print_readable)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,12 @@ set -u
 budget="${1:-420}"
 out_root="${OUT:-/tmp}"
 if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    pipi=(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site)
+    if ! "${pipi[@]}" .whl/*.whl; then
+        # e.g. a compiled wheel (kornia_rs) built for another Python: install the others one by one
+        echo "wheel install failed; installing the wheels one at a time" >&2
+        for w in .whl/*.whl; do "${pipi[@]}" "$w" || echo "skipped $w" >&2; done
+    fi
     export PYTHONPATH="/tmp/site:${PWD}/src${PYTHONPATH:+:$PYTHONPATH}"
 else
     export PYTHONPATH="${PWD}/src${PYTHONPATH:+:$PYTHONPATH}"

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, machine_info, set_threads, summarize_ms  # noqa: E402
+from common import machine_info, run_benchmark, set_threads, summarize_ms  # noqa: E402
 from fastdinov2.data.collate import mask_index_weights  # noqa: E402
 from fastdinov2.losses import iBOTPatchLoss  # noqa: E402
 from fastdinov2.losses.chunked import chunked_ibot_loss, teacher_logit_sum  # noqa: E402
@@ -236,10 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    out = run(args)
-    print_readable(out)
-    emit(out, args.json_out)
-    return out
+    return run_benchmark(args, run, print_readable)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, machine_info, peak_tflops, set_threads, summarize_ms  # noqa: E402
+from common import machine_info, peak_tflops, run_benchmark, set_threads, summarize_ms  # noqa: E402
 from fastdinov2.config import Config, load_config  # noqa: E402
 from fastdinov2.data.collate import mask_index_weights, pad_masked_tokens  # noqa: E402
 from fastdinov2.data.masking import sample_ibot_masks  # noqa: E402
@@ -684,10 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    out = run(args)
-    print_readable(out)
-    emit(out, args.json_out)
-    return out
+    return run_benchmark(args, run, print_readable)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,37 @@ def test_data_pipeline_benchmark(tmp_path: Path) -> None:
     assert [p["global_size"] for p in out["photometric_batched"]] == [32, 64]
 
 
+PHOTOMETRIC_TINY = ["--device", "cpu", "--threads", "1", "--batch-size", "2", "--local-crops", "2", "--sizes",
+                    "32/16", "--rounds", "1", "--warmup", "0", "--check-batch", "2", "--check-repeats", "2"]
+
+
+def test_photometric_libs_benchmark(tmp_path: Path) -> None:
+    pytest.importorskip("kornia")
+    pl = _load("photometric_libs")
+    out = pl.main([*PHOTOMETRIC_TINY, "--json-out", str(tmp_path / "p.json")])
+    assert out["kornia_missing"] is None
+    (size,) = out["sizes"]
+    rows = {r["variant"]: r for r in size["rows"]}
+    assert set(rows) == {"ours_dense", "ours_subset", "kornia"}
+    assert all(r["ms_per_batch"] > 0 and r["aten_ops"] > 0 for r in rows.values())
+    # the dense path and kornia read no device value back; the subset path reads its selections
+    assert rows["ours_dense"]["device_reads"] == 0 and rows["kornia"]["device_reads"] == 0
+    assert rows["ours_subset"]["device_reads"] > 0
+    f = size["formula"]
+    assert max(max(v.values()) for v in f.values()) < 1e-3  # same formulas (luma weights differ by 1e-4)
+    assert set(size["stats"]) >= {"ours", "kornia", "max_abs_z"}
+    assert json.loads((tmp_path / "p.json").read_text())["sizes"][0]["rows"][0]["variant"] == "ours_dense"
+
+
+def test_photometric_libs_benchmark_without_kornia(monkeypatch: pytest.MonkeyPatch) -> None:
+    pl = _load("photometric_libs")
+    monkeypatch.setattr(pl, "kornia_or_reason", lambda: (None, "kornia is not usable here (ImportError: test)"))
+    out = pl.main(PHOTOMETRIC_TINY)
+    assert "ImportError" in out["kornia_missing"]
+    assert [r["variant"] for r in out["sizes"][0]["rows"]] == ["ours_dense", "ours_subset"]
+    assert "formula" not in out["sizes"][0] and "kornia" not in out["sizes"][0]["stats"]
+
+
 def test_end_to_end_stage_rates_and_implied_speedup(tmp_path: Path) -> None:
     e2e = _load("end_to_end")
     history = [  # windows of 2 steps; the first and the one spanning the switch are left out
