@@ -366,8 +366,10 @@ def test_dense_device_path_matches_the_subset_path_without_host_reads(kind, scal
     from .test_train_sync_free import SyncRecorder
 
     rng = np.random.default_rng(3)
-    n, size = 24, 20
+    n, size = 64, 20
     params = sample_photometric_params(rng, n, kind, scale)
+    hue_at = (params.jitter_order == 3).int().argmax(dim=1)[params.jitter]
+    assert set(hue_at.tolist()) == {0, 1, 2, 3}  # the hue rotation at every position of the order
     crops = torch.from_numpy(rng.integers(0, 256, (n, 3, size, size), dtype=np.uint8))
     subset = apply_photometric(crops, params, dense=False)
     moved = params.to("cpu")

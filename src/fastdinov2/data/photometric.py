@@ -324,17 +324,28 @@ def _where(sel: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _apply_dense(x: torch.Tensor, params: PhotometricParams, ksize: int | None) -> torch.Tensor:
     """The augmentation computed for every crop and selected per crop with ``torch.where``: no data-dependent
-    shapes, hence no host synchronisation (the GPU path). Brightness, contrast and saturation use factor 1
-    for crops that skip them, which is an exact identity."""
-    one, zero = torch.ones_like(params.brightness), torch.zeros_like(params.hue)
-    for pos in range(4):
-        op_at_pos = params.jitter_order[:, pos]
-        for op, (name, fn) in _JITTER_OPS.items():
-            sel = params.jitter & (op_at_pos == op)
-            if op == OP_HUE:
-                x = _where(sel, fn(x, torch.where(sel, params.hue, zero)), x)
-            else:
+    shapes, hence no host synchronisation (the GPU path).
+
+    Each crop's colour jitter runs in its own op order. Brightness, contrast and saturation are cheap and
+    use factor 1 (an exact identity) where a crop skips them; the hue rotation, the costliest op, runs once
+    for all crops: first every crop's ops placed *before* its hue, then hue, then the ops placed after it.
+    That is each crop's own order, with one hue pass instead of one per position.
+    """
+    one = torch.ones_like(params.brightness)
+    positions = torch.arange(4, device=params.jitter_order.device)
+    hue_pos = torch.where(params.jitter_order == OP_HUE, positions, 4).amin(dim=1)  # [n]
+    for before_hue in (True, False):
+        # a jittered crop's hue sits at position 0..3: nothing precedes position 0's hue or follows position 3's
+        for pos in range(3) if before_hue else range(1, 4):
+            op_at_pos = params.jitter_order[:, pos]
+            phase = (pos < hue_pos) if before_hue else (pos > hue_pos)
+            for op, (name, fn) in _JITTER_OPS.items():
+                if op == OP_HUE:
+                    continue
+                sel = params.jitter & (op_at_pos == op) & phase
                 x = fn(x, torch.where(sel, getattr(params, name), one))
+        if before_hue:
+            x = _where(params.jitter, adjust_hue(x, params.hue), x)
     x = _where(params.grayscale, _grayscale(x), x)
     if ksize is not None:
         x = _where(params.blur, _gaussian_blur_conv(x, params.blur_sigma, ksize), x)
