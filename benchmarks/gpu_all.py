@@ -179,6 +179,14 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             60,
         ),
         step("step_vits16_b64_compile_step", s16, "--compile-step", cap=180, min_s=100),
+        Job(  # the dense photometric path compiled, as the trainer runs it with compute.compile on CUDA
+            "photometric_compiled",
+            ["benchmarks/photometric_libs.py", "--device", dev, "--no-kornia", "--compile", "--check-repeats", "0",
+             *(["--batch-size", "2", "--sizes", "32/16", "--rounds", "1", "--warmup", "1"] if smoke
+               else ["--rounds", "10", "--warmup", "3"])],
+            150,
+            60,
+        ),
         step("step_vits16_b128", s16, batch=128),
         step("step_vitb16_b128", b16, batch=128),
         step("step_vits16_b64_compile", s16, "--compile", cap=120, min_s=80),

@@ -64,7 +64,7 @@ from common import machine_info, run_benchmark, set_threads  # noqa: E402
 from fastdinov2.data import photometric as ph  # noqa: E402
 from fastdinov2.data.photometric import PhotometricParams, apply_photometric  # noqa: E402
 
-VARIANTS = ("ours_dense", "ours_subset", "kornia")
+VARIANTS = ("ours_dense", "ours_subset", "kornia", "ours_dense_compiled")
 KINDS = ("global1", "global2", "local")
 
 # The calls of tests/test_train_sync_free.py's SyncRecorder that read a tensor back to the host.
@@ -363,6 +363,10 @@ def bench_size(args: argparse.Namespace, gsz: int, lsz: int, device: torch.devic
         "ours_dense": lambda: (apply_photometric(g, gp, dense=True), apply_photometric(loc, lp, dense=True)),
         "ours_subset": lambda: (apply_photometric(g, gp, dense=False), apply_photometric(loc, lp, dense=False)),
     }
+    if args.compile:  # the dense path as the trainer runs it with compute.compile on CUDA (compiled in warm-up)
+        dense_fn = ph.compiled_dense_fn()
+        fns["ours_dense_compiled"] = lambda: (apply_photometric(g, gp, dense=True, dense_fn=dense_fn),
+                                              apply_photometric(loc, lp, dense=True, dense_fn=dense_fn))
     if ka is not None:
         pipes = kornia_pipelines(ka, g_scale, l_scale)
         fns["kornia"] = lambda: kornia_batch(pipes, g, loc)
@@ -484,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-batch", type=int, default=16, help="samples of the equivalence checks")
     p.add_argument("--check-repeats", type=int, default=4, help="independent draws per library (0: no checks)")
     p.add_argument("--no-kornia", action="store_true", help="time ours only")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the dense path compiled with torch.compile (inductor; compiled during warm-up)")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     return p
 

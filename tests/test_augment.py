@@ -381,3 +381,15 @@ def test_dense_device_path_matches_the_subset_path_without_host_reads(kind, scal
     x = torch.rand(3, 3, 17, 19)
     sigma = torch.tensor([0.3, 1.0, 2.0])
     torch.testing.assert_close(_gaussian_blur_conv(x, sigma, 9), gaussian_blur(x, sigma, 9), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_dense_path_matches_eager(backend):
+    from fastdinov2.data.photometric import compiled_dense_fn
+
+    rng = np.random.default_rng(5)
+    params = sample_photometric_params(rng, 32, "local", 0.5)
+    crops = torch.from_numpy(rng.integers(0, 256, (32, 3, 12, 12), dtype=np.uint8))
+    eager = apply_photometric(crops, params, dense=True)
+    compiled = apply_photometric(crops, params, dense=True, dense_fn=compiled_dense_fn(backend=backend))
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fastdinov2.data.photometric import PhotometricParams, apply_photometric
+from fastdinov2.data.photometric import DenseFn, PhotometricParams, apply_photometric
 from fastdinov2.data.pretrain import BadSample, PhotometricOn, PretrainSample, StageShape
 
 
@@ -67,17 +67,18 @@ class TrainBatch:
         """Pinned copy (DataLoader(pin_memory=True) calls this)."""
         return self._map_tensors(lambda t: t.pin_memory())
 
-    def with_photometric(self) -> TrainBatch:
+    def with_photometric(self, dense_fn: DenseFn | None = None) -> TrainBatch:
         """Apply the pending photometric augmentation where the crops are (e.g. on the GPU).
 
         Returns a batch with normalised float32 crops; a batch without pending parameters is returned as is.
+        ``dense_fn``: see :func:`~fastdinov2.data.photometric.apply_photometric`.
         """
         if self.global_params is None or self.local_params is None:
             return self
         return replace(
             self,
-            global_crops=apply_photometric(self.global_crops, self.global_params),
-            local_crops=apply_photometric(self.local_crops, self.local_params),
+            global_crops=apply_photometric(self.global_crops, self.global_params, dense_fn=dense_fn),
+            local_crops=apply_photometric(self.local_crops, self.local_params, dense_fn=dense_fn),
             global_params=None,
             local_params=None,
         )

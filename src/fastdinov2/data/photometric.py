@@ -21,9 +21,9 @@ DINOv2.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -372,8 +372,19 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
     return _gray(x).expand(-1, 3, -1, -1).contiguous()
 
 
+DenseFn = Callable[[torch.Tensor, PhotometricParams, int | None], torch.Tensor]
+
+
+def compiled_dense_fn(**compile_kwargs: Any) -> DenseFn:
+    """The dense (GPU) path compiled with ``torch.compile(**compile_kwargs)``: its ~700 elementwise kernels
+    per call fuse into a few (one graph per crop size and blur kernel). Pass it as ``apply_photometric``'s
+    ``dense_fn``; the trainer does with ``compute.compile`` on CUDA."""
+    return torch.compile(_apply_dense, **compile_kwargs)
+
+
 def apply_photometric(
-    crops: torch.Tensor, params: PhotometricParams, normalize: bool = True, dense: bool | None = None
+    crops: torch.Tensor, params: PhotometricParams, normalize: bool = True, dense: bool | None = None,
+    dense_fn: DenseFn | None = None,
 ) -> torch.Tensor:
     """DINOv2 photometric augmentation of a batch of crops of one size.
 
@@ -384,7 +395,8 @@ def apply_photometric(
     ``dense`` (default: True off the CPU) computes every op for every crop and selects per crop with
     ``torch.where`` — no host synchronisation, one kernel sequence per op, blur as depthwise convolutions;
     otherwise each op runs on the subset of crops that drew it (cheaper on a CPU, but the subset sizes
-    are read back to the host).
+    are read back to the host). ``dense_fn`` replaces the dense path's function (e.g.
+    :func:`compiled_dense_fn`).
     """
     if crops.ndim != 4 or crops.shape[1] != 3:
         raise ValueError(f"crops must be [N,3,H,W], got {tuple(crops.shape)}")
@@ -397,7 +409,7 @@ def apply_photometric(
         sizes = params.blur_kernel_size.cpu().unique()  # a CPU tensor after PhotometricParams.to
         if sizes.numel() != 1:
             raise ValueError(f"crops of one batch must share one blur kernel size, got {sizes.tolist()}")
-        x = _apply_dense(x, params, int(sizes.item()))
+        x = (dense_fn or _apply_dense)(x, params, int(sizes.item()))
     elif x.shape[0] > 0:  # the CPU path: each op on the crops that draw it
         for pos in range(4):
             op_at_pos = params.jitter_order[:, pos]

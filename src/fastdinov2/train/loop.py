@@ -43,6 +43,7 @@ from fastdinov2.config import Config, ConfigError, diff_configs, load_config, to
 from fastdinov2.curriculum import Curriculum
 from fastdinov2.data.collate import TrainBatch, collate_train
 from fastdinov2.data.datasets import DataError, discover_training_images
+from fastdinov2.data.photometric import DenseFn, compiled_dense_fn
 from fastdinov2.data.pretrain import PretrainDataset
 from fastdinov2.models.vit import DinoVisionTransformer, build_vit
 from fastdinov2.train.checkpoint import (
@@ -336,6 +337,11 @@ class Trainer:
         self.state = RunState()
         self._health = DeviceHealth(self.device)
         self._forward_loss_fn = self._forward_loss
+        # Photometric augmentation on the GPU (photometric_on=device): compiled with the step, it is a few fused
+        # kernels instead of ~700 (the CPU keeps its eager subset path).
+        self._photometric_fn: DenseFn | None = None
+        if cfg.compute.compile != "none" and self.device.type == "cuda":
+            self._photometric_fn = compiled_dense_fn(**self._compile_kwargs())
         if cfg.compute.compile == "modules":
             self._compile_modules()
         elif cfg.compute.compile == "step":
@@ -531,7 +537,7 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
             if batch.photometric_pending:
-                batch = batch.with_photometric()  # colour ops batched on the device
+                batch = batch.with_photometric(self._photometric_fn)  # colour ops batched on the device
             n_local = batch.local_crops.shape[0] // max(1, batch.batch_size)
             # Gradients are reduced across ranks once per step, in the backward of the last micro-batch.
             with dist_utils.gradient_sync(self.student, enabled=i == n_micro - 1), self.autocast():
