@@ -181,6 +181,8 @@ class StepRunner:
             "momentum": cfg.teacher.momentum_teacher,
             "teacher_temp": cfg.teacher.teacher_temp,
         }
+        # as the trainer: the teacher temperature is a 0-d device tensor, validity comes from masks_weight
+        self.teacher_temp = torch.full((), self.sched["teacher_temp"], device=device)
         self.timer = PhaseTimer(device)
         self.student: Callable[..., dict[str, Tensor]] = self.model.student
         self.compile_step = compile_step
@@ -205,7 +207,7 @@ class StepRunner:
     def _forward_loss_eager(self, batch: SyntheticBatch) -> dict[str, Tensor]:
         with self.autocast():
             t_cls, t_patch = self.model.teacher_targets(
-                batch.global_crops, batch.mask_indices, batch.n_masked, self.sched["teacher_temp"]
+                batch.global_crops, batch.mask_indices, batch.n_masked, self.teacher_temp, batch.masks_weight
             )
             s_out = self.model.student(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
             return self.model.compute_losses(
@@ -232,7 +234,8 @@ class StepRunner:
         with self.autocast():
             with timer("teacher"):
                 t_cls, t_patch = self.model.teacher_targets(
-                    batch.global_crops, batch.mask_indices, batch.n_masked, s["teacher_temp"]
+                    batch.global_crops, batch.mask_indices, batch.n_masked,
+                    self.teacher_temp.fill_(s["teacher_temp"]), batch.masks_weight,
                 )
             with timer("student_fwd"):
                 s_out = self.student(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)

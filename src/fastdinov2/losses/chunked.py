@@ -71,7 +71,7 @@ def _rows(x: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _teacher_probs(
-    xt: Tensor, wt: Tensor, center: Tensor, teacher_temp: float, valid: Tensor, dtype: torch.dtype
+    xt: Tensor, wt: Tensor, center: Tensor, teacher_temp: float | Tensor, valid: Tensor, dtype: torch.dtype
 ) -> Tensor:
     """``softmax((xt @ wt.T - center) / teacher_temp)`` for one chunk: ``[c, D] x [K, D] -> [c, K]`` in
     ``center``'s dtype (fp32, or fp64 for fp64 inputs)."""
@@ -91,7 +91,7 @@ class ChunkedPrototypeCE(torch.autograd.Function):
         wt: Tensor,
         center: Tensor,
         weights: Tensor,
-        teacher_temp: float,
+        teacher_temp: float | Tensor,
         student_temp: float,
         n_images: float,
         chunk_rows: int,
@@ -161,7 +161,7 @@ def chunked_ibot_loss(
     center: Tensor,
     weights: Tensor,
     *,
-    teacher_temp: float,
+    teacher_temp: float | Tensor,
     student_temp: float,
     n_images: int | float,
     chunk_rows: int,
@@ -206,7 +206,8 @@ def chunked_ibot_loss(
     dtype = _compute_dtype(xs, ws)
     out = ChunkedPrototypeCE.apply(
         xs, ws, xt.detach(), wt.detach(), center.detach(), weights.detach(),
-        float(teacher_temp), float(student_temp), float(n_images), int(chunk_rows), dtype,
+        teacher_temp if isinstance(teacher_temp, Tensor) else float(teacher_temp), float(student_temp),
+        float(n_images), int(chunk_rows), dtype,
     )
     assert isinstance(out, Tensor)
     return out

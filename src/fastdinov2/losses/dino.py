@@ -28,14 +28,16 @@ from fastdinov2.distributed import all_reduce_max, all_reduce_sum, get_world_siz
 from fastdinov2.losses.common import autocast_off
 
 
-def _check_temperature(name: str, value: float) -> None:
-    if not value > 0:
+def _check_temperature(name: str, value: float | Tensor) -> None:
+    """Numbers are checked here; a 0-d tensor (the trainer's on-device teacher temperature, so that compiled
+    graphs and CUDA graphs see one input instead of a new constant per step) is not read back."""
+    if not isinstance(value, Tensor) and not value > 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
 
 
 @torch.no_grad()
 def sinkhorn_knopp(
-    logits: Tensor, teacher_temp: float, global_rows: Tensor | float, n_iterations: int = 3
+    logits: Tensor, teacher_temp: float | Tensor, global_rows: Tensor | float, n_iterations: int = 3
 ) -> Tensor:
     """Sinkhorn-Knopp assignment of ``logits [N, K]`` to ``K`` prototypes, as in DINOv2 / SwAV.
 
@@ -105,7 +107,7 @@ class DINOLoss(nn.Module):
             raise ValueError(f"{name} must have shape [N, {self.out_dim}], got {tuple(t.shape)}")
 
     @torch.no_grad()
-    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
+    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float | Tensor) -> Tensor:
         """``softmax((teacher_logits [N, K] - center) / teacher_temp)`` -> ``[N, K]`` fp32 probabilities."""
         self._check_logits("teacher_logits", teacher_logits)
         _check_temperature("teacher_temp", teacher_temp)
@@ -114,7 +116,7 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def sinkhorn_knopp_teacher(
-        self, teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3
+        self, teacher_logits: Tensor, teacher_temp: float | Tensor, n_iterations: int = 3
     ) -> Tensor:
         """Sinkhorn-Knopp targets ``[N, K]`` for ``teacher_logits [N, K]``; global batch = ``N * world_size``.
 

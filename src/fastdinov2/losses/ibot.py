@@ -70,7 +70,7 @@ class iBOTPatchLoss(nn.Module):
             raise ValueError(f"{name} must have shape [M, {self.patch_out_dim}], got {tuple(t.shape)}")
 
     @torch.no_grad()
-    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
+    def softmax_center_teacher(self, teacher_logits: Tensor, teacher_temp: float | Tensor) -> Tensor:
         """``softmax((teacher_logits [M, K] - center) / teacher_temp)`` -> ``[M, K]`` fp32 probabilities."""
         self._check_logits("teacher_logits", teacher_logits)
         _check_temperature("teacher_temp", teacher_temp)
@@ -81,7 +81,7 @@ class iBOTPatchLoss(nn.Module):
     def sinkhorn_knopp_teacher(
         self,
         teacher_logits: Tensor,
-        teacher_temp: float,
+        teacher_temp: float | Tensor,
         n_masked_patches_tensor: Tensor | int,
         n_iterations: int = 3,
     ) -> Tensor:

@@ -337,6 +337,9 @@ class Trainer:
         self.state = RunState()
         self._health = DeviceHealth(self.device)
         self._forward_loss_fn = self._forward_loss
+        # The teacher temperature goes in as one 0-d device tensor refilled every step (a fill kernel, no copy
+        # from the host): compiled graphs and CUDA graphs then see the same input instead of a new constant.
+        self._teacher_temp = torch.zeros((), device=self.device)
         # Photometric augmentation on the GPU (photometric_on=device): compiled with the step, it is a few fused
         # kernels instead of ~700 (the CPU keeps its eager subset path).
         self._photometric_fn: DenseFn | None = None
@@ -518,12 +521,13 @@ class Trainer:
 
     def _forward_loss(
         self, global_crops: torch.Tensor, local_crops: torch.Tensor, masks: torch.Tensor,
-        mask_indices: torch.Tensor, masks_weight: torch.Tensor, n_masked: int, teacher_temp: float, n_local: int,
+        mask_indices: torch.Tensor, masks_weight: torch.Tensor, n_masked: int, teacher_temp: torch.Tensor,
+        n_local: int,
     ) -> dict[str, torch.Tensor]:
         """Teacher targets (and centre updates) + student forward + all loss terms of one micro-batch: the
         function ``compute.compile=step`` compiles (its backward is compiled by AOTAutograd). Shapes as in
         :class:`~fastdinov2.data.collate.TrainBatch`; returns the scalar loss terms."""
-        t_cls, t_patch = self.model.teacher_targets(global_crops, mask_indices, n_masked, teacher_temp)
+        t_cls, t_patch = self.model.teacher_targets(global_crops, mask_indices, n_masked, teacher_temp, masks_weight)
         s_out = self.student(global_crops, local_crops, masks, mask_indices)
         return self.model.compute_losses(s_out, t_cls, t_patch, masks, masks_weight, n_local)
 
@@ -543,7 +547,7 @@ class Trainer:
             with dist_utils.gradient_sync(self.student, enabled=i == n_micro - 1), self.autocast():
                 losses = self._forward_loss_fn(
                     batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices, batch.masks_weight,
-                    batch.n_masked_patches, sched["teacher_temp"], n_local,
+                    batch.n_masked_patches, self._teacher_temp.fill_(sched["teacher_temp"]), n_local,
                 )
                 loss = losses["loss"] / n_micro
                 if self.scaler is not None:

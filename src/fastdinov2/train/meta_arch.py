@@ -60,7 +60,7 @@ class IbotChunkTargets:
     features: Tensor
     weight: Tensor
     center: Tensor
-    teacher_temp: float
+    teacher_temp: float | Tensor
 
 
 class StudentTeacherModel(nn.Module):
@@ -153,12 +153,16 @@ class MetaArch(nn.Module):
 
     @torch.no_grad()
     def teacher_targets(
-        self, global_crops: Tensor, mask_indices: Tensor, n_masked: int, teacher_temp: float
+        self, global_crops: Tensor, mask_indices: Tensor, n_masked: int, teacher_temp: float | Tensor,
+        masks_weight: Tensor | None = None,
     ) -> tuple[list[Tensor], Tensor | IbotChunkTargets]:
         """Teacher probabilities: per global crop ``[B,K]`` (swapped: crop 2 first) and masked patches ``[M,K']``
         (with ``ibot.loss_chunk_rows > 0``: an :class:`IbotChunkTargets` instead of the ``[M,K']`` tensor).
 
-        Also updates the softmax-centring centres (a no-op for Sinkhorn-Knopp).
+        Also updates the softmax-centring centres (a no-op for Sinkhorn-Knopp). The real masked rows are the
+        first ``n_masked``; with ``masks_weight [M]`` given they are read from it instead (``> 0``; padding rows
+        weigh 0), so the softmax-centring path depends on no per-batch Python number — what a compiled step
+        or a CUDA graph needs. ``teacher_temp`` may be a 0-d tensor on the device for the same reason.
         """
         t = self.teacher
         out = t.backbone.forward_features(global_crops)
@@ -166,11 +170,19 @@ class MetaArch(nn.Module):
         b = cls.shape[0] // 2
         cls = torch.cat([cls[b:], cls[:b]])  # match student crop 1 with teacher crop 2 and vice versa
         patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
+        if masks_weight is not None:
+            valid: Tensor | None = masks_weight > 0
+        elif patches.shape[0] != n_masked:  # rows after the first n_masked are padding (weight 0)
+            valid = torch.arange(patches.shape[0], device=patches.device) < n_masked
+        else:
+            valid = None
         if t.ibot_chunk_rows > 0:
-            return self._chunked_teacher_targets(cls, patches, n_masked, teacher_temp)
+            if valid is None:
+                valid = torch.ones(patches.shape[0], dtype=torch.bool, device=patches.device)
+            return self._chunked_teacher_targets(cls, patches, valid, teacher_temp)
         cls_logits, patch_logits = t.heads(cls, patches)
-        padded = patch_logits.shape[0] != n_masked  # rows after the first n_masked are padding (weight 0)
         if self.cfg.dino.centering == "sinkhorn_knopp":
+            padded = patch_logits.shape[0] != n_masked
             cls_probs = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
             patch_probs = self.ibot_loss.sinkhorn_knopp_teacher(patch_logits[:n_masked], teacher_temp, n_masked)
             if padded:
@@ -179,22 +191,19 @@ class MetaArch(nn.Module):
             cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
             self.dino_loss.update_center(cls_logits)
             patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
-            # every rank calls it: it is a cross-rank reduction
-            valid = torch.arange(patch_logits.shape[0], device=patch_logits.device) < n_masked if padded else None
-            self.ibot_loss.update_center(patch_logits, valid)
+            self.ibot_loss.update_center(patch_logits, valid)  # every rank calls it: a cross-rank reduction
         return list(cls_probs.chunk(2)), patch_probs
 
     @torch.no_grad()
     def _chunked_teacher_targets(
-        self, cls: Tensor, patches: Tensor, n_masked: int | Tensor, teacher_temp: float
+        self, cls: Tensor, patches: Tensor, valid: Tensor, teacher_temp: float | Tensor
     ) -> tuple[list[Tensor], IbotChunkTargets]:
         """:meth:`teacher_targets` for the chunked iBOT loss, from the (swapped) CLS tokens ``[2B,D]`` and
-        masked patch tokens ``[M,D]``: the first ``n_masked`` rows are valid (the rest is padding)."""
+        masked patch tokens ``[M,D]``; ``valid`` (bool ``[M]``) marks the real rows (the rest is padding)."""
         cls_logits, feats, weight = self.teacher.heads_features(cls, patches)
         cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
         self.dino_loss.update_center(cls_logits)
         targets = IbotChunkTargets(feats, weight, self.ibot_loss.center.clone(), teacher_temp)
-        valid = torch.arange(feats.shape[0], device=feats.device) < n_masked
         self.ibot_loss.update_center_from_sum(*teacher_logit_sum(feats, weight, valid))  # cross-rank
         return list(cls_probs.chunk(2)), targets
 
