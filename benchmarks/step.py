@@ -154,6 +154,7 @@ class StepRunner:
         *,
         compile_modules: bool = False,
         compile_step: bool = False,
+        compile_update: bool = False,
         compile_mode: str | None = None,
         compile_backend: str = "inductor",
         skip: tuple[str, ...] = (),
@@ -167,7 +168,8 @@ class StepRunner:
             self.model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
         )
         # A compiled update gets the foreach optimizer (inductor fuses it); eager gets the fused kernel.
-        fused = not compile_step
+        compile_update = compile_step and compile_update
+        fused = not compile_update
         self.optimizer = build_adamw(
             groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), fused=fused
         )
@@ -197,7 +199,9 @@ class StepRunner:
         self._forward_loss = (
             torch.compile(self._forward_loss_eager, **kw) if compile_step else self._forward_loss_eager
         )
-        self._update = torch.compile(self._update_eager, **kw) if compile_step else self._update_eager
+        # As the trainer's compute.compile=step, the update (clip, fused AdamW, EMA) stays eager unless asked:
+        # compiling a foreach AdamW over every parameter is the slowest part of the compilation.
+        self._update = torch.compile(self._update_eager, **kw) if compile_update else self._update_eager
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.dtype == torch.float32:
@@ -478,6 +482,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device,
         compile_modules=args.compile,
         compile_step=args.compile_step,
+        compile_update=args.compile_update,
         compile_mode=args.compile_mode,
         compile_backend=args.compile_backend,
         skip=skip,
@@ -561,6 +566,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "threads": threads,
         "compile": args.compile,
         "compile_step": args.compile_step,
+        "compile_update": args.compile_update,
         "compile_mode": args.compile_mode,
         "compile_backend": args.compile_backend,
         "skip": list(skip),
@@ -660,6 +666,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-step",
         action="store_true",
         help="torch.compile the whole forward+loss (and backward via AOTAutograd) and the update",
+    )
+    p.add_argument(
+        "--compile-update",
+        action="store_true",
+        help="with --compile-step: also compile clip + AdamW (foreach) + EMA (slow to compile)",
     )
     p.add_argument(
         "--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)"

@@ -237,9 +237,10 @@ def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_compile_step_matches_eager_step(step_mod: ModuleType, backend: str) -> None:
-    """``--compile-step`` (one compiled forward+loss, compiled update) gives the eager step's weights.
+@pytest.mark.parametrize("backend,compile_update", [("eager", True), ("aot_eager", True), ("aot_eager", False)])
+def test_compile_step_matches_eager_step(step_mod: ModuleType, backend: str, compile_update: bool) -> None:
+    """``--compile-step`` (one compiled forward+loss; the update compiled too with ``--compile-update``)
+    gives the eager step's weights.
 
     Uses backends without code generation (graph capture and, for aot_eager, the AOTAutograd backward);
     about 10-20 s on a 2-core CPU, hence ``slow`` (run with ``-m slow``)."""
@@ -249,7 +250,8 @@ def test_compile_step_matches_eager_step(step_mod: ModuleType, backend: str) -> 
     cfg = load_config("fastdinov2_tiny", TINY)
     batch = step_mod.make_batch(cfg, step_mod.StageSpec("s", 32, 16, 4), torch.device("cpu"))
     eager = step_mod.StepRunner(cfg, torch.device("cpu"))
-    compiled = step_mod.StepRunner(cfg, torch.device("cpu"), compile_step=True, compile_backend=backend)
+    compiled = step_mod.StepRunner(cfg, torch.device("cpu"), compile_step=True, compile_backend=backend,
+                                   compile_update=compile_update)
     for _ in range(2):
         assert eager.step(batch) and compiled.step(batch)
     for a, b in zip(eager.model.student.parameters(), compiled.model.student.parameters()):
