@@ -26,15 +26,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
-from matplotlib.figure import Figure
 
 from fastdinov2 import __version__
 from fastdinov2.eval.results import EvalError, read_result
 from fastdinov2.train.logging import METRICS_FILE, MetricsFileError, read_metrics
+
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn (start-up time of the command line)
+    from matplotlib.figure import Figure
 
 LOSS_KEYS = (("loss", "total loss"), ("dino_loss", "DINO loss"), ("ibot_loss", "iBOT loss"),
              ("koleo_loss", "KoLeo loss"))
@@ -427,6 +429,8 @@ def _plot_grid(runs: Sequence[RunData], keys: Sequence[tuple[str, str]], path: P
         return None
     cols = 2 if len(keys) > 1 else 1
     rows = math.ceil(len(keys) / cols)
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6 * cols, 3.4 * rows))
     colors = _colors(len(runs))
     for n, (key, label) in enumerate(keys):
@@ -456,6 +460,8 @@ def _plot_by_resolution(runs: Sequence[RunData], key: str, path: Path, ylabel: s
     if not any(_series(r.metrics, key)[0].size for r in runs):
         return None
     colors = _colors(len(runs))
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(12, 3.8))
     ax = fig.add_subplot(1, 2, 1)
     for run, c in zip(runs, colors):
@@ -495,6 +501,8 @@ def _plot_frequency(runs: Sequence[RunData], path: Path) -> Path | None:
               if e.protocol == "frequency" and isinstance(e.results.get("low_pass"), dict)]
     if not curves:
         return None
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     for (name, res), c in zip(curves, _colors(len(curves))):

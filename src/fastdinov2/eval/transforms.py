@@ -13,9 +13,12 @@ corruptions act on the uint8 crop.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from torchvision import transforms as T
+
+if TYPE_CHECKING:  # torchvision is imported where a transform is built: it costs ~1 s at start-up
+    from torchvision import transforms as T
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -51,6 +54,8 @@ class EvalTransformSettings:
 
 def make_eval_geometry(image_size: int) -> T.Compose:
     """PIL -> PIL: bicubic shorter-side resize to ``round(S*256/224)``, then centre crop ``S x S``."""
+    from torchvision import transforms as T
+
     return T.Compose(
         [
             T.Resize(resize_size_for(image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True),
@@ -61,6 +66,8 @@ def make_eval_geometry(image_size: int) -> T.Compose:
 
 def make_eval_transform(image_size: int = 224, normalize: bool = True) -> T.Compose:
     """PIL -> tensor ``[3, S, S]``: eval geometry, ``[0, 1]`` floats, ImageNet normalisation if ``normalize``."""
+    from torchvision import transforms as T
+
     steps: list = [make_eval_geometry(image_size), T.ToTensor()]
     if normalize:
         steps.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
@@ -69,6 +76,8 @@ def make_eval_transform(image_size: int = 224, normalize: bool = True) -> T.Comp
 
 def make_tensor_transform(normalize: bool = True) -> T.Compose:
     """PIL (already at its final size) -> tensor ``[3, H, W]``; no geometry."""
+    from torchvision import transforms as T
+
     steps: list = [T.ToTensor()]
     if normalize:
         steps.append(T.Normalize(IMAGENET_MEAN, IMAGENET_STD))
