@@ -405,3 +405,21 @@ def test_feature_extraction_shards_and_gathers(tmp_path: Path) -> None:
             torch.testing.assert_close(got[key][0], feats, rtol=1e-5, atol=1e-6)
             assert torch.equal(got[key][1], labels), key
     assert want["cls7"][1].tolist() == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_bad_image_limit_counts_all_processes(data_root: Path, tmp_path: Path) -> None:
+    """``data.max_bad_samples`` limits the run, not each rank: two bad files allowed one stop the run on
+    every rank, wherever the sampler sent them."""
+    data = tmp_path / "data"
+    shutil.copytree(data_root, data)
+    for bad in sorted((data / "train").rglob("*.jpg"))[:2]:
+        bad.write_bytes(bad.read_bytes()[:100])  # truncated JPEGs
+    agent = _start(tmp_path / "run", _overrides(data, B, "data.max_bad_samples=1", "train.log_every=1",
+                                                "train.max_steps=4"))  # one epoch: each file seen once
+    try:
+        _, err = agent.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _kill_tree(agent)
+        pytest.fail(f"torchrun did not finish within {TIMEOUT} s")
+    assert agent.returncode != 0
+    assert "bad image(s) across 2 processes (data.max_bad_samples=1)" in err, err[-3000:]

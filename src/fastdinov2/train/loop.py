@@ -336,6 +336,7 @@ class Trainer:
         self.sync_free = bool(self.optimizer.defaults.get("fused")) and self.scaler is None
         self.state = RunState()
         self._health = DeviceHealth(self.device)
+        self._bad_pending, self._last_bad = 0, ""  # bad files of this rank not yet summed across ranks
         self._forward_loss_fn = self._forward_loss
         # The teacher temperature goes in as one 0-d device tensor refilled every step (a fill kernel, no copy
         # from the host): compiled graphs and CUDA graphs then see the same input instead of a new constant.
@@ -502,9 +503,20 @@ class Trainer:
         )
 
     def _check_bad_samples(self, batch: TrainBatch) -> None:
+        """Count the batch's undecodable files against ``data.max_bad_samples`` (a limit for the whole run).
+
+        One process checks at once. Several processes each see only their shard of the files, so each
+        counts its own and the counts are summed across ranks at the loop's sync points
+        (:meth:`_sync_bad_samples`), where every rank applies the limit to the same total.
+        """
+        limit = self.cfg.data.max_bad_samples
         for path, reason in batch.bad_samples:
+            if self.world_size > 1:
+                self._bad_pending += 1
+                self._last_bad = f"{path}: {reason}"
+                print(f"[fastdinov2] rank {self.rank}: skipped bad image {path}: {reason}", file=sys.stderr)
+                continue
             self.state.bad_samples += 1
-            limit = self.cfg.data.max_bad_samples
             if self.state.bad_samples > limit:
                 raise DataError(
                     f"bad image {path}: {reason} (bad files so far: {self.state.bad_samples}, "
@@ -512,6 +524,27 @@ class Trainer:
                 )
             print(f"[fastdinov2] skipped bad image {path}: {reason} "
                   f"({self.state.bad_samples}/{limit} allowed)", file=sys.stderr)
+
+    def _sync_bad_samples(self) -> None:
+        """Several processes: add the bad files every rank found since the last call to the run's count (one
+        collective) and stop on every rank once it exceeds ``data.max_bad_samples``. A no-op for one process."""
+        if self.world_size == 1:
+            return
+        new = int(dist_utils.all_reduce_sum(torch.tensor([float(self._bad_pending)], device=self.device)).item())
+        self._bad_pending = 0
+        if new == 0:
+            return
+        self.state.bad_samples += new
+        limit = self.cfg.data.max_bad_samples
+        if self.state.bad_samples > limit:
+            mine = f"; this rank's last: {self._last_bad}" if self._last_bad else ""
+            raise DataError(
+                f"{self.state.bad_samples} bad image(s) across {self.world_size} processes (data.max_bad_samples="
+                f"{limit}){mine}; run 'fastdinov2 data verify {self.data_root}' to list all"
+            )
+        if self.is_main:
+            print(f"[fastdinov2] bad images so far: {self.state.bad_samples}/{limit} allowed "
+                  f"(all {self.world_size} processes)", file=sys.stderr)
 
     # ---- one step ----------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -720,6 +753,7 @@ class Trainer:
                 is_ckpt = self.state.step % cfg.train.checkpoint_every == 0 and self.state.step < end_step
                 # Host sync points: only here are device values read back (the step itself issues none).
                 if is_log or is_ckpt:
+                    self._sync_bad_samples()
                     applied = self.sync_health(step)
                     if totals is not None and not applied:
                         totals = None  # a skipped update is not logged as a normal step
@@ -762,6 +796,7 @@ class Trainer:
                 else:
                     preempt = (is_log or is_ckpt) and _agree(self.state.preempt_signal is not None, self.device)
                 if preempt:
+                    self._sync_bad_samples()
                     self.sync_health(step)
                     path = self.save()
                     if progress is not None:
@@ -775,6 +810,7 @@ class Trainer:
             progress.close()
         if self.state.step < end_step:
             raise TrainingError(f"the data loader stopped early at step {self.state.step} of {end_step}")
+        self._sync_bad_samples()
         self.sync_health(self.state.step - 1)
         self.save()
         return self._summary(end_step)
