@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of this repository in one call on a lent GPU machine (see docs/benchmarks.md, "GPU session").
 #
-#   bash benchmarks/gpu_session.sh [BUDGET_S]      # default 420 s of jobs; results -> $OUT/gpu_results.tgz
+#   bash benchmarks/gpu_session.sh [BUDGET_S [gpu_all.py options, e.g. --only JOB,JOB]]
+#                                                  # default 420 s of jobs; results -> $OUT/gpu_results.tgz
 #
 # The machine may lack some pure-Python dependencies (omegaconf, antlr4, pytest, ...). Wheels carried in
 # .whl/ (an ignored folder; docs/benchmarks.md lists the command that fills it) are installed to /tmp/site
@@ -10,6 +11,7 @@
 # (or /tmp when $OUT is unset).
 set -u
 budget="${1:-420}"
+shift $(( $# > 0 ? 1 : 0 ))
 out_root="${OUT:-/tmp}"
 if compgen -G ".whl/*.whl" > /dev/null; then
     pipi=(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site)
@@ -25,7 +27,7 @@ fi
 export PYTHON="${PYTHON:-python3}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-"$PYTHON" benchmarks/gpu_all.py --out /tmp/gpuout --budget-s "$budget"
+"$PYTHON" benchmarks/gpu_all.py --out /tmp/gpuout --budget-s "$budget" "$@"
 rc=$?
 tar czf "$out_root/gpu_results.tgz" -C /tmp gpuout
 echo "gpu_all.py exit code $rc; results in $out_root/gpu_results.tgz"
