@@ -271,3 +271,19 @@ def test_compute_compile_trains_like_eager(data_root: Path, tmp_path: Path, mode
     compiled = train(_cfg(data_root, "train.max_steps=2", f"compute.compile={mode}"), tmp_path / "compiled")
     for a, b in zip(eager["history"], compiled["history"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_grad_accumulation_matches_one_large_batch(data_root: Path, tmp_path: Path) -> None:
+    """2 micro-batches of 4 per step train like one batch of 8: every micro-batch is centred with the centre
+    from before the step, and the step updates the centres once from all rows (KoLeo, whose neighbours are
+    per micro-batch, and stochastic depth, whose draws follow the batch split, are off)."""
+    common = ["train.max_steps=3", "dino.koleo_loss_weight=0", "student.drop_path_rate=0"]
+    big = train(_cfg(data_root, *common), tmp_path / "big")
+    acc = train(_cfg(data_root, *common, "train.batch_size_per_gpu=4", "train.grad_accum_steps=2"), tmp_path / "acc")
+    for a, b in zip(big["history"], acc["history"], strict=True):
+        for key in ("loss", "dino_loss", "ibot_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+    states = [torch.load(run / "checkpoints" / "step_00000003" / "model.pt", weights_only=True)
+              for run in (tmp_path / "big", tmp_path / "acc")]
+    for name in ("dino_loss", "ibot_loss"):
+        torch.testing.assert_close(states[0][name]["center"], states[1][name]["center"], rtol=1e-5, atol=1e-7)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdinov2.distributed import all_reduce_max, all_reduce_sum, get_world_size
-from fastdinov2.losses.common import autocast_off
+from fastdinov2.losses.common import CenterEMA, autocast_off
 
 
 def _check_temperature(name: str, value: float | Tensor) -> None:
@@ -75,7 +75,7 @@ def sinkhorn_knopp(
         return q.t()
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(CenterEMA, nn.Module):
     """DINO class-token loss with softmax centring (EMA ``center``) or Sinkhorn-Knopp targets.
 
     Args:
@@ -181,13 +181,12 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_logits: Tensor) -> None:
         """EMA update of ``center [1, K]`` with the mean of ``teacher_logits [N, K]`` over all ranks.
 
-        Synchronous: ``batch_center = all_reduce_sum(sum_n t[n]) / (N * world_size)``; every rank must
-        call it with the same ``N``.
+        Synchronous: ``batch_center = all_reduce_sum(sum_n t[n]) / all_reduce_sum(N)`` (:class:`CenterEMA`;
+        deferred to the end of a step while accumulating); every rank must call it.
         """
         self._check_logits("teacher_logits", teacher_logits)
         if teacher_logits.shape[0] == 0:
             raise ValueError("update_center needs at least one teacher row, got shape [0, K]")
         with autocast_off(teacher_logits):
-            batch_sum = all_reduce_sum(teacher_logits.float().sum(dim=0, keepdim=True))
-            batch_center = batch_sum / (teacher_logits.shape[0] * get_world_size())
-            self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+            t = teacher_logits.float()
+            self._add_center_stats(torch.cat([t.sum(dim=0), t.new_full((1,), float(t.shape[0]))]))

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastdinov2.distributed import all_reduce_sum
-from fastdinov2.losses.common import autocast_off
+from fastdinov2.losses.common import CenterEMA, autocast_off
 from fastdinov2.losses.dino import _check_temperature, sinkhorn_knopp
 
 
-class iBOTPatchLoss(nn.Module):
+class iBOTPatchLoss(CenterEMA, nn.Module):
     """iBOT patch loss with softmax centring (EMA ``center``) or Sinkhorn-Knopp targets.
 
     Args:
@@ -196,8 +196,4 @@ class iBOTPatchLoss(nn.Module):
                 n = count.to(device=s.device, dtype=torch.float32).reshape(1)
             else:  # a fill kernel, not a host-to-device copy (which would wait for the GPU's queue)
                 n = torch.full((1,), float(count), device=s.device)
-            packed = all_reduce_sum(torch.cat([s, n]))  # [K + 1]
-            count_all = packed[-1:]
-            batch_center = (packed[:-1] / count_all.clamp(min=1.0)).unsqueeze(0)  # [1, K]
-            m = torch.where(count_all > 0, self.center_momentum, 1.0)
-            self.center.mul_(m).add_(batch_center * (1.0 - m))
+            self._add_center_stats(torch.cat([s, n]))  # [K + 1]; reduced across ranks (CenterEMA)

@@ -571,6 +571,10 @@ class Trainer:
         micro-batches and ranks). Issues no host synchronisation."""
         n_micro = len(micro_batches)
         totals: dict[str, torch.Tensor] = {}
+        centers = (self.model.dino_loss, self.model.ibot_loss)
+        if n_micro > 1:  # one centre update per step, from all micro-batches: as one large batch
+            for c in centers:
+                c.begin_center_accumulation()
         for i, batch in enumerate(micro_batches):
             batch = batch.to(self.device)
             if batch.photometric_pending:
@@ -589,6 +593,9 @@ class Trainer:
                     loss.backward()
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v.detach().float() / n_micro
+        if n_micro > 1:
+            for c in centers:
+                c.end_center_accumulation()
         # Each rank's terms are means over its shard of the batch: log their mean over ranks (one collective).
         names = list(totals)
         return dict(zip(names, dist_utils.all_reduce_mean(torch.stack([totals[k] for k in names])), strict=True))
