@@ -6,6 +6,7 @@ same object to ``--json-out`` when given. Benchmarks are never part of the test 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -116,10 +117,12 @@ def emit(result: dict[str, Any], json_out: str | None) -> None:
 
 
 def run_benchmark(
-    args: Any, run: Callable[[Any], dict[str, Any]], print_readable: Callable[[dict[str, Any]], None]
+    parser: argparse.ArgumentParser, argv: list[str] | None, run: Callable[[Any], dict[str, Any]],
+    print_readable: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
-    """The common ``main`` of a benchmark: ``run(args)``, print the readable lines, then the JSON line
-    (and ``--json-out``). Returns the result."""
+    """The common ``main`` of a benchmark: parse ``argv``, ``run(args)``, print the readable lines, then the
+    JSON line (and ``--json-out``). Returns the result."""
+    args = parser.parse_args(argv)
     out = run(args)
     print_readable(out)
     emit(out, args.json_out)

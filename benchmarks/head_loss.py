@@ -235,8 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    return run_benchmark(args, run, print_readable)
+    return run_benchmark(build_parser(), argv, run, print_readable)
 
 
 if __name__ == "__main__":

@@ -405,6 +405,7 @@ def bench_size(args: argparse.Namespace, gsz: int, lsz: int, device: torch.devic
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    args.check_batch = min(args.check_batch, args.batch_size)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
@@ -495,9 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    args.check_batch = min(args.check_batch, args.batch_size)
-    return run_benchmark(args, run, print_readable)
+    return run_benchmark(build_parser(), argv, run, print_readable)
 
 
 if __name__ == "__main__":

@@ -94,9 +94,11 @@ class PhotometricParams:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PhotometricParams:
         """A copy on ``device``; ``blur_kernel_size`` stays on the CPU: it sets the shape of the blur, which
         the host must know, and reading it from a GPU would stall the launch queue."""
-        moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
-        moved.blur_kernel_size = self.blur_kernel_size.cpu()
-        return moved
+        return PhotometricParams(**{
+            f.name: getattr(self, f.name).cpu() if f.name == "blur_kernel_size"
+            else getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+        })
 
     def pin_memory(self) -> PhotometricParams:
         return self._map(lambda t: t.pin_memory())

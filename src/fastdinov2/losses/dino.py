@@ -155,7 +155,8 @@ class DINOLoss(CenterEMA, nn.Module):
                 raise ValueError(f"student_list[{i}] has shape {tuple(s.shape)}, expected {tuple(shape)}")
         return self.cross_entropy_all_pairs(
             torch.stack(list(student_list)) if len(student_list) > 1 else student_list[0].unsqueeze(0),
-            torch.stack([t.detach() for t in teacher_list]),
+            torch.stack([t.detach() for t in teacher_list]) if len(teacher_list) > 1
+            else teacher_list[0].detach().unsqueeze(0),
         )
 
     def cross_entropy_all_pairs(self, student: Tensor, teacher: Tensor) -> Tensor:

@@ -176,8 +176,9 @@ class iBOTPatchLoss(CenterEMA, nn.Module):
             else:
                 if valid.shape != (t.shape[0],):
                     raise ValueError(f"valid must have shape [{t.shape[0]}], got {tuple(valid.shape)}")
-                rows = valid.unsqueeze(1)
-                self.update_center_from_sum(torch.where(rows, t, 0.0).sum(dim=0), valid.sum())
+                # a [M] x [M, K] product: no masked copy of the [M, K] logits (padding rows are finite copies
+                # of real tokens, so weighting them by 0 leaves them out)
+                self.update_center_from_sum(valid.to(t.dtype) @ t, valid.sum())
 
     @torch.no_grad()
     def update_center_from_sum(self, logit_sum: Tensor, count: Tensor | float) -> None:
