@@ -29,7 +29,7 @@ from fastdinov2.data.photometric import (
     identity_params,
     sample_photometric_params,
 )
-from fastdinov2.data.pretrain import BadSample, PretrainDataset
+from fastdinov2.data.pretrain import REPLACEMENT_TRIES, BadSample, PretrainDataset
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -312,6 +312,32 @@ def test_bad_image_gives_bad_sample_and_bad_requests_raise(tmp_path, records):
         ds[0]
     with pytest.raises(ValueError, match="photometric_on"):
         PretrainDataset(records, cfg, seed=0, photometric_on="gpu")  # type: ignore[arg-type]
+
+
+def test_bad_image_is_replaced_by_another_drawn_from_the_sample_key(tmp_path, records):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    cfg = _cfg((64, 32), (32, 16), 8, lowpass="jpeg_draft")
+    recs = [*records, ImageRecord(bad, 7)]
+    ds = PretrainDataset(recs, cfg, seed=0, on_bad="replace")
+    drop = PretrainDataset(recs, cfg, seed=0, on_bad="drop")
+    for key in range(6):
+        out = ds[(3, key, 1)]
+        assert not isinstance(out, BadSample) and out["index"] != 3 and out["label"] != 7
+        assert out["index"] == ds.replacement_index(3, key, 0)
+        assert out["replaced"] == [(str(bad), drop[(3, key, 1)].reason)]
+        again = ds[(3, key, 1)]  # the same replacement and the same crops: drawn from (seed, key, attempt)
+        assert again["index"] == out["index"] and torch.equal(again["global_crops"], out["global_crops"])
+        # the replacement is augmented with the requested sample's key, like any sample drawn at that key
+        assert torch.equal(out["global_crops"], ds[(out["index"], key, 1)]["global_crops"])
+    assert ds[(0, 0, 1)]["replaced"] == []
+    assert {ds.replacement_index(3, k, 0) for k in range(60)} == {0, 1, 2}  # any other image, never itself
+    # Every image bad: after REPLACEMENT_TRIES further tries the sample is a BadSample naming the first file.
+    all_bad = PretrainDataset([ImageRecord(bad, 0), ImageRecord(bad, 1)], cfg, seed=0, on_bad="replace")
+    out = all_bad[(0, 5, 0)]
+    assert isinstance(out, BadSample) and out.path == str(bad) and f"{REPLACEMENT_TRIES} replacement(s)" in out.reason
+    with pytest.raises(ValueError, match="on_bad"):
+        PretrainDataset(records, cfg, seed=0, on_bad="skip")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ one draw for all crops of a sample

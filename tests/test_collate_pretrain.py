@@ -52,7 +52,8 @@ def _fake(i: int, masks: list[list[int]], shape: StageShape = SHAPE) -> Pretrain
     loc = torch.full((1, 3, 2, 2), 10.0 * i + 5)
     return PretrainSample(index=i, sample_key=100 + i, label=i, path=f"img{i}.jpg", shape=shape,
                           global_crops=g, local_crops=loc, masks=torch.tensor(masks, dtype=torch.bool),
-                          global_params=None, local_params=None, noise=NoisePatchRecord("none", False))
+                          global_params=None, local_params=None, noise=NoisePatchRecord("none", False),
+                          replaced=[])
 
 
 def test_collate_crop_major_order_and_mask_arithmetic_by_hand():
@@ -88,6 +89,13 @@ def test_bad_samples_are_dropped_and_recorded():
     assert empty.local_crops.shape == (0, 3, 2, 2) and empty.masks.shape == (0, 4)
     assert empty.n_masked_patches == 0 and empty.stage == 0
     assert [p for p, _ in empty.bad_samples] == ["x.jpg", "y.jpg"]
+
+
+def test_replaced_bad_files_are_recorded_and_the_sample_kept():
+    stand_in = {**_fake(1, [[0, 1, 0, 0], [0, 0, 0, 0]]), "replaced": [("x.jpg", "truncated")]}
+    b = collate_train([_fake(0, [[1, 0, 0, 0], [0, 0, 0, 0]]), stand_in, BadSample("y.jpg", "bad", 4, 1, SHAPE)])
+    assert b.batch_size == 2 and b.indices.tolist() == [0, 1]
+    assert b.bad_samples == [("x.jpg", "truncated"), ("y.jpg", "bad")]
 
 
 def test_mixed_stages_are_rejected():

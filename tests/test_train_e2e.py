@@ -134,13 +134,27 @@ def test_unreadable_image_stops_naming_the_file(data_root: Path, tmp_path: Path)
     assert not (run / "teacher_backbone.safetensors").exists() and not (run / "summary.json").exists()
 
 
-def test_bad_images_skipped_up_to_the_limit(data_root: Path, tmp_path: Path) -> None:
-    _copy_with_bad_file(data_root, tmp_path / "data")
-    summary = train(_cfg(tmp_path / "data", "data.max_bad_samples=2", "optim.epochs=1",
+@pytest.mark.parametrize("policy", ["replace", "drop"])
+def test_bad_images_skipped_up_to_the_limit(policy: str, data_root: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    bad = _copy_with_bad_file(data_root, tmp_path / "data")
+    summary = train(_cfg(tmp_path / "data", "data.max_bad_samples=2", "optim.epochs=1", f"data.on_bad_sample={policy}",
                          "curriculum.stages.0.fraction=0.5", "curriculum.stages.1.fraction=0.5"), tmp_path / "run")
     assert summary["finished"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["bad_samples"] == 1  # seen once per epoch: the run saw it exactly once
+    verb = "replaced" if policy == "replace" else "skipped"
+    assert f"[fastdinov2] {verb} bad image {bad}" in capsys.readouterr().err
+
+
+def test_drop_policy_is_refused_under_torchrun(data_root: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastdinov2.train import loop
+
+    monkeypatch.setattr(loop.dist_utils, "get_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match="data.on_bad_sample=drop works on one process only"):
+        loop.Trainer(_cfg(data_root, "data.max_bad_samples=1", "data.on_bad_sample=drop"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_unknown_key_exits_2_naming_it(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = train(cfg, output_dir, allow_config_change=args.allow_config_change)
+        # Leave together: no rank tears its connections down while rank 0 still writes the run's files.
+        distributed.barrier()
     except Preempted as exc:
         if rank == 0:
             print(f"[fastdinov2] preempted: {exc}", file=sys.stderr)

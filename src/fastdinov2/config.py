@@ -168,6 +168,9 @@ class DataConfig:
     root: str | None = None  # None: the embedded synthetic dataset
     num_workers: int = 4
     max_bad_samples: int = 0
+    # What an allowed bad file gives: "replace": the sample is drawn again from another image (batches keep
+    # their size); "drop": the batch shrinks (one process only: ranks would run different collectives)
+    on_bad_sample: str = "replace"
     cache_dir: str | None = None  # where the embedded dataset is written; default ~/.cache/fastdinov2
     photometric_on: str = "worker"  # "worker": colour ops in loader workers; "device": batched on the GPU
 
@@ -435,6 +438,7 @@ def validate(cfg: Config) -> None:
     d = cfg.data
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.max_bad_samples >= 0, "data.max_bad_samples", "must be >= 0")
+    _choice(d.on_bad_sample, "data.on_bad_sample", ("replace", "drop"))
     _choice(d.photometric_on, "data.photometric_on", ("worker", "device"))
     tr = cfg.train
     _check(tr.batch_size_per_gpu > 0, "train.batch_size_per_gpu", "must be positive")

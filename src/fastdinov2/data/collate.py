@@ -38,7 +38,7 @@ class TrainBatch:
     photometric_on: PhotometricOn = "worker"
     global_params: PhotometricParams | None = None  # [2B] crops, crop-major (device mode)
     local_params: PhotometricParams | None = None  # [nL*B] crops, crop-major (device mode)
-    bad_samples: list[tuple[str, str]] = field(default_factory=list)
+    bad_samples: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): dropped or replaced
 
     @property
     def batch_size(self) -> int:
@@ -141,7 +141,8 @@ def _empty_batch(shape: StageShape | None, bad: list[tuple[str, str]]) -> TrainB
 
 
 def collate_train(samples: list[PretrainSample | BadSample], masked_bucket: int = 0) -> TrainBatch:
-    """Collate one stage's samples; :class:`BadSample` markers are dropped and listed in ``bad_samples``.
+    """Collate one stage's samples; :class:`BadSample` markers are dropped and listed in ``bad_samples``,
+    and so are the bad files a sample was drawn again for (its ``replaced`` list).
 
     ``masked_bucket > 0`` pads the masked-token rows to a multiple of it (:func:`pad_masked_tokens`);
     ``n_masked_patches`` stays the number of real masked tokens.
@@ -159,6 +160,7 @@ def collate_train(samples: list[PretrainSample | BadSample], masked_bucket: int 
         else:
             good.append(s)
             shapes.add(s["shape"])
+            bad.extend(s.get("replaced", ()))  # bad files this sample was drawn again for
     if len(shapes) > 1:
         desc = ", ".join(sorted(f"stage {sh.stage} ({sh.global_size}/{sh.local_size}, {sh.photometric_on})"
                                 for sh in shapes))

@@ -11,8 +11,13 @@ Per sample: decode (reduced-scale JPEG decode for ``jpeg_draft``) -> noise patch
 here (``photometric_on="worker"``: normalised float crops) or later on the device
 (``photometric_on="device"``: uint8 crops plus :class:`.photometric.PhotometricParams`).
 
-A file that cannot be decoded gives a :class:`BadSample` marker (never an exception, never another
-image); the collate function records it and the trainer applies the bad-sample policy.
+A file that cannot be decoded is never an exception. With ``on_bad="replace"`` (the trainer's default,
+``data.on_bad_sample``) the sample is drawn again from another image, chosen from ``(seed, sample_key,
+attempt)``, and the returned sample lists the bad file in ``replaced``; batches keep their size, so every
+rank's micro-batch has the same shape (no desynchronised collectives, no recompiled or re-recorded CUDA
+graph). With ``on_bad="drop"``, or when :data:`REPLACEMENT_TRIES` further images are bad too, a
+:class:`BadSample` marker is returned and the batch shrinks. Either way the collate function lists the bad
+files and the trainer counts them against ``data.max_bad_samples``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -38,7 +44,13 @@ from fastdinov2.data.photometric import (
 )
 
 PhotometricOn = Literal["worker", "device"]
+OnBadSample = Literal["replace", "drop"]
 Request = tuple[int, int, int]  # (index into records, sample_key, stage index)
+
+_REPLACEMENT_STREAM = 0x5EB1AC  # keeps replacement draws apart from the augmentation streams of a sample
+
+#: How many other images ``on_bad="replace"`` tries before it gives up and returns a :class:`BadSample`.
+REPLACEMENT_TRIES = 8
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,7 @@ class PretrainSample(TypedDict):
     global_params: PhotometricParams | None  # 2 crops (device mode only)
     local_params: PhotometricParams | None  # nL crops (device mode only)
     noise: NoisePatchRecord
+    replaced: list[tuple[str, str]]  # (path, reason) of bad files this sample stands in for, in order tried
 
 
 def stage_shape(cfg: Config, stage: int, photometric_on: PhotometricOn) -> StageShape:
@@ -92,7 +105,8 @@ class PretrainDataset(Dataset):
 
     ``dataset[(index, sample_key, stage)]`` -> :class:`PretrainSample` or :class:`BadSample`.
     ``sample_key`` is any non-negative int unique per draw of a sample (e.g. its position in the data
-    stream); ``stage`` indexes ``cfg.curriculum.stages``.
+    stream); ``stage`` indexes ``cfg.curriculum.stages``. ``on_bad`` says what an undecodable file gives
+    (module docstring).
     """
 
     def __init__(
@@ -101,9 +115,13 @@ class PretrainDataset(Dataset):
         cfg: Config,
         seed: int,
         photometric_on: PhotometricOn = "worker",
+        on_bad: OnBadSample = "drop",
     ) -> None:
         if photometric_on not in ("worker", "device"):
             raise ValueError(f"photometric_on must be 'worker' or 'device', got {photometric_on!r}")
+        if on_bad not in ("replace", "drop"):
+            raise ValueError(f"on_bad must be 'replace' or 'drop', got {on_bad!r}")
+        self.on_bad: OnBadSample = on_bad
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
         self.records: tuple[ImageRecord, ...] = tuple(records)
@@ -138,17 +156,34 @@ class PretrainDataset(Dataset):
             raise ValueError(f"sample_key must be non-negative, got {key}")
         return index, key, stage
 
+    def replacement_index(self, index: int, sample_key: int, attempt: int) -> int:
+        """The image tried instead of a bad one: any image but ``index``, drawn from ``(seed, sample_key,
+        attempt)`` (so the same in every worker, rank and resumed run)."""
+        n = len(self.records)
+        if n < 2:
+            return index
+        draw = int(np.random.default_rng([self.seed, sample_key, _REPLACEMENT_STREAM, attempt]).integers(n - 1))
+        return draw + (draw >= index)  # uniform over the other n - 1 images
+
     def __getitem__(self, request: Request) -> PretrainSample | BadSample:  # type: ignore[override]
         index, key, stage = self._parse(request)
-        record = self.records[index]
         st, shape, crops = self.stages[stage], self.shapes[stage], self.crops
-        rngs = sample_rngs(self.seed, key)
         ratio = max(st.global_size / crops.global_crops_size, st.local_size / crops.local_crops_size)
-        try:
-            decoded = decode_image(record.path, st.lowpass, ratio)
-        except BadImageError as exc:
-            reason = getattr(exc, "reason", None) or str(exc)
-            return BadSample(str(record.path), str(reason), index, key, shape)
+        replaced: list[tuple[str, str]] = []
+        tries = REPLACEMENT_TRIES if self.on_bad == "replace" else 0
+        for attempt in range(tries + 1):
+            record = self.records[index]
+            try:
+                decoded = decode_image(record.path, st.lowpass, ratio)
+                break
+            except BadImageError as exc:
+                replaced.append((str(record.path), str(getattr(exc, "reason", None) or exc)))
+                if attempt == tries or len(self.records) < 2:
+                    first_path, first_reason = replaced[0]
+                    more = f" (and {len(replaced) - 1} replacement(s) tried, all bad)" if len(replaced) > 1 else ""
+                    return BadSample(first_path, first_reason + more, int(request[0]), key, shape)
+                index = self.replacement_index(int(request[0]), key, attempt)
+        rngs = sample_rngs(self.seed, key)
 
         noise = NoisePatchRecord("none", False)
         if st.noise.kind != "none":
@@ -184,4 +219,5 @@ class PretrainDataset(Dataset):
             global_params=keep_g,
             local_params=keep_l,
             noise=noise,
+            replaced=replaced,
         )

@@ -74,6 +74,7 @@ RESUMABLE_KEYS = (
     "train.max_consecutive_skips",
     "data.num_workers",
     "data.max_bad_samples",
+    "data.on_bad_sample",
     "compute.",
 )
 
@@ -300,6 +301,11 @@ class Trainer:
         self.is_main = self.rank == 0
         self.device = resolve_device(cfg)
         self.dtype = resolve_precision(cfg, self.device)
+        if self.world_size > 1 and cfg.data.on_bad_sample == "drop" and cfg.data.max_bad_samples > 0:
+            raise ConfigError(
+                "data.on_bad_sample=drop works on one process only: under torchrun a rank whose micro-batch "
+                "held only bad files would skip collectives the others run; use data.on_bad_sample=replace"
+            )
         if cfg.compute.threads:
             torch.set_num_threads(cfg.compute.threads)
         elif self.device.type == "cpu" and cfg.data.num_workers > 0:
@@ -488,7 +494,8 @@ class Trainer:
     # ---- data --------------------------------------------------------------------------------------
     def make_loader(self, start_step: int, end_step: int) -> DataLoader:
         dataset = PretrainDataset(self.records, self.cfg, seed=self.cfg.train.seed,
-                                  photometric_on=self.cfg.data.photometric_on)
+                                  photometric_on=self.cfg.data.photometric_on,
+                                  on_bad=self.cfg.data.on_bad_sample)
         sampler = StepBatchSampler(self.curriculum, self.cfg.train.seed, start_step, end_step,
                                    rank=self.rank, world_size=self.world_size)
         workers = self.cfg.data.num_workers
@@ -514,7 +521,8 @@ class Trainer:
             if self.world_size > 1:
                 self._bad_pending += 1
                 self._last_bad = f"{path}: {reason}"
-                print(f"[fastdinov2] rank {self.rank}: skipped bad image {path}: {reason}", file=sys.stderr)
+                print(f"[fastdinov2] rank {self.rank}: {self._bad_action} bad image {path}: {reason}",
+                      file=sys.stderr)
                 continue
             self.state.bad_samples += 1
             if self.state.bad_samples > limit:
@@ -522,8 +530,12 @@ class Trainer:
                     f"bad image {path}: {reason} (bad files so far: {self.state.bad_samples}, "
                     f"data.max_bad_samples={limit}); run 'fastdinov2 data verify {self.data_root}' to list all"
                 )
-            print(f"[fastdinov2] skipped bad image {path}: {reason} "
+            print(f"[fastdinov2] {self._bad_action} bad image {path}: {reason} "
                   f"({self.state.bad_samples}/{limit} allowed)", file=sys.stderr)
+
+    @property
+    def _bad_action(self) -> str:
+        return "replaced" if self.cfg.data.on_bad_sample == "replace" else "skipped"
 
     def _sync_bad_samples(self) -> None:
         """Several processes: add the bad files every rank found since the last call to the run's count (one
