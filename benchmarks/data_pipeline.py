@@ -22,11 +22,13 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, run_benchmark, set_threads  # noqa: E402
 from fastdinov2.config import LOWPASS_METHODS, Config, load_config  # noqa: E402
+from fastdinov2.data import lowpass  # noqa: E402
 from fastdinov2.data.augment import sample_rngs  # noqa: E402
 from fastdinov2.data.datasets import ImageRecord  # noqa: E402
 from fastdinov2.data.lowpass import decode_image  # noqa: E402
@@ -96,7 +99,7 @@ def bench_decode(cfg: Config, paths: list[Path], stage: int, rounds: int) -> dic
     ratio = max(st.global_size / crops.global_crops_size, st.local_size / crops.local_crops_size)
     n = len(paths)
     cpu, wall = _time_per_item(
-        lambda k: decode_image(paths[k % n], st.lowpass, ratio).image.load(), n, rounds
+        lambda k: decode_image(paths[k % n], st.lowpass, ratio), n, rounds  # fully decoded either way
     )
     return {"cpu_ms": cpu * 1e3, "wall_ms": wall * 1e3}
 
@@ -161,6 +164,30 @@ def bench_photometric(
     }
 
 
+DECODERS = ("auto", "pillow", "torchcodec")
+
+
+@contextlib.contextmanager
+def jpeg_decoder_as(name: str) -> Iterator[None]:
+    """Full-size JPEG decoding by ``name``: "auto" (the library's choice), "pillow" or "torchcodec"."""
+    real = lowpass.jpeg_decoder
+    if name == "torchcodec" and real() is None:
+        raise SystemExit("--decoders torchcodec: torchcodec cannot be loaded here")
+    if name == "pillow":
+        lowpass.jpeg_decoder = lambda: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        lowpass.jpeg_decoder = real  # type: ignore[assignment]
+
+
+def used_decoder(name: str) -> str:
+    """The decoder that "auto" resolves to here (torchcodec when it loads)."""
+    if name != "auto":
+        return name
+    return "torchcodec" if lowpass.jpeg_decoder() is not None else "pillow"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load_start = [round(x, 2) for x in os.getloadavg()]
     set_threads(1)  # a data-loader worker: one core, torch single-threaded
@@ -176,6 +203,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for m in methods:
         if m not in LOWPASS_METHODS:
             raise SystemExit(f"--lowpass: {m!r} is not one of {', '.join(LOWPASS_METHODS)}")
+    decoders = tuple(args.decoders.split(","))
+    for d in decoders:
+        if d not in DECODERS:
+            raise SystemExit(f"--decoders: {d!r} is not one of {', '.join(DECODERS)}")
     rows: list[dict[str, Any]] = []
     photometric: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fastdinov2_bench_") as tmp:
@@ -189,21 +220,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # At full size the three methods are the same code path (no FFT, no draft): time it once.
             for method in (st.lowpass,) if full else methods:
                 cfg = stage_cfg(args.config, args.overrides, stage, method)
-                dec = bench_decode(cfg, paths, stage, args.rounds)
-                for mode in ("worker", "device"):
-                    r = bench_samples(cfg, records, stage, mode, args.rounds)
-                    rows.append(
-                        {
-                            "stage": st.name,
-                            "global_size": st.global_size,
-                            "local_size": st.local_size,
-                            "lowpass": method,
-                            "noise": st.noise.kind,
-                            "photometric_on": mode,
-                            "decode_cpu_ms": dec["cpu_ms"],
-                            **r,
-                        }
-                    )
+                for decoder in decoders:  # side by side, same images, same process
+                    with jpeg_decoder_as(decoder):
+                        dec = bench_decode(cfg, paths, stage, args.rounds)
+                        for mode in ("worker", "device"):
+                            r = bench_samples(cfg, records, stage, mode, args.rounds)
+                            rows.append(
+                                {
+                                    "stage": st.name,
+                                    "global_size": st.global_size,
+                                    "local_size": st.local_size,
+                                    "lowpass": method,
+                                    "noise": st.noise.kind,
+                                    "photometric_on": mode,
+                                    "decoder": used_decoder(decoder),
+                                    "decode_cpu_ms": dec["cpu_ms"],
+                                    **r,
+                                }
+                            )
             set_threads(args.photometric_threads)
             photometric.append(
                 {
@@ -248,14 +282,14 @@ def print_readable(out: dict[str, Any]) -> None:
         f"load {m['loadavg_1_5_15']}"
     )
     print(
-        f"  {'stage':<16} {'sizes':>8} {'lowpass':<10} {'noise':<8} {'mode':<7} {'decode':>8} {'sample':>9} "
-        f"{'img/s/core':>10}"
+        f"  {'stage':<16} {'sizes':>8} {'lowpass':<10} {'noise':<8} {'mode':<7} {'decoder':<10} {'decode':>8} "
+        f"{'sample':>9} {'img/s/core':>10}"
     )
     for r in out["samples"]:
         print(
             f"  {r['stage']:<16} {r['global_size']:>4}/{r['local_size']:<3} {r['lowpass']:<10} "
-            f"{r['noise']:<8} {r['photometric_on']:<7} {r['decode_cpu_ms']:6.2f}ms {r['cpu_ms']:7.2f}ms "
-            f"{r['img_per_s_per_core']:10.1f}"
+            f"{r['noise']:<8} {r['photometric_on']:<7} {r['decoder']:<10} {r['decode_cpu_ms']:6.2f}ms "
+            f"{r['cpu_ms']:7.2f}ms {r['img_per_s_per_core']:10.1f}"
         )
     for p in out["photometric_batched"]:
         thr = f", {p['threads']} thread(s)" if p["threads"] else ""
@@ -278,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--photometric-threads", type=int, default=1, help="CPU threads of the batched photometric"
     )
     p.add_argument("--no-cuda", action="store_true", help="skip the CUDA photometric timing")
+    p.add_argument("--decoders", default="auto",
+                   help="comma-separated full-size JPEG decoders to time side by side: auto, pillow, torchcodec")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return p

@@ -10,10 +10,12 @@ from PIL import Image, JpegImagePlugin
 from fastdinov2.data.datasets import BadImageError
 from fastdinov2.data.lowpass import (
     DecodedImage,
+    decode_full,
     decode_image,
     draft_shift,
     fourier_crops,
     fourier_lowpass,
+    jpeg_decoder,
     render_crops,
     resize_crops,
 )
@@ -136,7 +138,7 @@ def test_jpeg_draft_decodes_at_reduced_scale_via_draft(tmp_path, monkeypatch, w,
     quarter = decode_image(path, "jpeg_draft", 0.25)
     assert quarter.scale == 4 and quarter.image.size == ((w + 3) // 4, (h + 3) // 4)
     full = decode_image(path, "resize", 0.5)
-    assert full.scale == 1 and full.image.size == (w, h)
+    assert full.scale == 1 and full.size == (w, h)
 
 
 def test_jpeg_draft_crops_have_stage_size_and_match_resize_crops(tmp_path):
@@ -277,3 +279,64 @@ def test_decoded_image_pixels_and_image_views():
         DecodedImage(None, (1, 1))
     with pytest.raises(ValueError, match="uint8"):
         DecodedImage(None, (1, 1), 1, np.zeros((1, 1, 3), np.float32))
+
+
+# ------------------------------------------------------------------ full-size JPEG decode (torchcodec)
+
+
+def _jpeg_variants(tmp_path) -> dict[str, object]:
+    img = _photo_like(120, 90)
+    out = {}
+    for name, im, kw in [
+        ("rgb", img, {}),
+        ("gray", img.convert("L"), {}),
+        ("cmyk", img.convert("CMYK"), {}),
+        ("progressive", img, {"progressive": True}),
+        ("subsampled_420", img, {"subsampling": 2}),
+    ]:
+        path = tmp_path / f"{name}.jpg"
+        im.save(path, "JPEG", quality=85, **kw)
+        out[name] = path
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees": Pillow (and so DINOv2, torchvision's loader) keeps the stored pixels
+    img.save(tmp_path / "exif_rotated.jpg", "JPEG", exif=exif.tobytes())
+    exif[0x0112] = 1
+    img.save(tmp_path / "exif_upright.jpg", "JPEG", exif=exif.tobytes())
+    out["exif_rotated"], out["exif_upright"] = tmp_path / "exif_rotated.jpg", tmp_path / "exif_upright.jpg"
+    return out
+
+
+def test_full_decode_of_jpegs_is_pixel_identical_to_pillow(tmp_path):
+    from fastdinov2.data.datasets import load_image
+
+    assert jpeg_decoder() is not None, "torchcodec (a dependency) could not be loaded"
+    for name, path in _jpeg_variants(tmp_path).items():
+        decoded = decode_full(path)
+        fast = name != "exif_rotated"  # a rotated file is left to Pillow
+        assert (decoded.image is None) == fast, name
+        assert decoded.scale == 1 and decoded.full_size == (120, 90), name
+        np.testing.assert_array_equal(decoded.array(), np.asarray(load_image(path)), err_msg=name)
+        assert decoded.array().flags.writeable, name
+        for method in ("resize", "fourier"):
+            assert decode_image(path, method).full_size == (120, 90)
+
+
+def test_full_decode_without_torchcodec_uses_pillow(tmp_path, monkeypatch):
+    import fastdinov2.data.lowpass as lowpass
+
+    path = _jpeg_variants(tmp_path)["rgb"]
+    fast = decode_full(path).array()
+    monkeypatch.setattr(lowpass, "jpeg_decoder", lambda: None)
+    slow = decode_full(path)
+    assert slow.image is not None
+    np.testing.assert_array_equal(slow.array(), fast)
+
+
+def test_torchcodec_refusals_are_reported_with_pillows_reason(tmp_path):
+    good = _jpeg_variants(tmp_path)["rgb"].read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "soi_only.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(BadImageError, match=r"truncated\.jpg: truncated or corrupt file"):
+        decode_full(tmp_path / "truncated.jpg")
+    with pytest.raises(BadImageError, match="soi_only.jpg"):
+        decode_full(tmp_path / "soi_only.jpg")

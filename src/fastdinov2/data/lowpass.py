@@ -17,6 +17,15 @@ uint8 crops ``[n, 3, S, S]`` at the stage size ``S``:
   different filter than bicubic. Non-JPEG files (PNG, WebP, ...) are decoded at full size and then
   behave exactly like ``resize``.
 
+Decoding: a JPEG decoded at full size (``resize``, ``fourier``, and ``jpeg_draft`` when no reduction applies)
+goes through torchcodec's libjpeg-turbo decoder straight into a uint8 tensor, pixel-identical to Pillow and
+0.3-0.6 ms cheaper per 500x375 sample (no Pillow image to copy out of; the tensor is already
+channels-last, as the resize wants it). Pillow decodes everything
+else: other formats, reduced-scale JPEGs (``draft``), JPEGs whose EXIF orientation is not 1 (torchcodec
+would rotate them; Pillow, torchvision's loader and DINOv2 keep the stored orientation), any file
+torchcodec refuses (so a bad file's error is Pillow's, naming the reason), and every JPEG when torchcodec
+cannot be loaded (e.g. built for another torch; a warning says so once per process).
+
 Resampling (all methods): each box is cut out of the decoded image, held once as a uint8 channels-last
 tensor, and resized by ``torch.nn.functional.interpolate(mode="bicubic", antialias=True)``: the filter
 of Pillow's antialiased bicubic (a = -0.5, support widened by the reduction factor) applied as
@@ -29,7 +38,11 @@ are written into one preallocated uint8 buffer, mirrored there when asked (``fli
 
 from __future__ import annotations
 
+import functools
+import io
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +54,8 @@ from PIL import Image
 from fastdinov2.data.datasets import ORIGINAL_SIZE_KEY, BadImageError, load_image
 
 MAX_DRAFT_SHIFT = 3  # libjpeg scales by 1/2, 1/4, 1/8
+_JPEG_SOI = b"\xff\xd8\xff"  # start-of-image marker + the first marker's prefix
+_EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -94,14 +109,56 @@ def draft_shift(ratio: float) -> int:
     return max(0, min(MAX_DRAFT_SHIFT, k))
 
 
+@functools.cache
+def jpeg_decoder() -> Callable[[bytes], torch.Tensor] | None:
+    """torchcodec's CPU JPEG decoder (bytes -> uint8 [3, H, W] RGB), or None when it cannot be loaded."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except Exception as exc:  # not installed, or its native library does not match this torch
+        warnings.warn(f"torchcodec cannot be loaded ({type(exc).__name__}: {exc}); JPEGs are decoded with "
+                      "Pillow instead (0.3-0.6 ms more per ImageNet-size image)", RuntimeWarning, stacklevel=2)
+        return None
+    return functools.partial(decode_jpeg, mode="RGB")
+
+
+def _exif_rotated(data: bytes) -> bool:
+    """Whether a JPEG's EXIF orientation asks for a rotation or mirror (tag present and not 1)."""
+    if b"Exif" not in data[:65536]:  # EXIF lives in an APP1 segment near the start of the file
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # header only
+            return im.getexif().get(_EXIF_ORIENTATION, 1) != 1
+    except Exception:
+        return True  # unreadable header: leave the file to Pillow, which names the problem
+
+
+def decode_full(path: Path | str) -> DecodedImage:
+    """Decode ``path`` at full resolution (module docstring, "Decoding"). Raises BadImageError."""
+    decoder = jpeg_decoder()
+    if decoder is not None:
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            data = b""  # Pillow reports the error
+        if data.startswith(_JPEG_SOI) and not _exif_rotated(data):
+            try:
+                chw = decoder(data)
+            except Exception:  # corrupt or truncated: Pillow decodes again and names the reason
+                chw = None
+            if chw is not None and chw.shape[1] * chw.shape[2] <= (Image.MAX_IMAGE_PIXELS or 1 << 62):
+                pixels = chw.permute(1, 2, 0).contiguous().numpy()  # [H, W, 3], writable
+                return DecodedImage(None, (int(pixels.shape[1]), int(pixels.shape[0])), 1, pixels)
+    image = load_image(path)
+    return DecodedImage(image, image.size, 1)
+
+
 def decode_image(path: Path | str, lowpass: str, ratio: float = 1.0) -> DecodedImage:
     """Decode ``path`` for a stage; ``jpeg_draft`` decodes JPEGs at reduced scale (see module docstring).
 
     ``ratio`` = stage size / full size (the largest over global and local crops). Raises BadImageError.
     """
     if lowpass != "jpeg_draft":
-        image = load_image(path)
-        return DecodedImage(image, image.size, 1)
+        return decode_full(path)
     k = draft_shift(ratio)
     try:
         with Image.open(path) as probe:  # header only: size and format
@@ -110,8 +167,7 @@ def decode_image(path: Path | str, lowpass: str, ratio: float = 1.0) -> DecodedI
     except Exception as exc:  # any header failure makes it a bad image
         raise BadImageError(path, f"cannot read image header: {exc}") from exc
     if k == 0 or not is_jpeg:
-        image = load_image(path)
-        return DecodedImage(image, image.size, 1)
+        return decode_full(path)
     # Pillow picks the largest of 1/8, 1/4, 1/2 keeping the result >= the request: ask for exactly 1/2^k
     image = load_image(path, draft_size=(max(1, full_w >> k), max(1, full_h >> k)))
     full_w, full_h = image.info.get(ORIGINAL_SIZE_KEY, (full_w, full_h))
