@@ -163,10 +163,11 @@ class PretrainDataset(Dataset):
         if n < 2:
             return index
         draw = int(np.random.default_rng([self.seed, sample_key, _REPLACEMENT_STREAM, attempt]).integers(n - 1))
-        return draw + (draw >= index)  # uniform over the other n - 1 images
+        return draw + int(draw >= index)  # uniform over the other n - 1 images
 
     def __getitem__(self, request: Request) -> PretrainSample | BadSample:  # type: ignore[override]
-        index, key, stage = self._parse(request)
+        requested, key, stage = self._parse(request)
+        index = requested
         st, shape, crops = self.stages[stage], self.shapes[stage], self.crops
         ratio = max(st.global_size / crops.global_crops_size, st.local_size / crops.local_crops_size)
         replaced: list[tuple[str, str]] = []
@@ -181,8 +182,8 @@ class PretrainDataset(Dataset):
                 if attempt == tries or len(self.records) < 2:
                     first_path, first_reason = replaced[0]
                     more = f" (and {len(replaced) - 1} replacement(s) tried, all bad)" if len(replaced) > 1 else ""
-                    return BadSample(first_path, first_reason + more, int(request[0]), key, shape)
-                index = self.replacement_index(int(request[0]), key, attempt)
+                    return BadSample(first_path, first_reason + more, requested, key, shape)
+                index = self.replacement_index(requested, key, attempt)
         rngs = sample_rngs(self.seed, key)
 
         noise = NoisePatchRecord("none", False)
