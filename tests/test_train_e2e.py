@@ -301,3 +301,17 @@ def test_grad_accumulation_matches_one_large_batch(data_root: Path, tmp_path: Pa
               for run in (tmp_path / "big", tmp_path / "acc")]
     for name in ("dino_loss", "ibot_loss"):
         torch.testing.assert_close(states[0][name]["center"], states[1][name]["center"], rtol=1e-5, atol=1e-7)
+
+
+def test_photometric_on_auto_is_the_device_on_cuda_and_the_workers_on_cpu() -> None:
+    from fastdinov2.train.loop import resolve_photometric_on
+
+    auto = load_config("fastdinov2_tiny", [])
+    assert auto.data.photometric_on == "auto"
+    assert resolve_photometric_on(auto, torch.device("cpu")) == "worker"
+    assert resolve_photometric_on(auto, torch.device("cuda", 0)) == "device"
+    for mode in ("worker", "device"):
+        cfg = load_config("fastdinov2_tiny", [f"data.photometric_on={mode}"])
+        assert {resolve_photometric_on(cfg, torch.device(d)) for d in ("cpu", "cuda")} == {mode}
+    with pytest.raises(ConfigError, match="data.photometric_on"):
+        load_config("fastdinov2_tiny", ["data.photometric_on=gpu"])

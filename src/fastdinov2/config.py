@@ -172,7 +172,9 @@ class DataConfig:
     # their size); "drop": the batch shrinks (one process only: ranks would run different collectives)
     on_bad_sample: str = "replace"
     cache_dir: str | None = None  # where the embedded dataset is written; default ~/.cache/fastdinov2
-    photometric_on: str = "worker"  # "worker": colour ops in loader workers; "device": batched on the GPU
+    # "worker": colour ops in the loader workers; "device": batched on the training device (uint8 crops leave
+    # the workers); "auto": device on CUDA, worker on the CPU (where batching saves nothing)
+    photometric_on: str = "auto"
 
 
 @dataclass
@@ -439,7 +441,7 @@ def validate(cfg: Config) -> None:
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.max_bad_samples >= 0, "data.max_bad_samples", "must be >= 0")
     _choice(d.on_bad_sample, "data.on_bad_sample", ("replace", "drop"))
-    _choice(d.photometric_on, "data.photometric_on", ("worker", "device"))
+    _choice(d.photometric_on, "data.photometric_on", ("auto", "worker", "device"))
     tr = cfg.train
     _check(tr.batch_size_per_gpu > 0, "train.batch_size_per_gpu", "must be positive")
     if cfg.dino.koleo_loss_weight > 0:  # KoLeo needs a nearest neighbour within each rank's batch

@@ -44,7 +44,7 @@ from fastdinov2.curriculum import Curriculum
 from fastdinov2.data.collate import TrainBatch, collate_train
 from fastdinov2.data.datasets import DataError, discover_training_images
 from fastdinov2.data.photometric import DenseFn, compiled_dense_fn
-from fastdinov2.data.pretrain import PretrainDataset
+from fastdinov2.data.pretrain import PhotometricOn, PretrainDataset
 from fastdinov2.models.vit import DinoVisionTransformer, build_vit
 from fastdinov2.train.checkpoint import (
     CheckpointError,
@@ -75,6 +75,7 @@ RESUMABLE_KEYS = (
     "data.num_workers",
     "data.max_bad_samples",
     "data.on_bad_sample",
+    "data.photometric_on",  # where the colour ops run, not what they draw (both give the same values)
     "compute.",
 )
 
@@ -111,6 +112,15 @@ def resolve_precision(cfg: Config, device: torch.device) -> torch.dtype:
     if p == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
+
+
+def resolve_photometric_on(cfg: Config, device: torch.device) -> PhotometricOn:
+    """Where the colour augmentation runs: ``data.photometric_on``, with "auto" = the device on CUDA (the
+    workers then only decode, crop and resize) and the loader workers on the CPU."""
+    mode = cfg.data.photometric_on
+    if mode == "auto":
+        return "device" if device.type == "cuda" else "worker"
+    return "device" if mode == "device" else "worker"
 
 
 def resolve_data_root(cfg: Config) -> Path:
@@ -301,6 +311,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.device = resolve_device(cfg)
         self.dtype = resolve_precision(cfg, self.device)
+        self.photometric_on = resolve_photometric_on(cfg, self.device)
         if self.world_size > 1 and cfg.data.on_bad_sample == "drop" and cfg.data.max_bad_samples > 0:
             raise ConfigError(
                 "data.on_bad_sample=drop works on one process only: under torchrun a rank whose micro-batch "
@@ -494,7 +505,7 @@ class Trainer:
     # ---- data --------------------------------------------------------------------------------------
     def make_loader(self, start_step: int, end_step: int) -> DataLoader:
         dataset = PretrainDataset(self.records, self.cfg, seed=self.cfg.train.seed,
-                                  photometric_on=self.cfg.data.photometric_on,
+                                  photometric_on=self.photometric_on,
                                   on_bad=self.cfg.data.on_bad_sample)
         sampler = StepBatchSampler(self.curriculum, self.cfg.train.seed, start_step, end_step,
                                    rank=self.rank, world_size=self.world_size)
@@ -742,7 +753,8 @@ class Trainer:
                 renumber_metrics(self.logger, self.renumbered_from, cur)
             where = f"resuming from {restored}" if restored else "starting"
             print(f"[fastdinov2] {where}: step {self.state.step} of {cur.total_steps} "
-                  f"({len(self.records)} images in {self.data_root}, device {self.device}, world {self.world_size})")
+                  f"({len(self.records)} images in {self.data_root}, device {self.device}, world {self.world_size}, "
+                  f"colour augmentation on the {'device' if self.photometric_on == 'device' else 'loader workers'})")
             print(cur.describe())
         start = self.state.step
         self._health = DeviceHealth(self.device, self.state.consecutive_skips)
