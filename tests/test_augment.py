@@ -417,5 +417,7 @@ def test_compiled_dense_path_matches_eager(backend):
     params = sample_photometric_params(rng, 32, "local", 0.5)
     crops = torch.from_numpy(rng.integers(0, 256, (32, 3, 12, 12), dtype=np.uint8))
     eager = apply_photometric(crops, params, dense=True)
-    compiled = apply_photometric(crops, params, dense=True, dense_fn=compiled_dense_fn(backend=backend))
+    # fullgraph: one graph per crop size, no graph break (the hue rotation once wrote into a strided out=)
+    compiled = apply_photometric(crops, params, dense=True,
+                                 dense_fn=compiled_dense_fn(backend=backend, fullgraph=True))
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)

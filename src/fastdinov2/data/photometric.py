@@ -212,19 +212,31 @@ def sample_crops_photometric_params(
 # per-crop ops on float images in [0, 1]; x: [n, 3, H, W], factors: [n]
 
 
+_HUE_OFFSETS = (5.0, 3.0, 1.0)  # per-channel sextant offsets of the hexcone hue rotation (R, G, B)
+_CONSTANTS: dict[tuple[tuple[float, ...], torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _device_constant(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a [1, 3, 1, 1] tensor on ``like``'s device and dtype, made once per device (a copy from
+    the host on every call would wait for the GPU's queue)."""
+    key = (values, like.device, like.dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, device=like.device, dtype=like.dtype).view(1, 3, 1, 1)
+    return _CONSTANTS[key]
+
+
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    """[n,3,H,W] -> [n,1,H,W] luma."""
-    r, g, b = x.unbind(1)
-    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b).unsqueeze(1)
+    """[n,3,H,W] -> [n,1,H,W] luma (two kernels: a product with the [1,3,1,1] weights and a channel sum)."""
+    return (x * _device_constant(_GRAY_WEIGHTS, x)).sum(dim=1, keepdim=True)
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = factor.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp_(0.0, 1.0)
+    """``factor * x + (1 - factor) * other`` clamped to [0, 1], as one lerp and one clamp."""
+    return torch.lerp(other, x, factor.reshape(-1, 1, 1, 1)).clamp_(0.0, 1.0)
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+    return (x * factor.reshape(-1, 1, 1, 1)).clamp_(0.0, 1.0)
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -251,12 +263,9 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     num = torch.where(r_max, g - b, torch.where(g_max, b - r, r - g))
     sextant = torch.where(r_max, 0.0, torch.where(g_max, 2.0, 4.0))
     h6 = num / delta.clamp_min(1e-12) + sextant + (6.0 * shift).view(-1, 1, 1)  # grey pixels: delta = 0
-    out = torch.empty_like(x)
-    for c, offset in enumerate((5.0, 3.0, 1.0)):
-        k = torch.remainder(h6 + offset, 6.0)
-        w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-        torch.sub(maxc, delta * w, out=out[:, c])
-    return out
+    k = torch.remainder(h6.unsqueeze(1) + _device_constant(_HUE_OFFSETS, x), 6.0)  # [n, 3, H, W], all channels
+    w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return maxc.unsqueeze(1) - delta.unsqueeze(1) * w
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -333,19 +342,22 @@ def _apply_dense(x: torch.Tensor, params: PhotometricParams, ksize: int | None) 
     for all crops: first every crop's ops placed *before* its hue, then hue, then the ops placed after it.
     That is each crop's own order, with one hue pass instead of one per position.
     """
-    one = torch.ones_like(params.brightness)
-    positions = torch.arange(4, device=params.jitter_order.device)
-    hue_pos = torch.where(params.jitter_order == OP_HUE, positions, 4).amin(dim=1)  # [n]
-    for before_hue in (True, False):
+    order = params.jitter_order  # [n, 4]: the op at each position
+    positions = torch.arange(4, device=order.device)
+    hue_pos = torch.where(order == OP_HUE, positions, 4).amin(dim=1, keepdim=True)  # [n, 1]
+    # Every crop's factor of op o at position p, before and after its hue, in a few kernels for the whole
+    # table: [n, 4 positions, 3 ops] (brightness, contrast, saturation), 1 where the crop does not apply it.
+    at = order.unsqueeze(2) == positions[:3].view(1, 1, 3)  # [n, 4, 3]: position p holds op o
+    values = torch.stack([params.brightness, params.contrast, params.saturation], dim=1).unsqueeze(1)  # [n,1,3]
+    jittered = params.jitter.view(-1, 1, 1)
+    tables = [torch.where(at & jittered & phase.unsqueeze(2), values, 1.0)
+              for phase in (positions < hue_pos, positions > hue_pos)]
+    for before_hue, table in zip((True, False), tables, strict=True):
         # a jittered crop's hue sits at position 0..3: nothing precedes position 0's hue or follows position 3's
         for pos in range(3) if before_hue else range(1, 4):
-            op_at_pos = params.jitter_order[:, pos]
-            phase = (pos < hue_pos) if before_hue else (pos > hue_pos)
-            for op, (name, fn) in _JITTER_OPS.items():
-                if op == OP_HUE:
-                    continue
-                sel = params.jitter & (op_at_pos == op) & phase
-                x = fn(x, torch.where(sel, getattr(params, name), one))
+            for op, (_, fn) in _JITTER_OPS.items():
+                if op != OP_HUE:
+                    x = fn(x, table[:, pos, op])
         if before_hue:
             x = _where(params.jitter, adjust_hue(x, params.hue), x)
     x = _where(params.grayscale, _grayscale(x), x)
@@ -378,7 +390,7 @@ DenseFn = Callable[[torch.Tensor, PhotometricParams, int | None], torch.Tensor]
 
 
 def compiled_dense_fn(**compile_kwargs: Any) -> DenseFn:
-    """The dense (GPU) path compiled with ``torch.compile(**compile_kwargs)``: its ~700 elementwise kernels
+    """The dense (GPU) path compiled with ``torch.compile(**compile_kwargs)``: its ~130 operators
     per call fuse into a few (one graph per crop size and blur kernel). Pass it as ``apply_photometric``'s
     ``dense_fn``; the trainer does with ``compute.compile`` on CUDA."""
     return torch.compile(_apply_dense, **compile_kwargs)
