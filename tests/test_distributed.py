@@ -132,9 +132,39 @@ def _finish(agent: subprocess.Popen[str], deadline: float) -> tuple[str, str]:
     return out, err
 
 
+#: What the 2-core CI machine showed about once in 90 two-process runs (in CI, and reproduced here: 2 of
+#: ~110 runs of the resume-on-two scenario): one gloo worker ends in C++ ``std::terminate`` (SIGABRT, no
+#: Python traceback) soon after resuming, and torchrun stops the other. Not reproduced under
+#: ``PYTHONFAULTHANDLER=1`` (0 of 40), so where it happens is not known yet.
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def _torchrun(out: Path, overrides: list[str], *opts: str) -> tuple[str, str]:
-    """Run ``fastdinov2 train`` on 2 processes; returns (stdout, stderr)."""
-    return _finish(_start(out, overrides, extra=opts), time.time() + TIMEOUT)
+    """Run ``fastdinov2 train`` on 2 processes; returns (stdout, stderr).
+
+    A run that ends in :data:`GLOO_ABORT` is run once more from the same starting directory, with a
+    warning that quotes the abort, so the flake stays visible without failing the suite.
+    """
+    before = out.with_name(out.name + ".before")
+    if out.exists():
+        shutil.copytree(out, before)
+    for attempt in (1, 2):
+        agent = _start(out, overrides, extra=opts)
+        try:
+            stdout, err = agent.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _kill_tree(agent)
+            pytest.fail(f"torchrun did not finish within {TIMEOUT} s")
+        if agent.returncode != 0 and attempt == 1 and GLOO_ABORT in err and "SIGABRT" in err:
+            lines = [ln for ln in err.splitlines() if GLOO_ABORT in ln or "exitcode" in ln]
+            warnings.warn(f"torchrun run {out} aborted in gloo; running it again:\n" + "\n".join(lines), stacklevel=2)
+            shutil.rmtree(out, ignore_errors=True)
+            if before.exists():
+                shutil.copytree(before, out)
+            continue
+        assert agent.returncode == 0, err[-4000:]
+        return stdout, err
+    raise AssertionError("unreachable")
 
 
 def _copy_run_up_to(src: Path, dest: Path, step: int) -> Path:
@@ -449,8 +479,7 @@ def test_a_micro_batch_of_only_bad_files_on_one_rank_is_replaced(data_root: Path
     (step0,) = StepBatchSampler(Curriculum(cfg, len(records), world_size=2), 0, 0, 1, rank=1, world_size=2)
     for index, _, _ in step0:  # every file of rank 1's first micro-batch
         records[index].path.write_bytes(records[index].path.read_bytes()[:100])
-    agent = _start(tmp_path / "run", _overrides(data, B, "data.max_bad_samples=10", "train.max_steps=4"))
-    _, err = _finish(agent, time.time() + TIMEOUT)
+    _, err = _torchrun(tmp_path / "run", _overrides(data, B, "data.max_bad_samples=10", "train.max_steps=4"))
     assert err.count("rank 1: replaced bad image") >= B, err[-3000:]
     counts = [int(x.split("/")[0]) for x in err.split("bad images so far: ")[1:]]
     assert counts and counts[-1] >= B, err[-3000:]
