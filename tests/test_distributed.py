@@ -121,13 +121,18 @@ def _start(out: Path, overrides: list[str], *torchrun_opts: str, extra: tuple[st
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _finish(agent: subprocess.Popen[str], deadline: float) -> tuple[str, str]:
+def _wait(agent: subprocess.Popen[str], deadline: float) -> tuple[str, str]:
     """Wait for the agent until ``deadline``; on time-out kill it with its workers and fail."""
     try:
-        out, err = agent.communicate(timeout=max(1.0, deadline - time.time()))
+        return agent.communicate(timeout=max(1.0, deadline - time.time()))
     except subprocess.TimeoutExpired:
         _kill_tree(agent)
         pytest.fail(f"torchrun did not finish within {TIMEOUT} s")
+
+
+def _finish(agent: subprocess.Popen[str], deadline: float) -> tuple[str, str]:
+    """:func:`_wait`, then require success."""
+    out, err = _wait(agent, deadline)
     assert agent.returncode == 0, err[-4000:]
     return out, err
 
@@ -148,23 +153,17 @@ def _torchrun(out: Path, overrides: list[str], *opts: str) -> tuple[str, str]:
     before = out.with_name(out.name + ".before")
     if out.exists():
         shutil.copytree(out, before)
-    for attempt in (1, 2):
-        agent = _start(out, overrides, extra=opts)
-        try:
-            stdout, err = agent.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            _kill_tree(agent)
-            pytest.fail(f"torchrun did not finish within {TIMEOUT} s")
-        if agent.returncode != 0 and attempt == 1 and GLOO_ABORT in err and "SIGABRT" in err:
-            lines = [ln for ln in err.splitlines() if GLOO_ABORT in ln or "exitcode" in ln]
-            warnings.warn(f"torchrun run {out} aborted in gloo; running it again:\n" + "\n".join(lines), stacklevel=2)
-            shutil.rmtree(out, ignore_errors=True)
-            if before.exists():
-                shutil.copytree(before, out)
-            continue
-        assert agent.returncode == 0, err[-4000:]
-        return stdout, err
-    raise AssertionError("unreachable")
+    agent = _start(out, overrides, extra=opts)
+    stdout, err = _wait(agent, time.time() + TIMEOUT)
+    if agent.returncode != 0 and GLOO_ABORT in err and "SIGABRT" in err:
+        lines = [ln for ln in err.splitlines() if GLOO_ABORT in ln or "exitcode" in ln]
+        warnings.warn(f"torchrun run {out} aborted in gloo; running it again:\n" + "\n".join(lines), stacklevel=2)
+        shutil.rmtree(out, ignore_errors=True)
+        if before.exists():
+            shutil.copytree(before, out)
+        return _finish(_start(out, overrides, extra=opts), time.time() + TIMEOUT)
+    assert agent.returncode == 0, err[-4000:]
+    return stdout, err
 
 
 def _copy_run_up_to(src: Path, dest: Path, step: int) -> Path:
@@ -458,11 +457,7 @@ def test_bad_image_limit_counts_all_processes(data_root: Path, tmp_path: Path) -
         bad.write_bytes(bad.read_bytes()[:100])  # truncated JPEGs
     agent = _start(tmp_path / "run", _overrides(data, B, "data.max_bad_samples=1", "train.log_every=1",
                                                 "train.max_steps=4"))  # one epoch: each file seen once
-    try:
-        _, err = agent.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        _kill_tree(agent)
-        pytest.fail(f"torchrun did not finish within {TIMEOUT} s")
+    _, err = _wait(agent, time.time() + TIMEOUT)
     assert agent.returncode != 0
     assert "bad image(s) across 2 processes (data.max_bad_samples=1)" in err, err[-3000:]
 

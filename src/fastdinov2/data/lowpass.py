@@ -137,10 +137,12 @@ def decode_full(path: Path | str) -> DecodedImage:
     decoder = jpeg_decoder()
     if decoder is not None:
         try:
-            data = Path(path).read_bytes()
+            with open(path, "rb") as f:  # the rest of the file only for a JPEG: Pillow reads any other itself
+                data = f.read(len(_JPEG_SOI))
+                data = data + f.read() if data == _JPEG_SOI else b""
         except OSError:
             data = b""  # Pillow reports the error
-        if data.startswith(_JPEG_SOI) and not _exif_rotated(data):
+        if data and not _exif_rotated(data):
             try:
                 chw = decoder(data)
             except Exception:  # corrupt or truncated: Pillow decodes again and names the reason

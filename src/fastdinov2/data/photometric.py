@@ -366,18 +366,6 @@ def _apply_dense(x: torch.Tensor, params: PhotometricParams, ksize: int | None) 
     return _where(params.solarize, _solarize(x), x)
 
 
-_NORM_CACHE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _norm_tensors(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean/std ``[1,3,1,1]`` on ``device``, made once (a host-to-device copy each time would wait
-    for the GPU's queue)."""
-    if device not in _NORM_CACHE:
-        _NORM_CACHE[device] = (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
-                               torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
-    return _NORM_CACHE[device]
-
-
 def _solarize(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x)
 
@@ -438,6 +426,5 @@ def apply_photometric(
             x = _apply_subset(x, params.blur, lambda t, s: gaussian_blur(t, s, ksize), params.blur_sigma)
         x = _apply_subset(x, params.solarize, _solarize)
     if normalize:
-        mean, std = _norm_tensors(x.device)
-        x = x.sub_(mean).div_(std)
+        x = x.sub_(_device_constant(IMAGENET_MEAN, x)).div_(_device_constant(IMAGENET_STD, x))
     return x
