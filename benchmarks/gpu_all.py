@@ -96,6 +96,15 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
     return [
         step("step_vits16_b64", s16, "--breakdown", "--profile", "3"),
         step("step_vitb16_b64", b16, "--breakdown", "--profile", "3"),
+        # the eager step captured as one CUDA graph per stage (no compilation): launch overhead removed
+        *(
+            []
+            if smoke
+            else [
+                step("step_vits16_b64_cuda_graph", s16, "--cuda-graph", cap=60, min_s=20),
+                step("step_vitb16_b64_cuda_graph", b16, "--cuda-graph", cap=60, min_s=20),
+            ]
+        ),
         Job(
             "pytest_gpu",  # the training step issues no host sync on CUDA (torch.cuda.set_sync_debug_mode)
             ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_train_sync_free.py"],
@@ -109,8 +118,34 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             "--compile-step",
             "--compile-mode",
             "reduce-overhead",
-            cap=240,
-            min_s=120,
+            cap=200,
+            min_s=100,
+        ),
+        Job(  # the trainer with data loading, ViT-S/16 pair, 2048 embedded images x 1 epoch (24 + 8 vs 32 steps)
+            "end_to_end_vits16",
+            ["benchmarks/end_to_end.py", "--fast", s16, "--baseline", "dinov2_tiny" if smoke else "dinov2_vits16_in100",
+             "--train-images", "64" if smoke else "2048", "--epochs", "1",
+             "--repeats", "1" if smoke else "2", "--num-workers", "2" if smoke else "12",
+             "--cache-dir", str(cache_dir / "data"), f"compute.device={dev}", "data.photometric_on=device",
+             *(["train.batch_size_per_gpu=8", *tiny_model] if smoke else [])],
+            150,
+            60,
+        ),
+        # torch.compile's "cudagraphs" backend: the captured forward and backward replayed as CUDA graphs, no
+        # code generation (seconds to compile instead of minutes); then the trainer with it (compute.compile_backend)
+        step("step_vits16_b64_compile_step_cgbackend", s16, "--compile-step", "--compile-backend",
+             "cudagraphs" if not smoke else "aot_eager", cap=120, min_s=40),
+        Job(  # as end_to_end_vits16, the step compiled with the cudagraphs backend
+            "end_to_end_vits16_cudagraphs",
+            ["benchmarks/end_to_end.py", "--fast", s16, "--baseline", "dinov2_tiny" if smoke else "dinov2_vits16_in100",
+             "--train-images", "64" if smoke else "2048", "--epochs", "1",
+             "--repeats", "1" if smoke else "2", "--num-workers", "2" if smoke else "12",
+             "--cache-dir", str(cache_dir / "data"), f"compute.device={dev}", "data.photometric_on=device",
+             "compute.compile=step", "compute.compile_backend=" + ("aot_eager" if smoke else "cudagraphs"),
+             "compute.masked_tokens_bucket=256",
+             *(["train.batch_size_per_gpu=8", *tiny_model] if smoke else [])],
+            150,
+            60,
         ),
         step("step_vits16_b64_hostsync", s16, "--host-sync"),
         step("step_vits16_b64_proto4096", s16, "dino.head_n_prototypes=4096", "ibot.head_n_prototypes=4096"),
@@ -169,15 +204,6 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             45,
             json_out=False,
         ),
-        Job(  # the trainer with data loading, ViT-S/16 pair, 2048 embedded images x 1 epoch (24 + 8 vs 32 steps)
-            "end_to_end_vits16",
-            ["benchmarks/end_to_end.py", "--fast", s16, "--baseline", "dinov2_tiny" if smoke else "dinov2_vits16_in100",
-             "--train-images", "64" if smoke else "2048", "--epochs", "1", "--num-workers", "2" if smoke else "12",
-             "--cache-dir", str(cache_dir / "data"), f"compute.device={dev}", "data.photometric_on=device",
-             *(["train.batch_size_per_gpu=8", *tiny_model] if smoke else [])],
-            150,
-            60,
-        ),
         step("step_vits16_b64_compile_step", s16, "--compile-step", cap=180, min_s=100),
         Job(  # the dense photometric path compiled, as the trainer runs it with compute.compile on CUDA
             "photometric_compiled",
@@ -190,7 +216,8 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         Job(  # as end_to_end_vits16, with the compiled step and CUDA graphs (compilation included in the wall time)
             "end_to_end_vits16_compiled",
             ["benchmarks/end_to_end.py", "--fast", s16, "--baseline", "dinov2_tiny" if smoke else "dinov2_vits16_in100",
-             "--train-images", "64" if smoke else "2048", "--epochs", "1", "--num-workers", "2" if smoke else "12",
+             "--train-images", "64" if smoke else "2048", "--epochs", "1",
+             "--repeats", "1" if smoke else "2", "--num-workers", "2" if smoke else "12",
              "--cache-dir", str(cache_dir / "data"), f"compute.device={dev}", "data.photometric_on=device",
              "compute.compile=step", "compute.compile_mode=reduce-overhead", "compute.masked_tokens_bucket=256",
              *(["train.batch_size_per_gpu=8", *tiny_model] if smoke else [])],

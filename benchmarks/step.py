@@ -25,7 +25,9 @@ Extra options: ``--compile`` (torch.compile of the student and of the teacher's 
 modules), ``--compile-step`` (one compiled function for teacher targets + student + losses, so AOTAutograd
 also compiles the backward, and a second one for clip + optimizer + EMA; ``--compile-mode reduce-overhead``
 adds CUDA graphs), ``--skip optimizer,ema,clip,finite_check`` (drop a part to measure its marginal cost),
-``--host-sync`` (add the three host reads of the trainer's earlier finiteness check, to measure their cost),
+``--cuda-graph`` (the eager step captured as one CUDA graph per stage and replayed: launch overhead
+removed, kernels unchanged, no compilation), ``--host-sync`` (add the three host reads of the trainer's
+earlier finiteness check, to measure their cost),
 ``--breakdown`` (per-phase times, synchronised between phases), ``--profile N`` (torch.profiler over N
 steps per stage: time per phase, top operators, and the share of wall time not spent inside operators).
 """
@@ -159,8 +161,15 @@ class StepRunner:
         compile_backend: str = "inductor",
         skip: tuple[str, ...] = (),
         host_sync: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
         self.cfg, self.device, self.skip, self.host_sync = cfg, device, set(skip), host_sync
+        if cuda_graph and (device.type != "cuda" or compile_step or compile_modules or host_sync):
+            raise SystemExit("--cuda-graph needs --device cuda, and no --compile/--compile-step/--host-sync")
+        self.cuda_graph = cuda_graph
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.capture_s: dict[int, float] = {}
+        self.capture_failures: list[str] = []
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         torch.manual_seed(cfg.train.seed)
         self.model = MetaArch(cfg).to(device)
@@ -229,6 +238,58 @@ class StepRunner:
         """One training step; returns whether loss and grad norm were finite (no update if not)."""
         if self.compile_step:
             return self._step_compiled(batch)
+        if self.cuda_graph:
+            return self._step_graphed(batch)
+        return self._step_eager(batch)
+
+    def _step_graphed(self, batch: SyntheticBatch) -> bool:
+        """The eager step captured once per batch (= per stage: fixed shapes) as one CUDA graph, then replayed:
+        one launch per step instead of ~3,000, the kernels unchanged (no compilation, no fusion).
+
+        PyTorch's whole-network capture recipe: three eager steps on a side stream first (cuBLAS/cuDNN
+        handles, AdamW state, autograd), ``capturable`` AdamW (its step counters already live on the device:
+        fused), gradients set to None before the capture so the captured backward writes them rather than
+        accumulating. Every graph gets its own memory pool; gradients, temporaries and the saved centres live
+        there, the parameters, AdamW moments, centres and teacher weights are the same tensors in every graph.
+        Schedules are constants of the benchmark, so the values baked into a graph are the ones eager uses.
+        """
+        key = id(batch)
+        graph = self._graphs.get(key)
+        if graph is None:
+            t0 = time.perf_counter()
+            try:
+                graph = self._capture(batch)
+            except RuntimeError as exc:  # e.g. a kernel that cannot be captured: retry once without cuDNN attention
+                if not torch.backends.cuda.cudnn_sdp_enabled():
+                    raise
+                print(f"[step] CUDA graph capture failed ({exc}); retrying with cuDNN attention off", flush=True)
+                self.capture_failures.append(str(exc)[:500])
+                if hasattr(self.optimizer, "found_inf"):
+                    del self.optimizer.found_inf  # type: ignore[attr-defined]
+                torch.backends.cuda.enable_cudnn_sdp(False)
+                graph = self._capture(batch)
+            self._graphs[key] = graph
+            self.capture_s[key] = time.perf_counter() - t0
+        graph.replay()
+        return True
+
+    def _capture(self, batch: SyntheticBatch) -> torch.cuda.CUDAGraph:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step_eager(batch)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        for group in self.optimizer.param_groups:
+            group["capturable"] = True
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step_eager(batch)
+        torch.cuda.synchronize(self.device)
+        return graph
+
+    def _step_eager(self, batch: SyntheticBatch) -> bool:
         cfg, timer, s = self.cfg, self.timer, self.sched
         centers = [self.model.dino_loss.center, self.model.ibot_loss.center]
         with timer("schedules"):
@@ -487,7 +548,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         compile_backend=args.compile_backend,
         skip=skip,
         host_sync=args.host_sync,
+        cuda_graph=args.cuda_graph,
     )
+    if args.cuda_graph and args.breakdown:
+        raise SystemExit("--breakdown cannot time phases inside a CUDA graph; leave it out with --cuda-graph")
     batches = [make_batch(cfg, s, device, seed=i) for i, s in enumerate(specs)]
     peak = peak_tflops(device, args.peak_tflops)
 
@@ -505,6 +569,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         warm = time.perf_counter() - t0
         mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         results.append({"warmup_s": warm, "peak_mem_gib": mem})
+        if args.cuda_graph:
+            results[-1]["capture_s"] = runner.capture_s.get(id(batch))
     for _ in range(args.rounds):  # interleaved measurement
         for i, batch in enumerate(batches):
             for _ in range(args.steps):
@@ -571,6 +637,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "compile_backend": args.compile_backend,
         "skip": list(skip),
         "host_sync": args.host_sync,
+        "cuda_graph": args.cuda_graph,
+        "cuda_graph_capture_failures": runner.capture_failures,
+        "sdpa_cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
         "peak_tflops": peak,
         "steps": args.steps,
         "rounds": args.rounds,
@@ -602,7 +671,8 @@ def print_readable(out: dict[str, Any]) -> None:
     dev = m.get("gpu_name") or f"{m['cpu_model']} ({out['threads']} threads)"
     print(
         f"step benchmark: {out['config']} on {dev}, {out['dtype']}, compile={out['compile']}, "
-        f"compile_step={out['compile_step']}, load {out['loadavg_start']} -> {m['loadavg_1_5_15']}"
+        f"compile_step={out['compile_step']}, cuda_graph={out.get('cuda_graph', False)}, "
+        f"load {out['loadavg_start']} -> {m['loadavg_1_5_15']}"
     )
     for r in out["stages"]:
         mfu = f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
@@ -677,6 +747,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)"
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture the eager step as one CUDA graph per stage and replay it (CUDA only; no compilation)",
     )
     p.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(SKIPPABLE)}")
     p.add_argument(

@@ -117,6 +117,8 @@ def test_step_benchmark_runs_both_stages(step_mod: ModuleType, tmp_path: Path) -
     assert json.loads((tmp_path / "s.json").read_text())["ratio"] == out["ratio"]
     with pytest.raises(SystemExit, match="--skip"):
         step_mod.main(["--skip", "attention", *TINY])
+    with pytest.raises(SystemExit, match="--cuda-graph needs --device cuda"):  # CUDA graphs: CUDA only
+        step_mod.main(["--cuda-graph", *TINY])
 
 
 def test_head_loss_benchmark(tmp_path: Path) -> None:
@@ -225,7 +227,10 @@ def test_end_to_end_stage_rates_and_implied_speedup(tmp_path: Path) -> None:
 def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
     ga = _load("gpu_all")
     names = [j.name for j in ga.plan(tmp_path)]
-    assert names[:2] == ["step_vits16_b64", "step_vitb16_b64"] and "torchrun_smoke_tiny" in names
+    assert names[:4] == ["step_vits16_b64", "step_vitb16_b64", "step_vits16_b64_cuda_graph",
+                         "step_vitb16_b64_cuda_graph"] and "torchrun_smoke_tiny" in names
+    smoke_names = [j.name for j in ga.plan(tmp_path, smoke=True)]
+    assert set(smoke_names) == set(names) - {"step_vits16_b64_cuda_graph", "step_vitb16_b64_cuda_graph"}
     assert all("--device" not in j.argv or "cuda" in j.argv for j in ga.plan(tmp_path))
     assert all(
         "cuda" not in j.argv and "compute.device=cuda" not in j.argv for j in ga.plan(tmp_path, smoke=True)
@@ -233,7 +238,7 @@ def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
     # no budget: every job is skipped, and the merged file says so
     rc = ga.main(["--smoke", "--no-preflight", "--out", str(tmp_path / "res"), "--budget-s", "0"])
     merged = json.loads((tmp_path / "res" / "cpu-smoke.json").read_text())
-    assert rc == 1 and {j["rc"] for j in merged["jobs"]} == {"skipped"} and len(merged["jobs"]) == len(names)
+    assert rc == 1 and {j["rc"] for j in merged["jobs"]} == {"skipped"} and len(merged["jobs"]) == len(smoke_names)
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ NAN_POLICIES = ("halt", "skip")
 STRATEGIES = ("ddp", "fsdp2")
 COMPILE_MODES = ("none", "modules", "step")
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager")
 FFN_LAYERS = ("auto", "mlp", "swiglu")
 
 
@@ -201,6 +202,10 @@ class ComputeConfig:
     compile: str = "none"
     # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune", "max-autotune-no-cudagraphs"
     compile_mode: str = "default"
+    # torch.compile backend: "inductor" (generated kernels; compile_mode applies), "cudagraphs" (no code
+    # generation: the captured forward and backward replayed as CUDA graphs, seconds to compile; CUDA only),
+    # "aot_eager" (the captured graphs run eagerly: for debugging)
+    compile_backend: str = "inductor"
     # Pad each batch's masked-token rows to a multiple of this (weight-0 rows), so compiled code / CUDA graphs
     # see a few shapes per stage instead of one per batch; 0 = no padding.
     masked_tokens_bucket: int = 0
@@ -464,6 +469,12 @@ def validate(cfg: Config) -> None:
                                                                    str(cfg.compute.compile))
     _choice(cfg.compute.compile, "compute.compile", COMPILE_MODES)
     _choice(cfg.compute.compile_mode, "compute.compile_mode", TORCH_COMPILE_MODES)
+    _choice(cfg.compute.compile_backend, "compute.compile_backend", COMPILE_BACKENDS)
+    if cfg.compute.compile_mode != "default" and cfg.compute.compile_backend != "inductor":
+        raise ConfigError(
+            f"compute.compile_mode={cfg.compute.compile_mode!r} is an inductor mode; "
+            f"compute.compile_backend={cfg.compute.compile_backend!r} takes only 'default'"
+        )
     _check(cfg.compute.masked_tokens_bucket >= 0, "compute.masked_tokens_bucket", "must be >= 0 (0: no padding)")
     _check(not (cfg.compute.strategy == "fsdp2" and cfg.compute.precision == "fp16"), "compute.precision",
            "'fp16' is not supported with compute.strategy=fsdp2 (its grad scaler would not see other ranks' "

@@ -375,8 +375,8 @@ class Trainer:
         random.seed(cfg.train.seed * 1000 + self.rank)
         np.random.seed(cfg.train.seed * 1000 + self.rank)
 
-    #: torch.compile backend of ``compute.compile`` (tests use "aot_eager": the same graphs, no code generation).
-    compile_backend = "inductor"
+    #: Overrides ``compute.compile_backend`` when set (tests use "aot_eager": the same graphs, no code generation).
+    compile_backend: str | None = None
 
     def _compile_modules(self) -> None:
         """``compute.compile=modules``: compile the student's and the teacher's backbone and heads in place
@@ -391,8 +391,9 @@ class Trainer:
 
     def _compile_kwargs(self) -> dict[str, Any]:
         """``torch.compile`` arguments: the backend, and ``compute.compile_mode`` (inductor only)."""
-        kw: dict[str, Any] = {"backend": self.compile_backend}
-        if self.compile_backend == "inductor" and self.cfg.compute.compile_mode != "default":
+        backend = self.compile_backend or self.cfg.compute.compile_backend
+        kw: dict[str, Any] = {"backend": backend}
+        if backend == "inductor" and self.cfg.compute.compile_mode != "default":
             kw["mode"] = self.cfg.compute.compile_mode
         return kw
 
