@@ -157,6 +157,16 @@ def implied_speedup(fast: dict[str, Any], base: dict[str, Any], fast_cfg: Config
     return (sum(epochs) / base_rate) / t_fast
 
 
+def stage_epoch_overrides(preset: str, epochs: float, overrides: list[str]) -> list[str]:
+    """Curriculum stages given in epochs (the paper presets: 150 + 50) rescaled to ``epochs`` in total, their
+    proportions kept; stages given as fractions need nothing."""
+    stages = load_config(preset, list(overrides)).curriculum.stages
+    if all(st.epochs is None for st in stages):
+        return []
+    total = sum(st.epochs or 0.0 for st in stages)
+    return [f"curriculum.stages.{i}.epochs={(st.epochs or 0.0) * epochs / total!r}" for i, st in enumerate(stages)]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.data_root:
         source = Path(args.data_root)
@@ -168,7 +178,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         data_root = make_subset(source, tmp / "data", args.train_images)
         ov = run_overrides(args, data_root)
-        fast_cfg, base_cfg = load_config(args.fast, ov), load_config(args.baseline, ov)
+        fast_cfg, base_cfg = (
+            load_config(name, ov + stage_epoch_overrides(name, args.epochs, list(args.overrides)))
+            for name in (args.fast, args.baseline)
+        )
         flops_fast, flops_base = training_flops(fast_cfg), training_flops(base_cfg)
         runs: dict[str, list[dict[str, Any]]] = {args.fast: [], args.baseline: []}
         for rep in range(args.repeats):

@@ -130,6 +130,9 @@ def test_to_moves_every_tensor():
     for name in ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "labels"):
         assert getattr(moved, name).device.type == "meta"
     assert moved.global_params is not None and moved.global_params.blur_sigma.device.type == "meta"
+    # the blur kernel sizes set the blur's shape on the host: they stay on the CPU (no read-back from a GPU)
+    assert moved.global_params.blur_kernel_size.device.type == "cpu"
+    assert moved.local_params is not None and moved.local_params.blur_kernel_size.device.type == "cpu"
     assert b.global_crops.device.type == "cpu"  # the original is untouched
 
 

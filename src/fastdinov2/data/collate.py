@@ -49,19 +49,24 @@ class TrainBatch:
         """True while the crops are uint8 and :meth:`with_photometric` still has to run."""
         return self.global_params is not None
 
-    def _map_tensors(self, fn) -> TrainBatch:  # type: ignore[no-untyped-def]
+    def _map_tensors(self, fn, params_fn=None) -> TrainBatch:  # type: ignore[no-untyped-def]
+        """``fn`` applied to every tensor; the photometric parameters go through ``params_fn`` (default:
+        ``fn`` on each of their tensors)."""
         changes: dict[str, Any] = {}
         for name in ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight", "labels",
                      "sample_keys", "indices"):
             changes[name] = fn(getattr(self, name))
         for name in ("global_params", "local_params"):
             p = getattr(self, name)
-            changes[name] = None if p is None else p._map(fn)
+            changes[name] = None if p is None else (params_fn(p) if params_fn is not None else p._map(fn))
         return replace(self, **changes)
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> TrainBatch:
-        """A copy with every tensor (and the photometric parameters) on ``device``."""
-        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+        """A copy with every tensor (and the photometric parameters) on ``device``. The blur kernel sizes stay
+        on the CPU (:meth:`PhotometricParams.to`): the host sets the blur's shape from them, and reading them
+        back from a GPU would be a host synchronisation in every step (seen on an H100 by the ``gpu`` test)."""
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking),
+                                 lambda p: p.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> TrainBatch:
         """Pinned copy (DataLoader(pin_memory=True) calls this)."""
