@@ -509,6 +509,21 @@ def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: 
         out["self_device_ms_per_step"] = (
             sum(getattr(e, "self_device_time_total", 0.0) for e in ops) / 1e3 / n_steps
         )
+        # where the GPU's time goes: kernels and operators by their own device time, and each phase's kernels
+        by_device = sorted(ops, key=lambda e: getattr(e, "self_device_time_total", 0.0), reverse=True)
+        out["top_device_ops"] = [
+            {
+                "op": e.key[:160],
+                "self_device_ms_per_step": getattr(e, "self_device_time_total", 0.0) / 1e3 / n_steps,
+                "calls_per_step": e.count / n_steps,
+            }
+            for e in by_device[: 2 * top]
+        ]
+        out["phase_device_ms_per_step"] = {
+            e.key.removeprefix("phase::"): getattr(e, "device_time_total", 0.0) / 1e3 / n_steps
+            for e in events
+            if e.key.startswith("phase::")
+        }
     return out
 
 
@@ -707,6 +722,15 @@ def print_readable(out: dict[str, Any]) -> None:
                 "      top ops: "
                 + ", ".join(f"{o['op']} {o['self_cpu_ms_per_step']:.1f}" for o in pr["top_ops"][:8])
             )
+            if "top_device_ops" in pr:
+                print(
+                    "      GPU time by phase (ms): "
+                    + ", ".join(f"{k} {v:.1f}" for k, v in pr["phase_device_ms_per_step"].items())
+                )
+                print(
+                    "      top by GPU time (ms): "
+                    + ", ".join(f"{o['op'][:60]} {o['self_device_ms_per_step']:.2f}" for o in pr["top_device_ops"][:12])
+                )
     if "ratio" in out:
         r = out["ratio"]
         print(

@@ -421,3 +421,26 @@ def test_compiled_dense_path_matches_eager(backend):
     compiled = apply_photometric(crops, params, dense=True,
                                  dense_fn=compiled_dense_fn(backend=backend, fullgraph=True))
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_dense_fn_makes_its_constants_outside_the_compiled_region(monkeypatch):
+    """Constants made inside a compiled function would be CUDA-graph outputs under ``reduce-overhead`` or the
+    ``cudagraphs`` backend, cached and then overwritten by the next replay (an H100 run failed on it)."""
+    from fastdinov2.data import photometric as ph
+
+    seen: list[set[tuple[float, ...]]] = []
+
+    def fake_compile(fn, **kwargs):  # records which constants exist when the compiled region is entered
+        def run(x, *args, **kw):
+            seen.append({key[0] for key in ph._CONSTANTS if key[1] == x.device and key[2] == x.dtype})
+            return fn(x, *args, **kw)
+        return run
+
+    monkeypatch.setattr(ph, "_CONSTANTS", {})
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    rng = np.random.default_rng(6)
+    params = sample_photometric_params(rng, 4, "local", 0.5)
+    crops = torch.from_numpy(rng.integers(0, 256, (4, 3, 8, 8), dtype=np.uint8))
+    out = apply_photometric(crops, params, dense=True, dense_fn=ph.compiled_dense_fn())
+    torch.testing.assert_close(out, apply_photometric(crops, params, dense=True))
+    assert seen == [{ph._GRAY_WEIGHTS, ph._HUE_OFFSETS, ph.IMAGENET_MEAN, ph.IMAGENET_STD}]

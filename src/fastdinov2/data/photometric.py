@@ -377,11 +377,27 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 DenseFn = Callable[[torch.Tensor, PhotometricParams, int | None], torch.Tensor]
 
 
+def _make_constants(like: torch.Tensor) -> None:
+    """Create the cached constants for ``like``'s device and dtype now, outside any compiled region."""
+    for values in (_GRAY_WEIGHTS, _HUE_OFFSETS, IMAGENET_MEAN, IMAGENET_STD):
+        _device_constant(values, like)
+
+
 def compiled_dense_fn(**compile_kwargs: Any) -> DenseFn:
     """The dense (GPU) path compiled with ``torch.compile(**compile_kwargs)``: its ~130 operators
     per call fuse into a few (one graph per crop size and blur kernel). Pass it as ``apply_photometric``'s
-    ``dense_fn``; the trainer does with ``compute.compile`` on CUDA."""
-    return torch.compile(_apply_dense, **compile_kwargs)
+    ``dense_fn``; the trainer does with ``compute.compile`` on CUDA.
+
+    The cached constants (:func:`_device_constant`) are made eagerly before the first call: made inside the
+    compiled function they would be outputs of a CUDA graph (``reduce-overhead``, the ``cudagraphs``
+    backend), kept in the cache and overwritten by the next replay (seen on an H100)."""
+    compiled = torch.compile(_apply_dense, **compile_kwargs)
+
+    def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        _make_constants(x)
+        return compiled(x, *args, **kwargs)
+
+    return run
 
 
 def apply_photometric(

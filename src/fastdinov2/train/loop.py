@@ -367,6 +367,11 @@ class Trainer:
             self._compile_modules()
         elif cfg.compute.compile == "step":
             self._forward_loss_fn = torch.compile(self._forward_loss, **self._compile_kwargs())
+        kw = self._compile_kwargs()
+        # CUDA graphs of compiled code (cudagraph trees): each micro-batch starts a new generation, so outputs
+        # of the one before (already consumed) may be overwritten without a liveness check failing.
+        self._cudagraphs = (cfg.compute.compile != "none" and self.device.type == "cuda"
+                            and (kw["backend"] == "cudagraphs" or kw.get("mode") == "reduce-overhead"))
         self.ckpt_dir = output_dir / "checkpoints"
         self.logger: MetricsLogger | None = None
         self.renumbered_from: int | None = None  # the checkpoint's own step, when resume_step changed it
@@ -600,6 +605,8 @@ class Trainer:
             for c in centers:
                 c.begin_center_accumulation()
         for i, batch in enumerate(micro_batches):
+            if self._cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
             batch = batch.to(self.device)
             if batch.photometric_pending:
                 batch = batch.with_photometric(self._photometric_fn)  # colour ops batched on the device
