@@ -503,27 +503,28 @@ def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: 
             k: {kk: vv / n_steps for kk, vv in v.items()} for k, v in top_level_ops(prof.events()).items()
         },
     }
+    # where the device's time goes (zeros on the CPU): operators and kernels by their own device time, and
+    # the device time of the kernels each phase launched
+    by_device = sorted(ops, key=lambda e: getattr(e, "self_device_time_total", 0.0), reverse=True)
+    out["top_device_ops"] = [
+        {
+            "op": e.key[:160],
+            "self_device_ms_per_step": getattr(e, "self_device_time_total", 0.0) / 1e3 / n_steps,
+            "calls_per_step": e.count / n_steps,
+        }
+        for e in by_device[: 2 * top]
+    ]
+    out["phase_device_ms_per_step"] = {
+        e.key.removeprefix("phase::"): getattr(e, "device_time_total", 0.0) / 1e3 / n_steps
+        for e in events
+        if e.key.startswith("phase::")
+    }
     if runner.device.type == "cuda":
         kernels = [e for e in prof.events() if str(getattr(e, "device_type", "")).split(".")[-1] == "CUDA"]
         out["device_kernels_per_step"] = len(kernels) / n_steps
         out["self_device_ms_per_step"] = (
             sum(getattr(e, "self_device_time_total", 0.0) for e in ops) / 1e3 / n_steps
         )
-        # where the GPU's time goes: kernels and operators by their own device time, and each phase's kernels
-        by_device = sorted(ops, key=lambda e: getattr(e, "self_device_time_total", 0.0), reverse=True)
-        out["top_device_ops"] = [
-            {
-                "op": e.key[:160],
-                "self_device_ms_per_step": getattr(e, "self_device_time_total", 0.0) / 1e3 / n_steps,
-                "calls_per_step": e.count / n_steps,
-            }
-            for e in by_device[: 2 * top]
-        ]
-        out["phase_device_ms_per_step"] = {
-            e.key.removeprefix("phase::"): getattr(e, "device_time_total", 0.0) / 1e3 / n_steps
-            for e in events
-            if e.key.startswith("phase::")
-        }
     return out
 
 
@@ -722,7 +723,7 @@ def print_readable(out: dict[str, Any]) -> None:
                 "      top ops: "
                 + ", ".join(f"{o['op']} {o['self_cpu_ms_per_step']:.1f}" for o in pr["top_ops"][:8])
             )
-            if "top_device_ops" in pr:
+            if "top_device_ops" in pr and out["device"].startswith("cuda"):
                 print(
                     "      GPU time by phase (ms): "
                     + ", ".join(f"{k} {v:.1f}" for k, v in pr["phase_device_ms_per_step"].items())

@@ -121,6 +121,18 @@ def test_step_benchmark_runs_both_stages(step_mod: ModuleType, tmp_path: Path) -
         step_mod.main(["--cuda-graph", *TINY])
 
 
+def test_step_profile_reports_device_time_tables(step_mod: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    out = step_mod.main(["--steps", "1", "--rounds", "1", "--warmup", "0", "--threads", "1", "--stages", "0",
+                         "--profile", "1", *TINY])
+    prof = out["stages"][0]["profile"]
+    top = prof["top_device_ops"]
+    assert top and {"op", "self_device_ms_per_step", "calls_per_step"} <= set(top[0])
+    assert "teacher" in prof["phase_device_ms_per_step"]
+    capsys.readouterr()
+    step_mod.print_readable({**out, "device": "cuda"})  # the GPU-only lines: what a CUDA run prints
+    assert "top by GPU time" in capsys.readouterr().out
+
+
 def test_head_loss_benchmark(tmp_path: Path) -> None:
     hl = _load("head_loss")
     out = hl.main(["--device", "cpu", "--threads", "1", "--m", "40", "--k", "256", "--d", "16", "--chunk-rows",
