@@ -112,6 +112,12 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             30,
             json_out=False,
         ),
+        # regional compilation (compute.compile=blocks: each block and head compiled, one graph per shape serves
+        # all blocks) with the step captured as one CUDA graph: fused elementwise work and no launch overhead
+        step("step_vits16_b64_compile_blocks_cuda_graph", s16, "--compile-blocks",
+             *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
+        step("step_vitb16_b64_compile_blocks_cuda_graph", b16, "--compile-blocks",
+             *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
         Job(  # as end_to_end_vits16, the step compiled with the cudagraphs backend
             "end_to_end_vits16_cudagraphs",
             ["benchmarks/end_to_end.py", "--fast", s16, "--baseline", "dinov2_tiny" if smoke else "dinov2_vits16_in100",

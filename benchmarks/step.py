@@ -22,7 +22,9 @@ Examples::
     python benchmarks/step.py --config dinov2_tiny --sizes 32/16,64/32 dino.head_n_prototypes=256
 
 Extra options: ``--compile`` (torch.compile of the student and of the teacher's backbone/heads, as
-modules), ``--compile-step`` (one compiled function for teacher targets + student + losses, so AOTAutograd
+modules), ``--compile-blocks`` (each transformer block and head compiled in place, as the trainer's
+``compute.compile=blocks``; with ``--cuda-graph`` the fused kernels are captured too), ``--compile-step``
+(one compiled function for teacher targets + student + losses, so AOTAutograd
 also compiles the backward, and a second one for clip + optimizer + EMA; ``--compile-mode reduce-overhead``
 adds CUDA graphs), ``--skip optimizer,ema,clip,finite_check`` (drop a part to measure its marginal cost),
 ``--cuda-graph`` (the eager step captured as one CUDA graph per stage and replayed: launch overhead
@@ -155,6 +157,7 @@ class StepRunner:
         device: torch.device,
         *,
         compile_modules: bool = False,
+        compile_blocks: bool = False,
         compile_step: bool = False,
         compile_update: bool = False,
         compile_mode: str | None = None,
@@ -164,8 +167,8 @@ class StepRunner:
         cuda_graph: bool = False,
     ) -> None:
         self.cfg, self.device, self.skip, self.host_sync = cfg, device, set(skip), host_sync
-        if cuda_graph and (device.type != "cuda" or compile_step or compile_modules or host_sync):
-            raise SystemExit("--cuda-graph needs --device cuda, and no --compile/--compile-step/--host-sync")
+        if cuda_graph and (device.type != "cuda" or compile_step or host_sync):
+            raise SystemExit("--cuda-graph needs --device cuda, and no --compile-step/--host-sync")
         self.cuda_graph = cuda_graph
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_s: dict[int, float] = {}
@@ -200,7 +203,10 @@ class StepRunner:
         kw: dict[str, Any] = {"dynamic": False, "backend": compile_backend}
         if compile_mode:
             kw["mode"] = compile_mode
-        if compile_modules and not compile_step:
+        if compile_blocks and not compile_step:  # as the trainer's compute.compile=blocks
+            for m in (self.model.student, self.model.teacher):
+                m.compile_blocks(**kw)
+        elif compile_modules and not compile_step:
             self.student = torch.compile(self.model.student, **kw)
             t = self.model.teacher
             t.backbone.forward_features = torch.compile(t.backbone.forward_features, **kw)  # type: ignore[method-assign]
@@ -558,6 +564,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg,
         device,
         compile_modules=args.compile,
+        compile_blocks=args.compile_blocks,
         compile_step=args.compile_step,
         compile_update=args.compile_update,
         compile_mode=args.compile_mode,
@@ -647,6 +654,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(runner.dtype).removeprefix("torch."),
         "threads": threads,
         "compile": args.compile,
+        "compile_blocks": args.compile_blocks,
         "compile_step": args.compile_step,
         "compile_update": args.compile_update,
         "compile_mode": args.compile_mode,
@@ -757,6 +765,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads (default: as the trainer: cores - data.num_workers on a CPU)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher modules")
+    p.add_argument(
+        "--compile-blocks",
+        action="store_true",
+        help="torch.compile each transformer block and head (regional; as compute.compile=blocks); "
+        "combines with --cuda-graph",
+    )
     p.add_argument(
         "--compile-step",
         action="store_true",

@@ -121,6 +121,14 @@ def test_step_benchmark_runs_both_stages(step_mod: ModuleType, tmp_path: Path) -
         step_mod.main(["--cuda-graph", *TINY])
 
 
+def test_step_benchmark_compiles_blocks(step_mod: ModuleType) -> None:
+    """--compile-blocks: every block and head compiled in place (aot_eager: no code generation); the step
+    still trains (finite losses)."""
+    out = step_mod.main(["--steps", "1", "--rounds", "1", "--warmup", "1", "--threads", "1", "--compile-blocks",
+                         "--compile-backend", "aot_eager", *TINY])
+    assert out["compile_blocks"] and all(s["nonfinite_steps"] == 0 for s in out["stages"])
+
+
 def test_step_profile_reports_device_time_tables(step_mod: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     out = step_mod.main(["--steps", "1", "--rounds", "1", "--warmup", "0", "--threads", "1", "--stages", "0",
                          "--profile", "1", *TINY])

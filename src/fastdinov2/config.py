@@ -28,7 +28,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("halt", "skip")
 STRATEGIES = ("ddp", "fsdp2")
-COMPILE_MODES = ("none", "modules", "step")
+COMPILE_MODES = ("none", "modules", "blocks", "step")
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager")
 FFN_LAYERS = ("auto", "mlp", "swiglu")
@@ -197,8 +197,10 @@ class TrainConfig:
 class ComputeConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    # torch.compile: "none"; "modules" (backbones and heads, in place); "step" (teacher targets + student + losses
-    # as one function, backward by AOTAutograd). true/false mean "modules"/"none". See docs/benchmarks.md.
+    # torch.compile: "none"; "modules" (backbones and heads, in place); "blocks" (each transformer block and head
+    # in place: one compilation per shape serves all blocks, seconds instead of minutes); "step" (teacher targets
+    # + student + losses as one function, backward by AOTAutograd). true/false mean "modules"/"none".
+    # See docs/benchmarks.md.
     compile: str = "none"
     # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune", "max-autotune-no-cudagraphs"
     compile_mode: str = "default"

@@ -365,6 +365,9 @@ class Trainer:
             self._photometric_fn = compiled_dense_fn(**self._compile_kwargs())
         if cfg.compute.compile == "modules":
             self._compile_modules()
+        elif cfg.compute.compile == "blocks":
+            for model in (self.model.student, self.model.teacher):
+                model.compile_blocks(**self._compile_kwargs())
         elif cfg.compute.compile == "step":
             self._forward_loss_fn = torch.compile(self._forward_loss, **self._compile_kwargs())
         kw = self._compile_kwargs()

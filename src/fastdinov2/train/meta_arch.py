@@ -75,6 +75,23 @@ class StudentTeacherModel(nn.Module):
         self.ibot_head = _head(cfg.ibot, dim) if cfg.ibot.separate_head else None
         self.ibot_chunk_rows = ibot_chunk_rows(cfg)
 
+    def compile_blocks(self, **compile_kwargs: Any) -> None:
+        """Regional compilation, in place (``nn.Module.compile``: parameter names and checkpoints unchanged):
+        every transformer block and each head. The blocks run the same code, so one compilation per input
+        shape serves all of them (seconds, where compiling the whole backbone unrolls every block), and
+        within a block the elementwise work around the matmuls (LayerNorm, casts, GELU, layer scale,
+        residual) is fused into a few kernels."""
+        # one cache entry per (input shape, train/eval, grad mode) and module kind: more than dynamo's default 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # blocks see a few token counts per stage (global, local): static kernels for each; the heads see a
+        # masked-token count that changes every batch, so theirs become dynamic after the first change
+        block_kw = {"dynamic": False, **compile_kwargs}
+        for blk in self.backbone.blocks:
+            blk.compile(**block_kw)
+        self.dino_head.compile(**compile_kwargs)
+        if self.ibot_head is not None:
+            self.ibot_head.compile(**compile_kwargs)
+
     def heads(self, cls_tokens: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Project CLS tokens [N,D] and masked patch tokens [M,D] to prototype logits ([N,K], [M,K'])."""
         if self.ibot_head is None:  # one shared head: one call on the concatenation
