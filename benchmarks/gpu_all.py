@@ -140,6 +140,17 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             150,
             60,
         ),
+        Job(  # as end_to_end_vits16 with regional compilation (compute.compile=blocks, inductor)
+            "end_to_end_vits16_blocks",
+            ["benchmarks/end_to_end.py", "--fast", s16, "--baseline", "dinov2_tiny" if smoke else "dinov2_vits16_in100",
+             "--train-images", "64" if smoke else "2048", "--epochs", "1",
+             "--repeats", "1" if smoke else "2", "--num-workers", "2" if smoke else "12",
+             "--cache-dir", str(cache_dir / "data"), f"compute.device={dev}", "data.photometric_on=device",
+             "compute.compile=blocks", *(["compute.compile_backend=aot_eager"] if smoke else []),
+             *(["train.batch_size_per_gpu=8", *tiny_model] if smoke else [])],
+            200,
+            90,
+        ),
         # torch.compile's "cudagraphs" backend: the captured forward and backward replayed as CUDA graphs, no
         # code generation (seconds to compile instead of minutes); then the trainer with it (compute.compile_backend)
         step("step_vits16_b64_compile_step_cgbackend", s16, "--compile-step", "--compile-backend",

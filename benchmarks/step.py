@@ -204,8 +204,7 @@ class StepRunner:
         if compile_mode:
             kw["mode"] = compile_mode
         if compile_blocks and not compile_step:  # as the trainer's compute.compile=blocks
-            for m in (self.model.student, self.model.teacher):
-                m.compile_blocks(**kw)
+            self.model.compile_regions(**kw)
         elif compile_modules and not compile_step:
             self.student = torch.compile(self.model.student, **kw)
             t = self.model.teacher

@@ -198,7 +198,7 @@ class ComputeConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     # torch.compile: "none"; "modules" (backbones and heads, in place); "blocks" (each transformer block and head
-    # in place: one compilation per shape serves all blocks, seconds instead of minutes); "step" (teacher targets
+    # in place, one compilation per shape serving all blocks, plus the loss terms); "step" (teacher targets
     # + student + losses as one function, backward by AOTAutograd). true/false mean "modules"/"none".
     # See docs/benchmarks.md.
     compile: str = "none"

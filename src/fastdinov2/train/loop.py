@@ -366,8 +366,7 @@ class Trainer:
         if cfg.compute.compile == "modules":
             self._compile_modules()
         elif cfg.compute.compile == "blocks":
-            for model in (self.model.student, self.model.teacher):
-                model.compile_blocks(**self._compile_kwargs())
+            self.model.compile_regions(**self._compile_kwargs())
         elif cfg.compute.compile == "step":
             self._forward_loss_fn = torch.compile(self._forward_loss, **self._compile_kwargs())
         kw = self._compile_kwargs()

@@ -168,6 +168,20 @@ class MetaArch(nn.Module):
             warnings.warn("ibot.loss_chunk_rows is ignored with dino.centering=sinkhorn_knopp (its targets need "
                           "all [M, K] teacher logits); the iBOT loss uses the reference path", stacklevel=2)
 
+    def compile_regions(self, **compile_kwargs: Any) -> None:
+        """``compute.compile=blocks``: regional compilation in place. Every block and head of the student and
+        the teacher (:meth:`StudentTeacherModel.compile_blocks`), the loss terms (:meth:`compute_losses`:
+        cast, temperature, log-softmax and cross-entropy over the ``[M, K]`` logits fused into a few passes,
+        its backward compiled by AOTAutograd) and the teachers' softmax centring. The centre updates and
+        everything with a cross-rank reduction stay eager."""
+        for model in (self.student, self.teacher):
+            model.compile_blocks(**compile_kwargs)
+        self.compute_losses = torch.compile(self.compute_losses, **compile_kwargs)  # type: ignore[method-assign]
+        for loss in (self.dino_loss, self.ibot_loss):
+            loss.softmax_center_teacher = torch.compile(  # type: ignore[method-assign]
+                loss.softmax_center_teacher, **compile_kwargs
+            )
+
     @torch.no_grad()
     def teacher_targets(
         self, global_crops: Tensor, mask_indices: Tensor, n_masked: int, teacher_temp: float | Tensor,
