@@ -116,6 +116,11 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         # all blocks) with the step captured as one CUDA graph: fused elementwise work and no launch overhead
         step("step_vits16_b64_compile_blocks_cuda_graph", s16, "--compile-blocks",
              *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
+        # the same regions with torch.compile's own CUDA graphs (cudagraph trees): what the trainer can run
+        # (compute.compile=blocks compute.compile_mode=reduce-overhead)
+        step("step_vits16_b64_compile_blocks_reduce_overhead", s16, "--compile-blocks",
+             *(["--compile-backend", "aot_eager"] if smoke else ["--compile-mode", "reduce-overhead"]), cap=180,
+             min_s=60),
         step("step_vitb16_b64_compile_blocks_cuda_graph", b16, "--compile-blocks",
              *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
         Job(  # as end_to_end_vits16, the step compiled with the cudagraphs backend
