@@ -78,9 +78,9 @@ class StudentTeacherModel(nn.Module):
     def compile_blocks(self, **compile_kwargs: Any) -> None:
         """Regional compilation, in place (``nn.Module.compile``: parameter names and checkpoints unchanged):
         every transformer block and each head. The blocks run the same code, so one compilation per input
-        shape serves all of them (seconds, where compiling the whole backbone unrolls every block), and
-        within a block the elementwise work around the matmuls (LayerNorm, casts, GELU, layer scale,
-        residual) is fused into a few kernels."""
+        shape serves all of them (compiling the whole backbone instead traces every block), and within a
+        block the elementwise work around the matmuls (LayerNorm, casts, GELU, layer scale, residual) is
+        fused into a few kernels."""
         # one cache entry per (input shape, train/eval, grad mode) and module kind: more than dynamo's default 8
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         # blocks see a few token counts per stage (global, local): static kernels for each; the heads see a
