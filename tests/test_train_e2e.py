@@ -303,7 +303,7 @@ def test_compute_compile_trains_like_eager_aot(data_root: Path, tmp_path: Path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["true", "step"])
+@pytest.mark.parametrize("mode", ["true", "blocks", "step"])
 def test_compute_compile_trains_like_eager(data_root: Path, tmp_path: Path, mode: str) -> None:
     eager = train(_cfg(data_root, "train.max_steps=2"), tmp_path / "eager")
     compiled = train(_cfg(data_root, "train.max_steps=2", f"compute.compile={mode}"), tmp_path / "compiled")
