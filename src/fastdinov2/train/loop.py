@@ -361,15 +361,15 @@ class Trainer:
         # Photometric augmentation on the GPU (photometric_on=device): compiled with the step, it is a few fused
         # kernels instead of ~700 (the CPU keeps its eager subset path).
         self._photometric_fn: DenseFn | None = None
-        if cfg.compute.compile != "none" and self.device.type == "cuda":
-            self._photometric_fn = compiled_dense_fn(**self._compile_kwargs())
-        if cfg.compute.compile == "modules":
-            self._compile_modules()
-        elif cfg.compute.compile == "blocks":
-            self.model.compile_regions(**self._compile_kwargs())
-        elif cfg.compute.compile == "step":
-            self._forward_loss_fn = torch.compile(self._forward_loss, **self._compile_kwargs())
         kw = self._compile_kwargs()
+        if cfg.compute.compile != "none" and self.device.type == "cuda":
+            self._photometric_fn = compiled_dense_fn(**kw)
+        if cfg.compute.compile == "modules":
+            self._compile_modules(kw)
+        elif cfg.compute.compile == "blocks":
+            self.model.compile_regions(**kw)
+        elif cfg.compute.compile == "step":
+            self._forward_loss_fn = torch.compile(self._forward_loss, **kw)
         # CUDA graphs of compiled code (cudagraph trees): each micro-batch starts a new generation, so outputs
         # of the one before (already consumed) may be overwritten without a liveness check failing.
         self._cudagraphs = (cfg.compute.compile != "none" and self.device.type == "cuda"
@@ -385,11 +385,11 @@ class Trainer:
     #: Overrides ``compute.compile_backend`` when set (tests use "aot_eager": the same graphs, no code generation).
     compile_backend: str | None = None
 
-    def _compile_modules(self) -> None:
+    def _compile_modules(self, kw: dict[str, Any]) -> None:
         """``compute.compile=modules``: compile the student's and the teacher's backbone and heads in place
-        (``nn.Module.compile``: parameter names and checkpoints are unchanged). The loss, optimizer and EMA
-        stay eager; ``benchmarks/step.py --compile`` / ``--compile-step`` measure what each variant gains."""
-        kw = self._compile_kwargs()
+        (``nn.Module.compile``: parameter names and checkpoints are unchanged) with ``torch.compile(**kw)``. The
+        loss, optimizer and EMA stay eager; ``benchmarks/step.py --compile`` / ``--compile-step`` measure what
+        each variant gains."""
         for model in (self.model.student, self.model.teacher):
             model.backbone.compile(**kw)
             model.dino_head.compile(**kw)
