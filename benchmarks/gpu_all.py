@@ -11,14 +11,16 @@ left of ``--budget-s`` (default 450 s, leaving margin under 8 minutes for proces
 that cannot get its minimum time is skipped and listed as such. Every job writes
 ``OUT/<card>/<job>.json`` and ``OUT/<card>/<job>.log``; at the end they are merged into ``OUT/<card>.json``.
 
-Jobs: step benchmark (``benchmarks/step.py``) for ViT-S/16 and ViT-B/16 at batch 64, both curriculum
-stages (112/48 and 224/96), eager with a per-phase breakdown; the same at batch 128; ViT-S/16 with 4096
-prototypes (is the fixed cost head-bound?); without the per-step host sync; the data pipeline
-(``benchmarks/data_pipeline.py``) on the host's CPU cores plus ``apply_photometric`` on the GPU; the batched
-photometric augmentation, ours vs kornia (``benchmarks/photometric_libs.py``; ours only without kornia); a
-``torchrun --nproc_per_node=1`` smoke of ``fastdinov2 train`` on the tiny preset with
-``compute.device=cuda``; then torch.compile variants (``--compile-step`` = forward+loss+backward and
-update compiled; ``--compile`` = modules only) while time remains.
+Jobs (the order of :func:`plan`): the ``gpu``-marked tests (no host sync in a step; the trainer's CUDA-graph
+step, ``compute.cuda_graph``, trains like the eager one); the end-to-end benchmark (``benchmarks/end_to_end.py``,
+ViT-S/16 pair, real data loading) with ``compute.cuda_graph``; the step benchmark (``benchmarks/step.py``) for
+ViT-S/16 and ViT-B/16 at batch 64, both curriculum stages (112/48 and 224/96): eager with a profile (GPU time
+per kernel), as one CUDA graph, and with regional compilation inside the graph; end to end eager and with
+regional compilation inside the graph; then torch.compile's own CUDA graphs, the 4096-prototype step, the
+iBOT head + loss alone (``benchmarks/head_loss.py``), the data pipeline (``benchmarks/data_pipeline.py``), the
+batched photometric augmentation, ours vs kornia (``benchmarks/photometric_libs.py``), a
+``torchrun --nproc_per_node=1`` smoke of ``fastdinov2 train`` on the tiny preset, and further torch.compile
+variants while time remains.
 
 The Python interpreter is ``$PYTHON`` if set, else ``.venv/bin/python`` if present, else ``python3``;
 ``src`` is put on ``PYTHONPATH`` so an uninstalled checkout works.
@@ -93,71 +95,70 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         )
 
     smoke_steps = "4" if smoke else "30"
+
+    def e2e(name: str, *extra: str, epochs: int = 1, cap: int = 150, min_s: int = 60) -> Job:
+        """benchmarks/end_to_end.py: the trainer with data loading, the ViT-S/16 pair on ``2048 x epochs`` embedded
+        images (one epoch = 24 + 8 vs 32 steps of 64)."""
+        return Job(
+            name,
+            ["benchmarks/end_to_end.py", "--fast", s16, "--baseline", "dinov2_tiny" if smoke else "dinov2_vits16_in100",
+             "--train-images", "64" if smoke else "2048", "--epochs", "1" if smoke else str(epochs),
+             "--repeats", "1" if smoke else "2", "--num-workers", "2" if smoke else "12",
+             "--cache-dir", str(cache_dir / "data"), f"compute.device={dev}", "data.photometric_on=device", *extra,
+             *(["train.batch_size_per_gpu=8", *tiny_model] if smoke else [])],
+            cap,
+            min_s,
+        )
+
+    graph = ["compute.cuda_graph=true", "compute.masked_tokens_bucket=256"]  # the trainer's CUDA-graph step
+    aot = ["compute.compile_backend=aot_eager"] if smoke else []
     return [
-        step("step_vits16_b64", s16, "--breakdown", "--profile", "3"),
-        step("step_vitb16_b64", b16, "--breakdown", "--profile", "3"),
+        Job(
+            # the training step issues no host sync on CUDA (torch.cuda.set_sync_debug_mode), and the trainer's
+            # CUDA-graph step (compute.cuda_graph) trains like the eager one
+            "pytest_gpu",
+            ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_train_sync_free.py",
+             "tests/test_train_cuda_graph.py"],
+            150,
+            30,
+            json_out=False,
+        ),
+        # the trainer with compute.cuda_graph: 4 epochs, so that each stage's few batch shapes (one eager step and
+        # a capture each) are a small part of the run
+        e2e("end_to_end_vits16_graph", *graph, epochs=4, cap=200, min_s=80),
+        # eager, with a profile: GPU time per kernel (top_kernels) explains the full-resolution step
+        step("step_vits16_b64", s16, "--profile", "3"),
         # the eager step captured as one CUDA graph per stage (no compilation): launch overhead removed
         *(
             []
             if smoke
-            else [
-                step("step_vits16_b64_cuda_graph", s16, "--cuda-graph", cap=60, min_s=20),
-                step("step_vitb16_b64_cuda_graph", b16, "--cuda-graph", cap=60, min_s=20),
-            ]
-        ),
-        Job(
-            "pytest_gpu",  # the training step issues no host sync on CUDA (torch.cuda.set_sync_debug_mode)
-            ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_train_sync_free.py"],
-            120,
-            30,
-            json_out=False,
+            else [step("step_vits16_b64_cuda_graph", s16, "--cuda-graph", cap=60, min_s=20)]
         ),
         # regional compilation (compute.compile=blocks: each block and head compiled, one graph per shape serves
         # all blocks) with the step captured as one CUDA graph: fused elementwise work and no launch overhead
         step("step_vits16_b64_compile_blocks_cuda_graph", s16, "--compile-blocks",
              *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
+        *(
+            []
+            if smoke
+            else [step("step_vitb16_b64_cuda_graph", b16, "--cuda-graph", cap=60, min_s=20)]
+        ),
+        step("step_vitb16_b64_compile_blocks_cuda_graph", b16, "--compile-blocks",
+             *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
+        e2e("end_to_end_vits16", epochs=4, cap=200, min_s=80),  # the same run without graphs
+        # the trainer's best candidate: regional compilation inside the CUDA-graph step
+        e2e("end_to_end_vits16_blocks_graph", "compute.compile=blocks", *aot, *graph, epochs=4, cap=300,
+            min_s=150),
+        step("step_vitb16_b64", b16, "--profile", "3"),
         # the same regions with torch.compile's own CUDA graphs (cudagraph trees): what the trainer can run
         # (compute.compile=blocks compute.compile_mode=reduce-overhead)
         step("step_vits16_b64_compile_blocks_reduce_overhead", s16, "--compile-blocks",
              *(["--compile-backend", "aot_eager"] if smoke else ["--compile-mode", "reduce-overhead"]), cap=180,
              min_s=60),
-        step("step_vitb16_b64_compile_blocks_cuda_graph", b16, "--compile-blocks",
-             *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
-        Job(  # as end_to_end_vits16, the step compiled with the cudagraphs backend
-            "end_to_end_vits16_cudagraphs",
-            ["benchmarks/end_to_end.py", "--fast", s16, "--baseline", "dinov2_tiny" if smoke else "dinov2_vits16_in100",
-             "--train-images", "64" if smoke else "2048", "--epochs", "1",
-             "--repeats", "1" if smoke else "2", "--num-workers", "2" if smoke else "12",
-             "--cache-dir", str(cache_dir / "data"), f"compute.device={dev}", "data.photometric_on=device",
-             "compute.compile=step", "compute.compile_backend=" + ("aot_eager" if smoke else "cudagraphs"),
-             "compute.masked_tokens_bucket=256",
-             *(["train.batch_size_per_gpu=8", *tiny_model] if smoke else [])],
-            150,
-            60,
-        ),
-        Job(  # the trainer with data loading, ViT-S/16 pair, 2048 embedded images x 1 epoch (24 + 8 vs 32 steps)
-            "end_to_end_vits16",
-            ["benchmarks/end_to_end.py", "--fast", s16, "--baseline", "dinov2_tiny" if smoke else "dinov2_vits16_in100",
-             "--train-images", "64" if smoke else "2048", "--epochs", "1",
-             "--repeats", "1" if smoke else "2", "--num-workers", "2" if smoke else "12",
-             "--cache-dir", str(cache_dir / "data"), f"compute.device={dev}", "data.photometric_on=device",
-             *(["train.batch_size_per_gpu=8", *tiny_model] if smoke else [])],
-            150,
-            60,
-        ),
-        Job(  # as end_to_end_vits16 with regional compilation (compute.compile=blocks, inductor)
-            "end_to_end_vits16_blocks",
-            ["benchmarks/end_to_end.py", "--fast", s16, "--baseline", "dinov2_tiny" if smoke else "dinov2_vits16_in100",
-             "--train-images", "64" if smoke else "2048", "--epochs", "1",
-             "--repeats", "1" if smoke else "2", "--num-workers", "2" if smoke else "12",
-             "--cache-dir", str(cache_dir / "data"), f"compute.device={dev}", "data.photometric_on=device",
-             "compute.compile=blocks", *(["compute.compile_backend=aot_eager"] if smoke else []),
-             *(["train.batch_size_per_gpu=8", *tiny_model] if smoke else [])],
-            200,
-            90,
-        ),
-        # torch.compile's "cudagraphs" backend: the captured forward and backward replayed as CUDA graphs, no
-        # code generation (seconds to compile instead of minutes); then the trainer with it (compute.compile_backend)
+        # the step compiled with the cudagraphs backend (torch.compile's capture, no code generation)
+        e2e("end_to_end_vits16_cudagraphs", "compute.compile=step",
+            "compute.compile_backend=" + ("aot_eager" if smoke else "cudagraphs"), "compute.masked_tokens_bucket=256"),
+        e2e("end_to_end_vits16_blocks", "compute.compile=blocks", *aot, cap=200, min_s=90),
         step("step_vits16_b64_compile_step_cgbackend", s16, "--compile-step", "--compile-backend",
              "cudagraphs" if not smoke else "aot_eager", cap=120, min_s=40),
         # GPU time of the prototype layer: 4096 prototypes, the step captured as a CUDA graph (eager is launch-bound)
@@ -237,17 +238,9 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             150,
             60,
         ),
-        Job(  # as end_to_end_vits16, with the compiled step and CUDA graphs (compilation included in the wall time)
-            "end_to_end_vits16_compiled",
-            ["benchmarks/end_to_end.py", "--fast", s16, "--baseline", "dinov2_tiny" if smoke else "dinov2_vits16_in100",
-             "--train-images", "64" if smoke else "2048", "--epochs", "1",
-             "--repeats", "1" if smoke else "2", "--num-workers", "2" if smoke else "12",
-             "--cache-dir", str(cache_dir / "data"), f"compute.device={dev}", "data.photometric_on=device",
-             "compute.compile=step", "compute.compile_mode=reduce-overhead", "compute.masked_tokens_bucket=256",
-             *(["train.batch_size_per_gpu=8", *tiny_model] if smoke else [])],
-            300,
-            150,
-        ),
+        # with the compiled step and CUDA graphs (compilation included in the wall time)
+        e2e("end_to_end_vits16_compiled", "compute.compile=step", "compute.compile_mode=reduce-overhead",
+            "compute.masked_tokens_bucket=256", cap=300, min_s=150),
         step("step_vits16_b128", s16, batch=128),
         step("step_vitb16_b128", b16, batch=128),
         step("step_vits16_b64_compile", s16, "--compile", cap=120, min_s=80),

@@ -508,16 +508,24 @@ def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: 
             k: {kk: vv / n_steps for kk, vv in v.items()} for k, v in top_level_ops(prof.events()).items()
         },
     }
-    # where the device's time goes (zeros on the CPU): operators and kernels by their own device time, and
-    # the device time of the kernels each phase launched
-    by_device = sorted(ops, key=lambda e: getattr(e, "self_device_time_total", 0.0), reverse=True)
+    # where the device's time goes (zeros on the CPU). key_averages() lists the operators (CPU events, whose
+    # self device time is that of the kernels they launched) and the kernels themselves (device events): the
+    # two are reported apart, and only the kernels are summed (summing both counts every kernel twice).
+    def on_device(e: Any) -> bool:
+        return str(getattr(e, "device_type", "")).split(".")[-1] == "CUDA"
+
+    def device_ms(e: Any) -> float:
+        return getattr(e, "self_device_time_total", 0.0) / 1e3 / n_steps
+
+    host_ops = [e for e in ops if not on_device(e)]
+    kernels = [e for e in ops if on_device(e)]
     out["top_device_ops"] = [
-        {
-            "op": e.key[:160],
-            "self_device_ms_per_step": getattr(e, "self_device_time_total", 0.0) / 1e3 / n_steps,
-            "calls_per_step": e.count / n_steps,
-        }
-        for e in by_device[: 2 * top]
+        {"op": e.key[:160], "self_device_ms_per_step": device_ms(e), "calls_per_step": e.count / n_steps}
+        for e in sorted(host_ops, key=device_ms, reverse=True)[: 2 * top]
+    ]
+    out["top_kernels"] = [
+        {"kernel": e.key[:160], "device_ms_per_step": device_ms(e), "calls_per_step": e.count / n_steps}
+        for e in sorted(kernels, key=device_ms, reverse=True)[: 2 * top]
     ]
     out["phase_device_ms_per_step"] = {
         e.key.removeprefix("phase::"): getattr(e, "device_time_total", 0.0) / 1e3 / n_steps
@@ -525,11 +533,8 @@ def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: 
         if e.key.startswith("phase::")
     }
     if runner.device.type == "cuda":
-        kernels = [e for e in prof.events() if str(getattr(e, "device_type", "")).split(".")[-1] == "CUDA"]
-        out["device_kernels_per_step"] = len(kernels) / n_steps
-        out["self_device_ms_per_step"] = (
-            sum(getattr(e, "self_device_time_total", 0.0) for e in ops) / 1e3 / n_steps
-        )
+        out["device_kernels_per_step"] = sum(e.count for e in kernels) / n_steps
+        out["kernel_device_ms_per_step"] = sum(device_ms(e) for e in kernels)  # GPU busy time per step
     return out
 
 
@@ -738,6 +743,12 @@ def print_readable(out: dict[str, Any]) -> None:
                 print(
                     "      top by GPU time (ms): "
                     + ", ".join(f"{o['op'][:60]} {o['self_device_ms_per_step']:.2f}" for o in pr["top_device_ops"][:12])
+                )
+                kernels = pr.get("top_kernels", [])[:8]
+                print(
+                    f"      GPU busy {pr.get('kernel_device_ms_per_step', 0.0):.1f} ms/step in "
+                    f"{pr.get('device_kernels_per_step', 0):.0f} kernels; top kernels (ms): "
+                    + ", ".join(f"{k['kernel'][:50]} {k['device_ms_per_step']:.2f}" for k in kernels)
                 )
     if "ratio" in out:
         r = out["ratio"]

@@ -211,6 +211,10 @@ class ComputeConfig:
     # Pad each batch's masked-token rows to a multiple of this (weight-0 rows), so compiled code / CUDA graphs
     # see a few shapes per stage instead of one per batch; 0 = no padding.
     masked_tokens_bucket: int = 0
+    # Capture each training step as one CUDA graph per batch shape and replay it (one launch per step instead
+    # of thousands; schedules are read from the device). One process, CUDA only (on a CPU the same static step
+    # runs eagerly); needs masked_tokens_bucket > 0, softmax centring, no gradient accumulation, no fp16.
+    cuda_graph: bool = False
     threads: int | None = None
     strategy: str = "ddp"  # data parallelism under torchrun: "ddp" | "fsdp2" (shards params; for ViT-L/g)
 
@@ -370,6 +374,24 @@ def stage_epochs(cfg: Config) -> list[float]:
     return out
 
 
+def _check_cuda_graph(cfg: Config) -> None:
+    """What ``compute.cuda_graph=true`` needs: fixed shapes and no host round trip inside a step."""
+    c = cfg.compute
+    _check(c.compile_backend != "cudagraphs" and c.compile_mode not in ("reduce-overhead", "max-autotune"),
+           "compute.cuda_graph", f"cannot be combined with torch.compile's own CUDA graphs (compute.compile_backend="
+           f"{c.compile_backend!r}, compute.compile_mode={c.compile_mode!r}); use compile_backend=inductor with "
+           "compile_mode=default or max-autotune-no-cudagraphs")
+    _check(c.masked_tokens_bucket > 0, "compute.masked_tokens_bucket",
+           "must be > 0 with compute.cuda_graph=true (e.g. 256): batches then fall into a few shapes, one graph each")
+    _check(cfg.train.grad_accum_steps == 1, "train.grad_accum_steps",
+           "must be 1 with compute.cuda_graph=true (the graph holds one micro-batch)")
+    _check(c.precision != "fp16", "compute.precision",
+           "'fp16' cannot be used with compute.cuda_graph=true (its grad scaler reads the device); use 'bf16'")
+    _check(cfg.dino.centering == "softmax", "dino.centering",
+           "must be 'softmax' with compute.cuda_graph=true (Sinkhorn-Knopp slices the real masked rows by a "
+           "per-batch count, a shape no graph can hold)")
+
+
 def validate(cfg: Config) -> None:
     """Reject impossible values; each error names the dotted key."""
     s = cfg.student
@@ -478,6 +500,8 @@ def validate(cfg: Config) -> None:
             f"compute.compile_backend={cfg.compute.compile_backend!r} takes only 'default'"
         )
     _check(cfg.compute.masked_tokens_bucket >= 0, "compute.masked_tokens_bucket", "must be >= 0 (0: no padding)")
+    if cfg.compute.cuda_graph:
+        _check_cuda_graph(cfg)
     _check(not (cfg.compute.strategy == "fsdp2" and cfg.compute.precision == "fp16"), "compute.precision",
            "'fp16' is not supported with compute.strategy=fsdp2 (its grad scaler would not see other ranks' "
            "shards); use 'bf16' or 'fp32'")

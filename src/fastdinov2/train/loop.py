@@ -28,7 +28,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,9 +53,10 @@ from fastdinov2.train.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
+from fastdinov2.train.cuda_graph import DeviceSchedules, GraphedStep
 from fastdinov2.train.logging import MetricsLogger, read_metrics
 from fastdinov2.train.meta_arch import MetaArch
-from fastdinov2.train.optim import apply_optim_schedules, build_adamw, get_param_groups
+from fastdinov2.train.optim import apply_optim_schedules, build_adamw, get_param_groups, reset_optimizer_state
 from fastdinov2.train.plan import build_schedules
 from fastdinov2.train.sampler import StepBatchSampler
 
@@ -273,20 +274,22 @@ class DeviceHealth:
         self.names: list[str] = []
         self.first_values: torch.Tensor | None = None
 
-    def record(self, ok: torch.Tensor, step: int, totals: dict[str, torch.Tensor]) -> None:
-        """``ok``: bool scalar tensor, whether step ``step`` (with loss terms ``totals``) was finite."""
+    def record(self, ok: torch.Tensor, step: int | torch.Tensor, totals: dict[str, torch.Tensor]) -> None:
+        """``ok``: bool scalar tensor, whether step ``step`` (an int, or a 0-d int64 device tensor) with loss
+        terms ``totals`` was finite."""
         bad = ~ok
         values = torch.stack([v.float() for v in totals.values()])
         if self.first_values is None or self.names != list(totals):
             self.names = list(totals)
             self.first_values = torch.zeros_like(values)
         is_first = bad & (self.first_bad < 0)
-        self.n_skipped += bad.long()
-        self.run = (self.run + 1) * bad.long()
-        self.longest = torch.maximum(self.longest, self.run)
-        self.first_bad = torch.where(is_first, step, self.first_bad)
-        self.first_values = torch.where(is_first, values, self.first_values)
-        self.last_ok = ok.clone()
+        # Every update is in place: a CUDA graph of the step (compute.cuda_graph) writes these same tensors.
+        self.n_skipped.add_(bad.long())
+        self.run.copy_((self.run + 1) * bad.long())
+        torch.maximum(self.longest, self.run, out=self.longest)
+        self.first_bad.copy_(torch.where(is_first, step, self.first_bad))
+        self.first_values.copy_(torch.where(is_first, values, self.first_values))
+        self.last_ok.copy_(ok)
 
     def read(self) -> HealthSnapshot:
         """One host sync: the record since the previous read; then starts a new record."""
@@ -294,7 +297,7 @@ class DeviceHealth:
         n_skipped, run, longest, first_bad, last_ok = scalars.tolist()
         values = self.first_values.tolist() if (self.first_values is not None and n_skipped) else []
         self.n_skipped.zero_()
-        self.longest = self.run.clone()
+        self.longest.copy_(self.run)
         self.first_bad.fill_(-1)
         return HealthSnapshot(int(n_skipped), int(run), int(longest), int(first_bad),
                               dict(zip(self.names, values, strict=False)), bool(last_ok))
@@ -374,6 +377,21 @@ class Trainer:
         # of the one before (already consumed) may be overwritten without a liveness check failing.
         self._cudagraphs = (cfg.compute.compile != "none" and self.device.type == "cuda"
                             and (kw["backend"] == "cudagraphs" or kw.get("mode") == "reduce-overhead"))
+        # compute.cuda_graph: the whole step (forward, backward, clip, AdamW, EMA) replayed as one CUDA graph per
+        # batch shape, its schedules read from the device (fastdinov2.train.cuda_graph).
+        self._dsched: DeviceSchedules | None = None
+        self._graphed: GraphedStep | None = None
+        if cfg.compute.cuda_graph:
+            if self.world_size > 1:
+                raise ConfigError(f"compute.cuda_graph=true runs on one process; this run has {self.world_size} "
+                                  "(under torchrun set compute.cuda_graph=false)")
+            if not self.sync_free:
+                raise ConfigError("compute.cuda_graph=true needs the fused AdamW kernel and no fp16 grad scaler")
+            self._dsched = DeviceSchedules(self.schedules, self.optimizer, self.device)
+            self._graphed = GraphedStep(self._static_step, self.device, verbose=self.is_main)
+            if self.device.type != "cuda" and self.is_main:
+                print("[fastdinov2] compute.cuda_graph=true without CUDA: the same static step runs eagerly",
+                      file=sys.stderr)
         self.ckpt_dir = output_dir / "checkpoints"
         self.logger: MetricsLogger | None = None
         self.renumbered_from: int | None = None  # the checkpoint's own step, when resume_step changed it
@@ -421,8 +439,13 @@ class Trainer:
             "backbone_config": dict(m.teacher.backbone.config),
             "step": step,
         }
+        optimizer_state = dist_utils.full_optimizer_state_dict(self.optimizer)
+        for group in optimizer_state.get("param_groups", []):  # one format whatever compute.cuda_graph says
+            if isinstance(group.get("lr"), torch.Tensor):
+                group["lr"] = float(group["lr"])
+                group["capturable"] = False
         optim_state = {
-            "optimizer": dist_utils.full_optimizer_state_dict(self.optimizer),
+            "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rngs,
             "step": step,
@@ -595,11 +618,16 @@ class Trainer:
         s_out = self.student(global_crops, local_crops, masks, mask_indices)
         return self.model.compute_losses(s_out, t_cls, t_patch, masks, masks_weight, n_local)
 
-    def _forward_backward(
-        self, micro_batches: list[TrainBatch], step: int, sched: dict[str, float]
-    ) -> dict[str, torch.Tensor]:
+    def _on_device(self, batch: TrainBatch) -> TrainBatch:
+        """``batch`` on the training device, its pending colour augmentation applied there (batched)."""
+        batch = batch.to(self.device)
+        if batch.photometric_pending:
+            batch = batch.with_photometric(self._photometric_fn)
+        return batch
+
+    def _forward_backward(self, micro_batches: list[TrainBatch], teacher_temp: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward/backward over the micro-batches; returns the loss terms (device scalars, mean over
-        micro-batches and ranks). Issues no host synchronisation."""
+        micro-batches and ranks). ``teacher_temp``: 0-d device tensor. Issues no host synchronisation."""
         n_micro = len(micro_batches)
         totals: dict[str, torch.Tensor] = {}
         centers = (self.model.dino_loss, self.model.ibot_loss)
@@ -609,15 +637,13 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             if self._cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            batch = batch.to(self.device)
-            if batch.photometric_pending:
-                batch = batch.with_photometric(self._photometric_fn)  # colour ops batched on the device
+            batch = self._on_device(batch)
             n_local = batch.local_crops.shape[0] // max(1, batch.batch_size)
             # Gradients are reduced across ranks once per step, in the backward of the last micro-batch.
             with dist_utils.gradient_sync(self.student, enabled=i == n_micro - 1), self.autocast():
                 losses = self._forward_loss_fn(
                     batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices, batch.masks_weight,
-                    batch.n_masked_patches, self._teacher_temp.fill_(sched["teacher_temp"]), n_local,
+                    batch.n_masked_patches, teacher_temp, n_local,
                 )
                 loss = losses["loss"] / n_micro
                 if self.scaler is not None:
@@ -642,8 +668,17 @@ class Trainer:
         update (AdamW's ``found_inf``) and the EMA, and is counted; the loop reads it at its sync points
         (:meth:`sync_health`). Without the fused kernel, and with fp16's grad scaler, the check is read at
         once (the legacy path); there ``None`` is returned for a skipped update.
+
+        With ``compute.cuda_graph`` the step is :meth:`_static_step` run through :class:`GraphedStep`: the host
+        moves the batch (and applies the colour augmentation) on the device, writes the step index, and
+        replays the graph of the batch's shape.
         """
-        cfg = self.cfg
+        if self._graphed is not None:
+            assert self._dsched is not None and len(micro_batches) == 1  # validated: grad_accum_steps == 1
+            batch = self._on_device(micro_batches[0])
+            self._dsched.install(self.optimizer)
+            self._dsched.step.fill_(step)  # the one step-dependent number the graph reads
+            return self._graphed(batch)
         sched = self.schedules.at(step)
         apply_optim_schedules(self.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"],
                               backbone_lr_scale=sched["backbone_lr_scale"])
@@ -651,24 +686,12 @@ class Trainer:
         # The centres are updated during the forward pass; a non-finite step must not leave NaN in them.
         centers = [self.model.dino_loss.center, self.model.ibot_loss.center]
         saved_centers = [c.clone() for c in centers]
-        totals = self._forward_backward(micro_batches, step, sched)
+        totals = self._forward_backward(micro_batches, self._teacher_temp.fill_(sched["teacher_temp"]))
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.student.parameters() if p.grad is not None]
-        grad_norm = dist_utils.clip_grad_norm_(params, cfg.optim.clip_grad)  # norm over all ranks' shards
-        totals["grad_norm"] = grad_norm.detach().float()
+        grad_norm = self._clip(totals)
         if self.scaler is None and self.sync_free:
-            # Loss terms are means over ranks and the norm covers all ranks: `ok` is the same everywhere.
-            ok = torch.isfinite(totals["loss"]) & torch.isfinite(totals["grad_norm"])
-            self._health.record(ok, step, totals)
-            for c, saved in zip(centers, saved_centers, strict=True):
-                c.copy_(torch.where(ok, c, saved))
-            self.optimizer.found_inf = (~ok).to(torch.float32)  # type: ignore[attr-defined]  # fused AdamW skips
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf  # type: ignore[attr-defined]
-            self.model.update_teacher(sched["momentum"], apply=ok)
+            self._update_sync_free(totals, saved_centers, step, sched["momentum"])
             return totals
         loss_ok = not _agree(not bool(torch.isfinite(totals["loss"]).item()), self.device)
         grad_ok = bool(torch.isfinite(grad_norm).item())  # a norm over all ranks: the same on every rank
@@ -695,6 +718,49 @@ class Trainer:
         else:
             self.optimizer.step()
         self.model.update_teacher(sched["momentum"])
+        return totals
+
+    def _clip(self, totals: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Clip the student's gradients to ``optim.clip_grad``; stores and returns the norm before clipping."""
+        params = [p for p in self.model.student.parameters() if p.grad is not None]
+        grad_norm = dist_utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)  # norm over all ranks' shards
+        totals["grad_norm"] = grad_norm.detach().float()
+        return grad_norm
+
+    def _update_sync_free(
+        self, totals: dict[str, torch.Tensor], saved_centers: list[torch.Tensor], step: int | torch.Tensor,
+        momentum: float | torch.Tensor, decay: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        """The update gated on the device by the step's finiteness: health record, centres restored if not
+        finite, (``decay(ok)``,) fused AdamW with ``found_inf``, EMA teacher. Issues no host synchronisation."""
+        # Loss terms are means over ranks and the norm covers all ranks: `ok` is the same everywhere.
+        ok = torch.isfinite(totals["loss"]) & torch.isfinite(totals["grad_norm"])
+        self._health.record(ok, step, totals)
+        centers = [self.model.dino_loss.center, self.model.ibot_loss.center]
+        for c, saved in zip(centers, saved_centers, strict=True):
+            c.copy_(torch.where(ok, c, saved))
+        if decay is not None:
+            decay(ok)
+        self.optimizer.found_inf = (~ok).to(torch.float32)  # type: ignore[attr-defined]  # fused AdamW skips
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf  # type: ignore[attr-defined]
+        self.model.update_teacher(momentum, apply=ok)
+
+    def _static_step(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """The step :class:`GraphedStep` captures (``compute.cuda_graph``): the sync-free path of
+        :meth:`train_step` for one on-device micro-batch, with every step-dependent value read from
+        :class:`DeviceSchedules` (the step index is in ``self._dsched.step``)."""
+        ds = self._dsched
+        assert ds is not None
+        sched = ds.row(ds.step)  # also writes the groups' lr
+        self.optimizer.zero_grad(set_to_none=True)  # a captured backward then writes (not adds) the gradients
+        saved_centers = [self.model.dino_loss.center.clone(), self.model.ibot_loss.center.clone()]
+        totals = self._forward_backward([batch], sched["teacher_temp"])
+        self._clip(totals)
+        self._update_sync_free(totals, saved_centers, ds.step, sched["momentum"],
+                               decay=lambda ok: ds.decay(sched["wd"], ok))
         return totals
 
     def _on_nonfinite(self, step: int, n_skipped: int, first_bad: int, first_values: dict[str, float],
@@ -783,7 +849,7 @@ class Trainer:
                 wait_time += time.perf_counter() - t_wait
                 stage = cur.stage_at(step)
                 if cfg.curriculum.switch_mode == "restart" and step == stage.start_step and stage.index > 0:
-                    self.optimizer.state.clear()  # the paper's stage-2 job starts with a fresh optimizer
+                    reset_optimizer_state(self.optimizer)  # the paper's stage-2 job starts with a fresh optimizer
                 for b in micro:
                     self._check_bad_samples(b)
                 micro = [b for b in micro if b.batch_size > 0]  # a micro-batch of only bad files

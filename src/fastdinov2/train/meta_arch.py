@@ -285,22 +285,23 @@ class MetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(
-        self, momentum: float, student: nn.Module | None = None, apply: Tensor | None = None
+        self, momentum: float | Tensor, student: nn.Module | None = None, apply: Tensor | None = None
     ) -> None:
         """EMA: ``teacher = momentum * teacher + (1 - momentum) * student`` (one foreach lerp per call).
 
         ``apply`` (optional bool scalar tensor on the parameters' device): when False the teacher is left
         unchanged. The trainer passes its on-device finiteness flag, so a skipped step needs no host sync.
+        ``momentum`` may be a 0-d device tensor (the CUDA-graph step reads its schedules from the device).
         """
         src = student if student is not None else self.student
         t_params = [p for p in self.teacher.parameters()]
         s_params = [p.detach() for p in src.parameters()]
-        if apply is None:
+        if apply is None and not isinstance(momentum, Tensor):
             torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
         else:
             # _foreach_lerp_ has no tensor-weight overload (a tensor would be read back as a Python number):
             # teacher += weight * (student - teacher), with the weight a device tensor, 0 when skipped.
-            weight = apply.to(torch.float32) * (1.0 - momentum)
+            weight = (1.0 - momentum) if apply is None else apply.to(torch.float32) * (1.0 - momentum)
             delta = torch._foreach_sub(s_params, t_params)
             torch._foreach_mul_(delta, weight)
             torch._foreach_add_(t_params, delta)

@@ -168,3 +168,15 @@ def apply_optim_schedules(
         scale = backbone_lr_scale if group.get("is_backbone", False) else 1.0
         group["lr"] = (last_layer_lr if is_last else lr) * lr_mult * scale
         group["weight_decay"] = wd * wd_mult
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Start the optimiser afresh (AdamW: step counts and both moments 0), zeroing its state tensors in place.
+
+    The same as ``optimizer.state.clear()`` for AdamW (whose lazily created state starts at zero), but the
+    tensors stay where they are: a captured CUDA graph of the step (``compute.cuda_graph``) keeps using them.
+    """
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                value.zero_()

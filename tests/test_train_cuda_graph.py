@@ -1,0 +1,179 @@
+"""compute.cuda_graph: the static step (schedules on the device, decoupled weight decay in the step, in-place
+state) trains like the ordinary step. On a CPU nothing is captured, so these tests check everything but the
+capture itself; the ``gpu`` test at the end replays real graphs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdinov2.config import ConfigError, load_config
+from fastdinov2.data.synthetic import SyntheticSpec, write_synthetic_dataset
+from fastdinov2.train.cuda_graph import DeviceSchedules, GraphedStep, batch_key
+from fastdinov2.train.loop import Trainer, train
+from fastdinov2.train.optim import apply_optim_schedules
+
+from .test_train_e2e import TINY
+from .test_train_sync_free import SyncRecorder
+
+GRAPH = ["compute.cuda_graph=true", "compute.masked_tokens_bucket=16"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "synth"
+    write_synthetic_dataset(root, SyntheticSpec(num_classes=4, train_per_class=8, val_per_class=4, image_size=40))
+    return root
+
+
+def _cfg(data_root: Path, *extra: str):  # type: ignore[no-untyped-def]
+    # a weight decay and a frozen last layer at the start, so both schedule paths are exercised
+    return load_config("fastdinov2_tiny", [*TINY, f"data.root={data_root}", "optim.weight_decay=0.1",
+                                           "optim.weight_decay_end=0.3", "optim.freeze_last_layer_epochs=0.5",
+                                           *extra])
+
+
+def _history(summary: dict) -> list[dict]:  # type: ignore[type-arg]
+    return summary["history"]
+
+
+def test_device_schedules_give_every_group_the_scheduled_lr(data_root: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_cfg(data_root, *GRAPH), tmp_path)
+    ds = trainer._dsched
+    assert ds is not None
+    groups = trainer.optimizer.param_groups
+    assert {g["wd_multiplier"] for g in groups} == {0.0, 1.0} and any(g["is_last_layer"] for g in groups)
+    reference = [dict(g) for g in groups]  # plain dicts: apply_optim_schedules writes floats into them
+    for step in (0, 1, 5, 7, 100):  # 100: past the end, clamped like Schedules.at
+        sched = trainer.schedules.at(step)
+        values = ds.row(torch.tensor(step))
+        for name, key in (("momentum", "momentum"), ("teacher_temp", "teacher_temp"), ("wd", "wd")):
+            assert float(values[name]) == pytest.approx(sched[key], rel=1e-6)
+        opt = torch.optim.SGD([torch.zeros(1)])
+        opt.param_groups = reference
+        apply_optim_schedules(opt, sched["lr"], sched["wd"], sched["last_layer_lr"], sched["backbone_lr_scale"])
+        for i, g in enumerate(reference):
+            assert float(groups[i]["lr"]) == pytest.approx(g["lr"], rel=1e-6, abs=1e-12), (step, g["name"])
+            assert groups[i]["weight_decay"] == 0.0  # decay is applied by the step itself
+    assert float(trainer.schedules.at(0)["last_layer_lr"]) == 0.0  # the frozen last layer is covered
+
+
+def test_static_step_trains_like_the_ordinary_step(data_root: Path, tmp_path: Path) -> None:
+    # 8 steps over both curriculum stages: lr warm-up, the frozen last layer, weight decay, drop path, the EMA
+    eager = train(_cfg(data_root, "compute.masked_tokens_bucket=16"), tmp_path / "eager")
+    graph = train(_cfg(data_root, *GRAPH), tmp_path / "graph")
+    for a, b in zip(_history(eager), _history(graph), strict=True):
+        for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "grad_norm", "lr", "wd"):
+            assert a[key] == pytest.approx(b[key], rel=2e-5), (a["step"], key)
+    states = [torch.load(tmp_path / run / "checkpoints" / "step_00000008" / "model.pt", weights_only=True)
+              for run in ("eager", "graph")]
+    for part in ("student", "teacher"):
+        for name, value in states[0][part].items():
+            torch.testing.assert_close(states[1][part][name], value, rtol=1e-4, atol=1e-6, msg=f"{part}.{name}")
+    # the checkpoint has one format: the learning rates are numbers, as an eager run writes them
+    optim = torch.load(tmp_path / "graph" / "checkpoints" / "step_00000008" / "optim.pt", weights_only=False)
+    assert all(isinstance(g["lr"], float) and not g["capturable"] for g in optim["optimizer"]["param_groups"])
+
+
+def test_a_graph_run_resumes_without_graphs_and_back(data_root: Path, tmp_path: Path) -> None:
+    straight = train(_cfg(data_root, *GRAPH), tmp_path / "straight")
+    run = tmp_path / "mixed"
+    train(_cfg(data_root, *GRAPH, "train.max_steps=3", "train.checkpoint_every=3"), run)
+    train(_cfg(data_root, "compute.masked_tokens_bucket=16", "train.max_steps=6"), run, allow_config_change=True)
+    train(_cfg(data_root, *GRAPH), run, allow_config_change=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(8))
+    for a, b in zip(_history(straight), rows, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-5), a["step"]
+
+
+def test_static_step_issues_no_host_sync(data_root: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_cfg(data_root, *GRAPH), tmp_path)
+    batches = iter(trainer.make_loader(0, 2))
+    trainer.train_step([next(batches)], 0)
+    batch = next(batches)
+    with SyncRecorder() as rec:
+        totals = trainer.train_step([batch], 1)
+    assert rec.calls == []
+    assert totals is not None and set(totals) >= {"loss", "grad_norm"}
+    assert trainer.sync_health(1) is True
+
+
+def test_nonfinite_static_step_skips_the_update_and_the_decay(data_root: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_cfg(data_root, *GRAPH, "train.nan_policy=skip"), tmp_path)
+    batches = iter(trainer.make_loader(0, 2))
+    trainer.train_step([next(batches)], 0)
+    student = {k: v.clone() for k, v in trainer.model.student.state_dict().items()}
+    teacher = {k: v.clone() for k, v in trainer.model.teacher.state_dict().items()}
+    batch = next(batches)
+    batch.global_crops[0, 0, 0, 0] = float("nan")
+    trainer.train_step([batch], 1)
+    for k, v in trainer.model.student.state_dict().items():
+        assert torch.equal(v, student[k]), k  # neither AdamW nor the weight decay touched it
+    for k, v in trainer.model.teacher.state_dict().items():
+        assert torch.equal(v, teacher[k]), k
+    assert trainer.sync_health(1) is False and trainer.state.nan_skips == 1
+
+
+def test_graphed_step_keeps_one_set_of_static_buffers_per_shape(data_root: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_cfg(data_root, *GRAPH), tmp_path)
+    graphed = trainer._graphed
+    assert isinstance(graphed, GraphedStep) and not graphed.capture  # no CUDA: eager on the static buffers
+    loader = iter(trainer.make_loader(0, 8))
+    keys = set()
+    for step in range(8):
+        batch = next(loader)
+        keys.add(batch_key(batch))
+        trainer.train_step([batch], step)
+    assert len(graphed.entries) == len(keys) >= 2  # both curriculum stages; masked rows padded to 16
+    assert graphed.names == ["loss", "dino_loss", "ibot_loss", "koleo_loss", "grad_norm"]
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    (["compute.masked_tokens_bucket=0"], "compute.masked_tokens_bucket"),
+    (["train.grad_accum_steps=2"], "train.grad_accum_steps"),
+    (["dino.centering=sinkhorn_knopp"], "dino.centering"),
+    (["compute.precision=fp16"], "compute.precision"),
+    (["compute.compile_backend=cudagraphs"], "compute.cuda_graph"),
+    (["compute.compile_mode=reduce-overhead"], "compute.cuda_graph"),
+])
+def test_cuda_graph_refuses_what_a_graph_cannot_hold(extra: list[str], key: str) -> None:
+    overrides = ["compute.cuda_graph=true", "compute.masked_tokens_bucket=256", *extra]
+    with pytest.raises(ConfigError, match=key):
+        load_config("fastdinov2_tiny", overrides)
+
+
+def test_device_schedules_need_the_fused_optimizer(data_root: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_cfg(data_root), tmp_path)
+    params = [p for g in trainer.param_groups for p in g["params"]]
+    foreach = torch.optim.AdamW(params, foreach=True)
+    with pytest.raises(ValueError, match="fused"):
+        DeviceSchedules(trainer.schedules, foreach, torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_run_matches_eager_on_the_gpu(data_root: Path, tmp_path: Path) -> None:
+    """Replayed graphs train like eager steps (bf16: loose tolerance), and a replayed step issues no sync."""
+    common = ["compute.device=cuda", "data.photometric_on=device"]
+    eager = train(_cfg(data_root, *common, "compute.masked_tokens_bucket=16"), tmp_path / "eager")
+    graph = train(_cfg(data_root, *common, *GRAPH), tmp_path / "graph")
+    for a, b in zip(_history(eager), _history(graph), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2), a["step"]
+    trainer = Trainer(_cfg(data_root, *common, *GRAPH), tmp_path / "sync")
+    trainer._health = trainer._health.__class__(trainer.device)
+    batches = iter(trainer.make_loader(0, 4))
+    first = next(batches)
+    for step in range(3):  # 2 eager warm-up steps, then the capture and its first replay
+        trainer.train_step([first], step)
+    assert trainer._graphed is not None and trainer._graphed.n_graphs == 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train_step([first], 3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.sync_health(3) is True
