@@ -56,7 +56,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, peak_tflops, run_benchmark, set_threads, summarize_ms  # noqa: E402
 from fastdinov2.config import Config, load_config  # noqa: E402
 from fastdinov2.data.collate import mask_index_weights, pad_masked_tokens  # noqa: E402
-from fastdinov2.data.masking import sample_ibot_masks  # noqa: E402
+from fastdinov2.data.masking import (  # noqa: E402
+    BatchMaskSpec,
+    batch_mask_rng,
+    sample_batch_ibot_masks,
+    sample_ibot_masks,
+)
 from fastdinov2.flops import count_step_flops  # noqa: E402
 from fastdinov2.train.meta_arch import MetaArch  # noqa: E402
 from fastdinov2.train.optim import apply_optim_schedules, build_adamw, get_param_groups  # noqa: E402
@@ -98,15 +103,20 @@ class SyntheticBatch:
 
 
 def make_batch(cfg: Config, spec: StageSpec, device: torch.device, seed: int = 0) -> SyntheticBatch:
-    """Random crops and real iBOT block masks (``sample_ibot_masks``) for ``spec``'s sizes and batch."""
+    """Random crops and real iBOT block masks for ``spec``'s sizes and batch, drawn as the trainer draws them
+    (``ibot.mask_sampling``: DINOv2's batch masking by default, else per sample)."""
     b, n_local, p = spec.batch_size, cfg.crops.local_crops_number, cfg.student.patch_size
     gen = torch.Generator().manual_seed(seed)
     g = torch.randn(2 * b, 3, spec.global_size, spec.global_size, generator=gen)
     loc = torch.randn(n_local * b, 3, spec.local_size, spec.local_size, generator=gen)
     rng = np.random.default_rng([seed, spec.global_size])
     grid = (spec.global_size // p, spec.global_size // p)
-    per_sample = torch.stack([torch.from_numpy(sample_ibot_masks(rng, grid, cfg.ibot, 2)) for _ in range(b)])
-    masks = per_sample.transpose(0, 1).reshape(2 * b, grid[0] * grid[1])  # crop-major
+    if cfg.ibot.mask_sampling == "batch":
+        mask_spec = BatchMaskSpec.from_config(cfg.ibot, seed)
+        masks = torch.from_numpy(sample_batch_ibot_masks(batch_mask_rng(seed, range(b)), grid, mask_spec, 2 * b))
+    else:
+        per_sample = torch.stack([torch.from_numpy(sample_ibot_masks(rng, grid, cfg.ibot, 2)) for _ in range(b)])
+        masks = per_sample.transpose(0, 1).reshape(2 * b, grid[0] * grid[1])  # crop-major
     idx, weight = mask_index_weights(masks)
     n_masked = int(idx.numel())
     idx, weight = pad_masked_tokens(idx, weight, cfg.compute.masked_tokens_bucket)  # as the trainer's loader

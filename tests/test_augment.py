@@ -46,8 +46,9 @@ def _write_images(root: Path, sizes: list[tuple[int, int]]) -> list[ImageRecord]
 
 
 def _cfg(full: tuple[int, int], low: tuple[int, int], patch: int, lowpass: str = "resize",
-         n_local: int = 3, noise: str = "none") -> Config:
+         n_local: int = 3, noise: str = "none", mask_sampling: str = "sample") -> Config:
     cfg = Config()
+    cfg.ibot.mask_sampling = mask_sampling  # "sample": the masks are part of each sample (tested here)
     cfg.student.patch_size = patch
     cfg.crops.global_crops_size, cfg.crops.local_crops_size = full
     cfg.crops.local_crops_number = n_local
@@ -253,6 +254,14 @@ def test_dataset_shapes_per_stage_tiny(records, lowpass):
         assert s["masks"].shape == (2, grid * grid) and s["masks"].dtype == torch.bool
         assert s["shape"].stage == stage and s["shape"].mask_grid == (grid, grid)
         assert s["noise"].applied and s["label"] == 0 and s["sample_key"] == 3
+
+
+def test_dataset_leaves_the_masks_to_the_batch_by_default(records):
+    cfg = _cfg((64, 32), (32, 16), 8, mask_sampling="batch")
+    s = PretrainDataset(records, cfg, seed=7)[(0, 3, 1)]
+    assert s["masks"] is None  # collate_train draws them for the whole batch
+    spec = s["shape"].batch_masks
+    assert spec is not None and spec.seed == 7 and spec.probability == cfg.ibot.mask_sample_probability
 
 
 def test_dataset_shapes_at_paper_sizes(records):

@@ -122,6 +122,21 @@ def test_device_mode_params_follow_crop_major_order(tmp_path):
     assert torch.equal(bd.masks, bw.masks)
 
 
+def test_batch_masking_masks_exactly_half_of_the_global_crops(tmp_path):
+    cfg = _cfg()
+    assert cfg.ibot.mask_sampling == "batch"  # the default: DINOv2's masking of the whole micro-batch
+    recs = _records(tmp_path, 4)
+    ds = PretrainDataset(recs, cfg, seed=2)
+    reqs = [(i, 20 + i, 1) for i in range(4)]
+    b = collate_train([ds[r] for r in reqs])
+    assert b.masks.shape == (8, 64) and int((b.masks.sum(dim=1) > 0).sum()) == 4  # int(8 * 0.5)
+    assert b.n_masked_patches == int(b.masks.sum())
+    again = collate_train([ds[r] for r in reqs])
+    assert torch.equal(again.masks, b.masks)  # from the run seed and the batch's sample keys
+    other = collate_train([ds[(i, 30 + i, 1)] for i in range(4)])
+    assert not torch.equal(other.masks, b.masks)
+
+
 def test_to_moves_every_tensor():
     s = _fake(0, [[1, 0, 0, 0], [0, 0, 0, 0]], StageShape(0, 4, 2, 1, (2, 2), "device"))
     s["global_params"], s["local_params"] = identity_params(2), identity_params(1)

@@ -48,6 +48,9 @@ TINY = [
     "optim.epochs=2", "optim.warmup_epochs=0.5", "teacher.warmup_teacher_temp_epochs=1",
     "data.num_workers=0", "train.log_every=1", "train.progress=false", "train.knn_at_end=false",
     "dino.koleo_loss_weight=0", "train.checkpoint_every=4", "train.keep_last_checkpoints=10",
+    # per-sample masks: DINOv2's batch masking (the default) masks each rank's micro-batch on its own, so, like
+    # KoLeo, it differs between 2 x B and 1 x 2B; everything else must match exactly
+    "ibot.mask_sampling=sample",
 ]  # 32 images, global batch 8: 4 steps per epoch, 8 steps; stage 0 = steps 0-5; checkpoints at 4 and 8
 B = 4  # per-process batch of the 2-process runs; the reference runs one process with 2 * B
 N_STEPS = 8

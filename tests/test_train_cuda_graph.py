@@ -158,13 +158,13 @@ def test_device_schedules_need_the_fused_optimizer(data_root: Path, tmp_path: Pa
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_run_matches_eager_on_the_gpu(data_root: Path, tmp_path: Path) -> None:
     """Replayed graphs train like eager steps (bf16: loose tolerance), and a replayed step issues no sync."""
-    common = ["compute.device=cuda", "data.photometric_on=device"]
+    # no stochastic depth: a replayed graph draws its random numbers from other generator offsets than eager
+    common = ["compute.device=cuda", "data.photometric_on=device", "student.drop_path_rate=0"]
     eager = train(_cfg(data_root, *common, "compute.masked_tokens_bucket=16"), tmp_path / "eager")
     graph = train(_cfg(data_root, *common, *GRAPH), tmp_path / "graph")
     for a, b in zip(_history(eager), _history(graph), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2), a["step"]
     trainer = Trainer(_cfg(data_root, *common, *GRAPH), tmp_path / "sync")
-    trainer._health = trainer._health.__class__(trainer.device)
     batches = iter(trainer.make_loader(0, 4))
     first = next(batches)
     for step in range(3):  # 2 eager warm-up steps, then the capture and its first replay

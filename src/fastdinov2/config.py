@@ -79,6 +79,9 @@ class IbotConfig:
     mask_sample_probability: float = 0.5
     mask_ratio_min: float = 0.1
     mask_ratio_max: float = 0.5
+    # "batch": DINOv2's masking per micro-batch (exactly int(2B * mask_sample_probability) global crops masked,
+    # ratios stratified over [min, max]); "sample": each crop on its own (data/masking.py)
+    mask_sampling: str = "batch"
     separate_head: bool = False
     head_n_prototypes: int = 65536
     head_bottleneck_dim: int = 256
@@ -382,7 +385,7 @@ def _check_cuda_graph(cfg: Config) -> None:
            f"{c.compile_backend!r}, compute.compile_mode={c.compile_mode!r}); use compile_backend=inductor with "
            "compile_mode=default or max-autotune-no-cudagraphs")
     _check(c.masked_tokens_bucket > 0, "compute.masked_tokens_bucket",
-           "must be > 0 with compute.cuda_graph=true (e.g. 256): batches then fall into a few shapes, one graph each")
+           "must be > 0 with compute.cuda_graph=true (e.g. 64): batches then fall into a few shapes, one graph each")
     _check(cfg.train.grad_accum_steps == 1, "train.grad_accum_steps",
            "must be 1 with compute.cuda_graph=true (the graph holds one micro-batch)")
     _check(c.precision != "fp16", "compute.precision",
@@ -404,6 +407,7 @@ def validate(cfg: Config) -> None:
     if s.arch == "vit_custom":
         _check(s.embed_dim % s.num_heads == 0, "student.embed_dim", "must be divisible by student.num_heads")
     _choice(cfg.dino.centering, "dino.centering", CENTERINGS)
+    _choice(cfg.ibot.mask_sampling, "ibot.mask_sampling", ("batch", "sample"))
     for sec in ("dino", "ibot"):
         head = getattr(cfg, sec)
         _check(head.head_n_prototypes > 0, f"{sec}.head_n_prototypes", "must be positive")

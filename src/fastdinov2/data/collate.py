@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from fastdinov2.data.augment import N_GLOBAL_CROPS
+from fastdinov2.data.masking import batch_mask_rng, sample_batch_ibot_masks
 from fastdinov2.data.photometric import DenseFn, PhotometricParams, apply_photometric
 from fastdinov2.data.pretrain import BadSample, PhotometricOn, PretrainSample, StageShape
 
@@ -150,7 +152,9 @@ def collate_train(samples: list[PretrainSample | BadSample], masked_bucket: int 
     and so are the bad files a sample was drawn again for (its ``replaced`` list).
 
     ``masked_bucket > 0`` pads the masked-token rows to a multiple of it (:func:`pad_masked_tokens`);
-    ``n_masked_patches`` stays the number of real masked tokens.
+    ``n_masked_patches`` stays the number of real masked tokens. When the stage masks per batch
+    (``StageShape.batch_masks``, ``ibot.mask_sampling="batch"``) the masks of the good samples' global crops
+    are drawn here, from the run seed and their sample keys.
 
     Raises ValueError if the samples come from different stages (naming them).
     """
@@ -174,7 +178,12 @@ def collate_train(samples: list[PretrainSample | BadSample], masked_bucket: int 
     if not good:
         return _empty_batch(shape, bad)
     assert shape is not None
-    masks = _crop_major([s["masks"] for s in good])
+    if shape.batch_masks is not None:  # ibot.mask_sampling="batch": DINOv2's masking of the whole micro-batch
+        rng = batch_mask_rng(shape.batch_masks.seed, [s["sample_key"] for s in good])
+        masks = torch.from_numpy(sample_batch_ibot_masks(rng, shape.mask_grid, shape.batch_masks,
+                                                         N_GLOBAL_CROPS * len(good)))
+    else:
+        masks = _crop_major([s["masks"] for s in good])  # type: ignore[misc]
     mask_indices, masks_weight = mask_index_weights(masks)
     n_masked = int(mask_indices.numel())
     mask_indices, masks_weight = pad_masked_tokens(mask_indices, masks_weight, masked_bucket)

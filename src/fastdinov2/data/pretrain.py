@@ -7,7 +7,8 @@ stage switch. All randomness of a sample comes from ``(seed, sample_key)`` (:fun
 
 Per sample: decode (reduced-scale JPEG decode for ``jpeg_draft``) -> noise patching on the whole image
 (the stage's ``noise``) -> 2 global + ``crops.local_crops_number`` local crops at the stage's sizes
-(uint8) -> iBOT masks of the global crops on the stage's patch grid -> photometric parameters, applied
+(uint8) -> iBOT masks of the global crops on the stage's patch grid (``ibot.mask_sampling="sample"``; with
+``"batch"`` the collate function masks the whole batch) -> photometric parameters, applied
 here (``photometric_on="worker"``: normalised float crops) or later on the device
 (``photometric_on="device"``: uint8 crops plus :class:`.photometric.PhotometricParams`).
 
@@ -34,7 +35,7 @@ from fastdinov2.config import Config, CropsConfig, IbotConfig, StageConfig
 from fastdinov2.data.augment import N_GLOBAL_CROPS, multicrop, sample_rngs
 from fastdinov2.data.datasets import BadImageError, ImageRecord
 from fastdinov2.data.lowpass import decode_image
-from fastdinov2.data.masking import sample_ibot_masks
+from fastdinov2.data.masking import BatchMaskSpec, sample_ibot_masks
 from fastdinov2.data.noise_patch import NoisePatchRecord, apply_noise_patch
 from fastdinov2.data.photometric import (
     CropKind,
@@ -63,6 +64,8 @@ class StageShape:
     n_local_crops: int
     mask_grid: tuple[int, int]
     photometric_on: PhotometricOn
+    # ibot.mask_sampling="batch": the collate function draws the masks of the whole batch (samples carry none)
+    batch_masks: BatchMaskSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -86,18 +89,20 @@ class PretrainSample(TypedDict):
     shape: StageShape
     global_crops: torch.Tensor  # [2, 3, G, G] float32 | uint8
     local_crops: torch.Tensor  # [nL, 3, L, L] float32 | uint8
-    masks: torch.Tensor  # bool [2, N], N = (G / patch)^2, row-major over the patch grid
+    masks: torch.Tensor | None  # bool [2, N], N = (G / patch)^2, row-major; None: drawn per batch (collate)
     global_params: PhotometricParams | None  # 2 crops (device mode only)
     local_params: PhotometricParams | None  # nL crops (device mode only)
     noise: NoisePatchRecord
     replaced: list[tuple[str, str]]  # (path, reason) of bad files this sample stands in for, in order tried
 
 
-def stage_shape(cfg: Config, stage: int, photometric_on: PhotometricOn) -> StageShape:
+def stage_shape(cfg: Config, stage: int, photometric_on: PhotometricOn, seed: int = 0) -> StageShape:
+    """The batch shape of ``stage``; ``seed`` (the run seed) seeds the batch masking (``ibot.mask_sampling``)."""
     st = cfg.curriculum.stages[stage]
     grid = st.global_size // cfg.student.patch_size
+    batch_masks = BatchMaskSpec.from_config(cfg.ibot, seed) if cfg.ibot.mask_sampling == "batch" else None
     return StageShape(stage, st.global_size, st.local_size, cfg.crops.local_crops_number, (grid, grid),
-                      photometric_on)
+                      photometric_on, batch_masks)
 
 
 class PretrainDataset(Dataset):
@@ -130,7 +135,7 @@ class PretrainDataset(Dataset):
         self.ibot: IbotConfig = cfg.ibot
         self.seed = int(seed)
         self.photometric_on: PhotometricOn = photometric_on
-        self.shapes = tuple(stage_shape(cfg, i, photometric_on) for i in range(len(self.stages)))
+        self.shapes = tuple(stage_shape(cfg, i, photometric_on, self.seed) for i in range(len(self.stages)))
         n_local = self.crops.local_crops_number
         kinds: list[CropKind] = ["global1", "global2", *(["local"] * n_local)]
         self._crop_kinds = tuple(kinds)  # photometric parameters: all crops of a sample in one draw
@@ -193,7 +198,8 @@ class PretrainDataset(Dataset):
             _, noise = apply_noise_patch(decoded.pixels, st.noise, rngs.noise, inplace=True)
 
         views = multicrop(decoded, crops, st, rngs.geometry)
-        masks = torch.from_numpy(sample_ibot_masks(rngs.masks, shape.mask_grid, self.ibot, N_GLOBAL_CROPS))
+        masks = (None if shape.batch_masks is not None  # drawn for the whole batch by collate_train
+                 else torch.from_numpy(sample_ibot_masks(rngs.masks, shape.mask_grid, self.ibot, N_GLOBAL_CROPS)))
 
         n_local = crops.local_crops_number
         params = sample_crops_photometric_params(
