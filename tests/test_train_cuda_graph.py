@@ -132,6 +132,48 @@ def test_graphed_step_keeps_one_set_of_static_buffers_per_shape(data_root: Path,
     assert graphed.names == ["loss", "dino_loss", "ibot_loss", "koleo_loss", "grad_norm"]
 
 
+def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A capture that fails (e.g. an operation that synchronises) runs nothing; the step then runs eagerly,
+    now and for the rest of the run, with a warning naming the cause."""
+    calls: list[int] = []
+
+    def step_fn(batch):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return {"loss": batch.global_crops.sum(), "grad_norm": batch.masks_weight.sum()}
+
+    class FailingCapture:
+        def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+        def __enter__(self) -> None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        def __exit__(self, *exc) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    graphed = GraphedStep(step_fn, torch.device("cpu"), warmup_steps=2, capture=False)
+    graphed.capture = True  # as on a GPU, with the side stream replaced by the current one
+    monkeypatch.setattr(graphed, "_eager_on_side_stream", graphed._eager)
+    loader_batch = _tiny_batch()
+    outs = [graphed(loader_batch) for _ in range(4)]  # 2 warm-up steps, the failed capture, one more step
+    assert len(calls) == 4 and all(float(o["loss"]) == float(loader_batch.global_crops.sum()) for o in outs)
+    assert not graphed.capture and "operation not permitted" in (graphed.capture_failure or "")
+    assert "runs eagerly from now on" in capsys.readouterr().err
+
+
+def _tiny_batch():  # type: ignore[no-untyped-def]
+    from fastdinov2.data.collate import TrainBatch
+
+    long = torch.zeros(2, dtype=torch.int64)
+    return TrainBatch(global_crops=torch.ones(4, 3, 2, 2), local_crops=torch.ones(4, 3, 1, 1),
+                      masks=torch.zeros(4, 1, dtype=torch.bool), mask_indices=long, masks_weight=torch.ones(2),
+                      n_masked_patches=2, labels=long, sample_keys=long, indices=long, stage=0, global_size=2,
+                      local_size=1, mask_grid=(1, 1))
+
+
 @pytest.mark.parametrize(("extra", "key"), [
     (["compute.masked_tokens_bucket=0"], "compute.masked_tokens_bucket"),
     (["train.grad_accum_steps=2"], "train.grad_accum_steps"),

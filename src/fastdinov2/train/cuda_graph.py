@@ -146,6 +146,7 @@ class GraphedStep:
         self.verbose = verbose
         self.entries: dict[tuple, _Entry] = {}
         self.names: list[str] | None = None
+        self.capture_failure: str | None = None
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._side = torch.cuda.Stream(device) if self.capture else None
 
@@ -167,8 +168,8 @@ class GraphedStep:
         if entry.graph is None and entry.eager_steps < warmup:
             entry.eager_steps += 1
             return self._eager_on_side_stream(entry.batch)
-        if entry.graph is None:
-            self._capture(entry, key)
+        if entry.graph is None and not self._capture(entry, key):
+            return self._eager(entry.batch)  # the capture failed: from now on every step runs eagerly
         assert entry.graph is not None and entry.output is not None and self.names is not None
         entry.graph.replay()
         return dict(zip(self.names, entry.output.clone().unbind(), strict=True))
@@ -190,22 +191,31 @@ class GraphedStep:
         main.wait_stream(self._side)
         return out
 
-    def _capture(self, entry: _Entry, key: tuple) -> None:
+    def _capture(self, entry: _Entry, key: tuple) -> bool:
+        """Capture the step for ``entry``'s shape; False (with a warning) if the capture failed.
+
+        A capture runs nothing on the device, so a failed one leaves weights, optimiser state and the health
+        record as they were (they are only changed in place by captured kernels); the step is then run
+        eagerly and ``capture`` is turned off for the rest of the run (``capture_failure`` says why)."""
         t0 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: the DataLoader's pin-memory thread keeps working while this thread captures
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 out = self.step_fn(entry.batch)
                 if list(out) != self.names:
                     raise RuntimeError(f"the step returned {list(out)} while captured, eagerly {self.names}")
                 stacked = torch.stack([v.detach().float() for v in out.values()])
-        except Exception as exc:
-            raise RuntimeError(
-                f"capturing the training step as a CUDA graph failed for the batch shape ({describe_key(key)}): "
-                f"{exc}. Train without it (compute.cuda_graph=false)"
-            ) from exc
+        except Exception as exc:  # e.g. an operation that synchronises, which a capture cannot hold
+            self.capture, self.capture_failure = False, f"{type(exc).__name__}: {exc}"
+            print(f"[fastdinov2] WARNING: capturing the training step as a CUDA graph failed for the batch shape "
+                  f"({describe_key(key)}): {self.capture_failure}; every step runs eagerly from now on "
+                  "(set compute.cuda_graph=false to skip the attempt)", file=sys.stderr)
+            self.entries.clear()
+            return False
         entry.graph, entry.output = graph, stacked
         entry.capture_s = time.perf_counter() - t0
         if self.verbose:
             print(f"[fastdinov2] CUDA graph {self.n_graphs} captured in {entry.capture_s:.1f} s "
                   f"({describe_key(key)})", file=sys.stderr)
+        return True
