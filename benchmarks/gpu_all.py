@@ -134,7 +134,10 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         *(
             []
             if smoke
-            else [step("step_vits16_b64_cuda_graph", s16, "--cuda-graph", cap=60, min_s=20)]
+            else [step("step_vits16_b64_cuda_graph", s16, "--cuda-graph", cap=60, min_s=20),
+                  # the student's crops in two passes through the blocks, as before compute.pack_crops
+                  step("step_vits16_b64_cuda_graph_unpacked", s16, "--cuda-graph", "compute.pack_crops=false",
+                       cap=60, min_s=20)]
         ),
         # regional compilation (compute.compile=blocks: each block and head compiled, one graph per shape serves
         # all blocks) with the step captured as one CUDA graph: fused elementwise work and no launch overhead

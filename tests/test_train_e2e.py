@@ -311,6 +311,16 @@ def test_compute_compile_trains_like_eager(data_root: Path, tmp_path: Path, mode
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
+def test_packed_crops_train_like_one_pass_per_crop_size(data_root: Path, tmp_path: Path) -> None:
+    # compute.pack_crops (default): the student's global and local crops share one pass through the blocks
+    common = ["train.max_steps=3", "student.drop_path_rate=0"]  # stochastic depth draws differ when packed
+    packed = train(_cfg(data_root, *common), tmp_path / "packed")
+    single = train(_cfg(data_root, *common, "compute.pack_crops=false"), tmp_path / "single")
+    for a, b in zip(packed["history"], single["history"], strict=True):
+        for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
+
+
 def test_grad_accumulation_matches_one_large_batch(data_root: Path, tmp_path: Path) -> None:
     """2 micro-batches of 4 per step train like one batch of 8: every micro-batch is centred with the centre
     from before the step, and the step updates the centres once from all rows (KoLeo, whose neighbours are

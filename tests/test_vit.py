@@ -314,3 +314,46 @@ def test_fused_residual_equals_the_modules_in_sequence(layerscale: float | None,
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for g, p in zip(grads, block.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_packed_list_equals_one_pass_per_input(registers: int) -> None:
+    """compute.pack_crops: the tokens of all inputs go through the blocks once (attention per input)."""
+    model = small_vit(num_register_tokens=registers).train()  # no stochastic depth: no random draw
+    torch.manual_seed(1)
+    xs = [torch.randn(4, 3, 64, 64), torch.randn(6, 3, 32, 32)]
+    masks = [torch.rand(4, 16) < 0.3, None]
+    packed, single = model.forward_features(xs, masks), model.forward_features(xs, masks, packed=False)
+    for a, b in zip(packed, single, strict=True):
+        assert a.keys() == b.keys() and a["masks"] is b["masks"]
+        for key in ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    grads = []
+    for outs in (packed, single):
+        loss = sum(o["x_norm_clstoken"].sum() + o["x_norm_patchtokens"].square().sum() for o in outs)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_stochastic_depth_drops_whole_images() -> None:
+    from fastdinov2.models.vit import Block
+
+    block = Block(8, 2, drop_path=0.5, layerscale_init=None).train()
+
+    class Ones(torch.nn.Module):
+        def forward(self, x: torch.Tensor, segments: object = None) -> torch.Tensor:
+            return torch.ones_like(x)
+
+    block.attn, block.mlp = Ones(), Ones()  # type: ignore[assignment]
+    segments = ((300, 5), (500, 2))
+    x = torch.zeros(1, 300 * 5 + 500 * 2, 8)
+    torch.manual_seed(0)
+    added = block(x, segments)[0, :, 0]  # per token: 0, 2 or 4 (each branch kept and scaled by 1/0.5)
+    per_image = torch.cat([added[:1500].view(300, 5), added[1500:].view(500, 2)[:, :1].expand(500, 5)])
+    assert torch.all(per_image == per_image[:, :1])  # every token of an image alike: one draw per image
+    assert set(per_image[:, 0].tolist()) == {0.0, 2.0, 4.0}
+    assert abs(per_image[:, 0].mean().item() - 2.0) < 0.15  # E = 2 * keep * (1 / keep)
+    with pytest.raises(ValueError, match="do not pack"):
+        block.attn = Block(8, 2).attn  # a real attention checks the segments against its input
+        block(x, ((300, 5),))

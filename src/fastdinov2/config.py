@@ -218,6 +218,10 @@ class ComputeConfig:
     # of thousands; schedules are read from the device). One process, CUDA only (on a CPU the same static step
     # runs eagerly); needs masked_tokens_bucket > 0, softmax centring, no gradient accumulation, no fp16.
     cuda_graph: bool = False
+    # The student's global and local crops go through the transformer blocks as one packed token sequence
+    # (attention within each crop; DINOv2 does this with a block-diagonal mask): one pass instead of two, half
+    # the kernels of the student's blocks. false: one pass per crop size.
+    pack_crops: bool = True
     threads: int | None = None
     strategy: str = "ddp"  # data parallelism under torchrun: "ddp" | "fsdp2" (shards params; for ViT-L/g)
 

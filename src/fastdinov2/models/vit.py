@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from fastdinov2.config import StudentConfig
 
 FFNLayer = Literal["mlp", "swiglu"]
+#: Packed sequences: ``((B_1, L_1), (B_2, L_2), ...)``, B_i sequences of L_i tokens each, end to end.
+Segments = tuple[tuple[int, int], ...]
 Arch = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "vit_custom"]
 
 # (embed_dim, depth, num_heads) of the named widths.
@@ -93,12 +95,31 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, segments: Segments | None = None) -> Tensor:
+        """``segments``: ``x`` is ``[1, T, D]``, the tokens of several batches of sequences packed end to end,
+        ``((B_1, L_1), (B_2, L_2), ...)`` with ``T = sum B_i * L_i``; attention runs within each sequence
+        (one call per segment), everything else on all tokens at once."""
         b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each [B, heads, T, D/heads]
-        x = F.scaled_dot_product_attention(q, k, v)  # default scale is head_dim ** -0.5
-        return self.proj(x.transpose(1, 2).reshape(b, t, d))
+        qkv = self.qkv(x)  # [B, T, 3D]
+        if segments is None:
+            return self.proj(self._attend(qkv, b, t).transpose(1, 2).reshape(b, t, d))
+        if sum(n * length for n, length in segments) != t or b != 1:
+            raise ValueError(f"segments {segments} do not pack an input of shape {tuple(x.shape)}")
+        # each segment's [n, heads, L, D/heads] output is written, transposed, into its slice of the packed
+        # [1, T, D] tensor: one copy, as the unpacked path's transpose, and no concatenation
+        out, start = qkv.new_empty(1, t, d), 0
+        for n, length in segments:
+            o = self._attend(qkv[:, start:start + n * length].view(n, length, 3 * d), n, length)
+            out[:, start:start + n * length].view(n, length, self.num_heads, d // self.num_heads).copy_(
+                o.transpose(1, 2))
+            start += n * length
+        return self.proj(out)
+
+    def _attend(self, qkv: Tensor, b: int, t: int) -> Tensor:
+        """``qkv [B, T, 3D]`` -> attention output ``[B, heads, T, D/heads]`` (before the projection)."""
+        d = qkv.shape[-1] // 3
+        q, k, v = qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v)  # default scale is head_dim ** -0.5
 
 
 class Mlp(nn.Module):
@@ -198,15 +219,22 @@ class Block(nn.Module):
         self.ls2: nn.Module = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
-    def _add_branch(self, x: Tensor, branch: Tensor, ls: nn.Module) -> Tensor:
+    def _add_branch(self, x: Tensor, branch: Tensor, ls: nn.Module, segments: Segments | None = None) -> Tensor:
         """``x + drop_path(ls(branch))`` with the layer scale and the stochastic-depth mask folded into one
         per-sample, per-channel factor and a single ``addcmul``: the same result as the three modules in
         sequence (to rounding) and the same random draw, with 2-4 fewer kernels per residual (the GPU step
-        is launch-bound)."""
+        is launch-bound). With ``segments`` (packed sequences, :meth:`Attention.forward`) a sample is one
+        sequence of a segment: one draw for all of them, spread over their tokens."""
         gamma = ls.gamma if isinstance(ls, LayerScale) else None
         dp = self.drop_path
         if dp.drop_prob > 0.0 and dp.training:
             keep = 1.0 - dp.drop_prob
+            if segments is not None:
+                draws = x.new_empty(sum(n for n, _ in segments)).bernoulli_(keep)
+                branch = branch * _per_token(draws, segments)  # [1, T, D]
+                if gamma is None:
+                    return torch.add(x, branch, alpha=1.0 / keep)
+                return torch.addcmul(x, branch, gamma / keep)
             mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
             factor = mask * (gamma / keep) if gamma is not None else mask / keep
             return torch.addcmul(x, branch, factor)
@@ -214,9 +242,19 @@ class Block(nn.Module):
             return torch.addcmul(x, branch, gamma)
         return x + branch
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self._add_branch(x, self.attn(self.norm1(x)), self.ls1)
-        return self._add_branch(x, self.mlp(self.norm2(x)), self.ls2)
+    def forward(self, x: Tensor, segments: Segments | None = None) -> Tensor:
+        """``[B, T, D] -> [B, T, D]``; with ``segments``, ``x`` is ``[1, T, D]`` packed (:meth:`Attention.forward`)."""
+        x = self._add_branch(x, self.attn(self.norm1(x), segments), self.ls1, segments)
+        return self._add_branch(x, self.mlp(self.norm2(x)), self.ls2, segments)
+
+
+def _per_token(draws: Tensor, segments: Segments) -> Tensor:
+    """Per-sequence values ``[sum B_i]`` -> per-token ``[1, T, 1]`` for packed ``segments``."""
+    parts, start = [], 0
+    for n, length in segments:
+        parts.append(draws[start:start + n].view(n, 1).expand(n, length).reshape(1, n * length, 1))
+        start += n
+    return torch.cat(parts, dim=1)
 
 
 class DinoVisionTransformer(nn.Module):
@@ -326,8 +364,27 @@ class DinoVisionTransformer(nn.Module):
             "masks": masks,
         }
 
+    def _features_packed(self, xs: list[Tensor], masks: list[Tensor | None]) -> list[dict[str, Tensor | None]]:
+        """:meth:`forward_features` of a list: the inputs' tokens ``[B_i, T_i, D]`` go through the blocks as one
+        ``[1, sum B_i T_i, D]`` sequence (:meth:`Attention.forward` with ``segments``)."""
+        tokens = [self.prepare_tokens_with_masks(xi, mi) for xi, mi in zip(xs, masks, strict=True)]
+        segments: Segments = tuple((t.shape[0], t.shape[1]) for t in tokens)
+        d = tokens[0].shape[-1]
+        x = torch.cat([t.reshape(1, -1, d) for t in tokens], dim=1)
+        for blk in self.blocks:
+            x = blk(x, segments)
+        x_norm = self.norm(x)
+        r, out, start = self.num_register_tokens, [], 0
+        for (n, length), mi in zip(segments, masks, strict=True):
+            xi = x[0, start:start + n * length].view(n, length, d)
+            ni = x_norm[0, start:start + n * length].view(n, length, d)
+            start += n * length
+            out.append({"x_norm_clstoken": ni[:, 0], "x_norm_regtokens": ni[:, 1 : 1 + r],
+                        "x_norm_patchtokens": ni[:, 1 + r :], "x_prenorm": xi, "masks": mi})
+        return out
+
     def forward_features(
-        self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None
+        self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None, packed: bool = True
     ) -> Any:
         """Token features.
 
@@ -335,6 +392,10 @@ class DinoVisionTransformer(nn.Module):
             x: ``[B, C, H, W]``, or a list of such tensors (e.g. global and local crops of other sizes).
             masks: bool ``[B, N]`` (True: replace that patch token by ``mask_token`` before position
                 embeddings), or for a list input a list of masks / ``None`` entries.
+            packed: for a list input, run the blocks once on the tokens of all inputs packed end to end
+                (attention within each image, one call per input; DINOv2 does the same with a block-diagonal
+                attention mask): half the kernels of one pass per input for two inputs, the same result (to
+                rounding; stochastic depth draws once for all images). ``False``: one pass per input.
         Returns:
             a dict (a list of dicts for a list input) with ``x_norm_clstoken [B, D]``,
             ``x_norm_regtokens [B, R, D]``, ``x_norm_patchtokens [B, N, D]``, ``x_prenorm [B, 1+R+N, D]``
@@ -344,6 +405,8 @@ class DinoVisionTransformer(nn.Module):
             mask_list = list(masks) if isinstance(masks, list | tuple) else [masks] * len(x)
             if len(mask_list) != len(x):
                 raise ValueError(f"got {len(x)} inputs but {len(mask_list)} masks")
+            if packed and len(x) > 1:
+                return self._features_packed(list(x), mask_list)
             return [self._features(xi, mi) for xi, mi in zip(x, mask_list)]
         if isinstance(masks, list | tuple):
             raise ValueError("masks is a list but x is a single tensor")

@@ -74,6 +74,8 @@ class StudentTeacherModel(nn.Module):
         self.dino_head = _head(cfg.dino, dim)
         self.ibot_head = _head(cfg.ibot, dim) if cfg.ibot.separate_head else None
         self.ibot_chunk_rows = ibot_chunk_rows(cfg)
+        # compute.pack_crops: the student's global and local crops share one pass through the blocks
+        self.pack_crops = cfg.compute.pack_crops
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
         """Regional compilation, in place (``nn.Module.compile``: parameter names and checkpoints unchanged):
@@ -124,13 +126,15 @@ class StudentTeacherModel(nn.Module):
             instead of the last: ``masked_patch_features`` [M,D'] (normalised bottleneck) and
             ``ibot_prototypes`` [K',D'] (the effective prototype weight, with gradient).
         """
-        g = self.backbone.forward_features(global_crops, masks=masks)
+        if local_crops.shape[0] > 0 and self.pack_crops:  # one pass through the blocks for both crop sizes
+            g, loc = self.backbone.forward_features([global_crops, local_crops], masks=[masks, None])
+            cls_l = loc["x_norm_clstoken"]
+        else:
+            g = self.backbone.forward_features(global_crops, masks=masks)
+            cls_l = (self.backbone.forward_features(local_crops)["x_norm_clstoken"] if local_crops.shape[0] > 0
+                     else g["x_norm_clstoken"].new_zeros((0, g["x_norm_clstoken"].shape[1])))
         cls_g = g["x_norm_clstoken"]
         patches = g["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
-        if local_crops.shape[0] > 0:
-            cls_l = self.backbone.forward_features(local_crops)["x_norm_clstoken"]
-        else:
-            cls_l = cls_g.new_zeros((0, cls_g.shape[1]))
         n_g = cls_g.shape[0]
         if self.ibot_chunk_rows > 0:
             cls_logits, feats, prototypes = self.heads_features(torch.cat([cls_g, cls_l]), patches)
