@@ -155,10 +155,12 @@ def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
     monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
     graphed = GraphedStep(step_fn, torch.device("cpu"), warmup_steps=2, capture=False)
-    graphed.capture = True  # as on a GPU, with the side stream replaced by the current one
+    graphed.capture, graphed.warmup_steps = True, 2  # as on a GPU, the side stream replaced by the current one
     monkeypatch.setattr(graphed, "_eager_on_side_stream", graphed._eager)
     loader_batch = _tiny_batch()
-    outs = [graphed(loader_batch) for _ in range(4)]  # 2 warm-up steps, the failed capture, one more step
+    outs = [graphed(loader_batch) for _ in range(2)]  # the 2 warm-up steps
+    assert len(calls) == 2 and graphed.capture
+    outs += [graphed(loader_batch) for _ in range(2)]  # the failed capture (run eagerly instead), one more step
     assert len(calls) == 4 and all(float(o["loss"]) == float(loader_batch.global_crops.sum()) for o in outs)
     assert not graphed.capture and "operation not permitted" in (graphed.capture_failure or "")
     assert "runs eagerly from now on" in capsys.readouterr().err

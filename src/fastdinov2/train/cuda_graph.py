@@ -129,8 +129,9 @@ class GraphedStep:
     optimiser state happens there), every later shape one (its kernels' plans for the new shape); then the
     shape is captured. The capture itself runs nothing, so the first graphed step is the replay right after
     it. Outputs are copied out after each replay (one small copy), so they stay valid after the next step.
-    With ``compute.masked_tokens_bucket=256`` a stage of the ViT-S/16 recipe at batch 64 gives a handful of
-    shapes (the masked-token count varies from batch to batch), so a long run replays almost every step.
+    With DINOv2's batch masking (``ibot.mask_sampling=batch``) the masked-token count of a batch moves by a
+    few tokens, so ``compute.masked_tokens_bucket=64`` gives one or two shapes per curriculum stage (per-crop
+    masking with a bucket of 256: about six), and a long run replays almost every step.
 
     ``capture=False`` (the default without CUDA) runs ``step_fn`` eagerly on the static buffers every time.
     """
