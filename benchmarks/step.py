@@ -56,12 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, peak_tflops, run_benchmark, set_threads, summarize_ms  # noqa: E402
 from fastdinov2.config import Config, load_config  # noqa: E402
 from fastdinov2.data.collate import mask_index_weights, pad_masked_tokens  # noqa: E402
-from fastdinov2.data.masking import (  # noqa: E402
-    BatchMaskSpec,
-    batch_mask_rng,
-    sample_batch_ibot_masks,
-    sample_ibot_masks,
-)
+from fastdinov2.data.masking import BatchMaskSpec, sample_ibot_masks  # noqa: E402
 from fastdinov2.flops import count_step_flops  # noqa: E402
 from fastdinov2.train.meta_arch import MetaArch  # noqa: E402
 from fastdinov2.train.optim import apply_optim_schedules, build_adamw, get_param_groups  # noqa: E402
@@ -112,8 +107,7 @@ def make_batch(cfg: Config, spec: StageSpec, device: torch.device, seed: int = 0
     rng = np.random.default_rng([seed, spec.global_size])
     grid = (spec.global_size // p, spec.global_size // p)
     if cfg.ibot.mask_sampling == "batch":
-        mask_spec = BatchMaskSpec.from_config(cfg.ibot, seed)
-        masks = torch.from_numpy(sample_batch_ibot_masks(batch_mask_rng(seed, range(b)), grid, mask_spec, 2 * b))
+        masks = torch.from_numpy(BatchMaskSpec.from_config(cfg.ibot, seed).draw(grid, range(b), 2 * b))
     else:
         per_sample = torch.stack([torch.from_numpy(sample_ibot_masks(rng, grid, cfg.ibot, 2)) for _ in range(b)])
         masks = per_sample.transpose(0, 1).reshape(2 * b, grid[0] * grid[1])  # crop-major

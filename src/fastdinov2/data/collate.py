@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from fastdinov2.data.augment import N_GLOBAL_CROPS
-from fastdinov2.data.masking import batch_mask_rng, sample_batch_ibot_masks
 from fastdinov2.data.photometric import DenseFn, PhotometricParams, apply_photometric
 from fastdinov2.data.pretrain import BadSample, PhotometricOn, PretrainSample, StageShape
 
@@ -179,9 +178,8 @@ def collate_train(samples: list[PretrainSample | BadSample], masked_bucket: int 
         return _empty_batch(shape, bad)
     assert shape is not None
     if shape.batch_masks is not None:  # ibot.mask_sampling="batch": DINOv2's masking of the whole micro-batch
-        rng = batch_mask_rng(shape.batch_masks.seed, [s["sample_key"] for s in good])
-        masks = torch.from_numpy(sample_batch_ibot_masks(rng, shape.mask_grid, shape.batch_masks,
-                                                         N_GLOBAL_CROPS * len(good)))
+        keys = [s["sample_key"] for s in good]
+        masks = torch.from_numpy(shape.batch_masks.draw(shape.mask_grid, keys, N_GLOBAL_CROPS * len(good)))
     else:
         masks = _crop_major([s["masks"] for s in good])  # type: ignore[misc]
     mask_indices, masks_weight = mask_index_weights(masks)

@@ -122,6 +122,10 @@ class BatchMaskSpec:
     def from_config(cls, ibot: IbotConfig, seed: int) -> BatchMaskSpec:
         return cls(ibot.mask_sample_probability, ibot.mask_ratio_min, ibot.mask_ratio_max, int(seed))
 
+    def draw(self, grid: tuple[int, int], sample_keys: Sequence[int], n_crops: int) -> np.ndarray:
+        """The masks ``bool [n_crops, H*W]`` of one micro-batch, from the run seed and its sample keys."""
+        return sample_batch_ibot_masks(batch_mask_rng(self.seed, sample_keys), grid, self, n_crops)
+
 
 def batch_mask_rng(seed: int, sample_keys: Sequence[int]) -> np.random.Generator:
     """The masking stream of one micro-batch: from the run seed and its samples' keys (unique per draw, so

@@ -354,7 +354,11 @@ class DinoVisionTransformer(nn.Module):
         x = self.prepare_tokens_with_masks(x, masks)
         for blk in self.blocks:
             x = blk(x)
-        x_norm = self.norm(x)
+        return self._outputs(x, self.norm(x), masks)
+
+    def _outputs(self, x: Tensor, x_norm: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
+        """The feature dict of :meth:`forward_features` from the last block's tokens ``x [B, 1+R+N, D]`` and their
+        final norm ``x_norm``."""
         r = self.num_register_tokens
         return {
             "x_norm_clstoken": x_norm[:, 0],
@@ -374,13 +378,11 @@ class DinoVisionTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x, segments)
         x_norm = self.norm(x)
-        r, out, start = self.num_register_tokens, [], 0
+        out, start = [], 0
         for (n, length), mi in zip(segments, masks, strict=True):
-            xi = x[0, start:start + n * length].view(n, length, d)
-            ni = x_norm[0, start:start + n * length].view(n, length, d)
+            rows = slice(start, start + n * length)
+            out.append(self._outputs(x[0, rows].view(n, length, d), x_norm[0, rows].view(n, length, d), mi))
             start += n * length
-            out.append({"x_norm_clstoken": ni[:, 0], "x_norm_regtokens": ni[:, 1 : 1 + r],
-                        "x_norm_patchtokens": ni[:, 1 + r :], "x_prenorm": xi, "masks": mi})
         return out
 
     def forward_features(

@@ -684,7 +684,7 @@ class Trainer:
                               backbone_lr_scale=sched["backbone_lr_scale"])
         self.optimizer.zero_grad(set_to_none=True)
         # The centres are updated during the forward pass; a non-finite step must not leave NaN in them.
-        centers = [self.model.dino_loss.center, self.model.ibot_loss.center]
+        centers = self._centers()
         saved_centers = [c.clone() for c in centers]
         totals = self._forward_backward(micro_batches, self._teacher_temp.fill_(sched["teacher_temp"]))
         if self.scaler is not None:
@@ -720,6 +720,10 @@ class Trainer:
         self.model.update_teacher(sched["momentum"])
         return totals
 
+    def _centers(self) -> list[torch.Tensor]:
+        """The softmax-centring centres, updated in the forward pass (restored after a non-finite step)."""
+        return [self.model.dino_loss.center, self.model.ibot_loss.center]
+
     def _clip(self, totals: dict[str, torch.Tensor]) -> torch.Tensor:
         """Clip the student's gradients to ``optim.clip_grad``; stores and returns the norm before clipping."""
         params = [p for p in self.model.student.parameters() if p.grad is not None]
@@ -736,8 +740,7 @@ class Trainer:
         # Loss terms are means over ranks and the norm covers all ranks: `ok` is the same everywhere.
         ok = torch.isfinite(totals["loss"]) & torch.isfinite(totals["grad_norm"])
         self._health.record(ok, step, totals)
-        centers = [self.model.dino_loss.center, self.model.ibot_loss.center]
-        for c, saved in zip(centers, saved_centers, strict=True):
+        for c, saved in zip(self._centers(), saved_centers, strict=True):
             c.copy_(torch.where(ok, c, saved))
         if decay is not None:
             decay(ok)
@@ -756,7 +759,7 @@ class Trainer:
         assert ds is not None
         sched = ds.row(ds.step)  # also writes the groups' lr
         self.optimizer.zero_grad(set_to_none=True)  # a captured backward then writes (not adds) the gradients
-        saved_centers = [self.model.dino_loss.center.clone(), self.model.ibot_loss.center.clone()]
+        saved_centers = [c.clone() for c in self._centers()]
         totals = self._forward_backward([batch], sched["teacher_temp"])
         self._clip(totals)
         self._update_sync_free(totals, saved_centers, ds.step, sched["momentum"],
