@@ -12,10 +12,12 @@ that cannot get its minimum time is skipped and listed as such. Every job writes
 ``OUT/<card>/<job>.json`` and ``OUT/<card>/<job>.log``; at the end they are merged into ``OUT/<card>.json``.
 
 Jobs (the order of :func:`plan`): the ``gpu``-marked tests (no host sync in a step; the trainer's CUDA-graph
-step, ``compute.cuda_graph``, trains like the eager one); the end-to-end benchmark (``benchmarks/end_to_end.py``,
+step, ``compute.cuda_graph``, trains like the eager one; the fused iBOT loss matches the reference and replays in
+a graph); the end-to-end benchmark (``benchmarks/end_to_end.py``,
 ViT-S/16 pair, real data loading) with ``compute.cuda_graph``; the step benchmark (``benchmarks/step.py``) for
 ViT-S/16 and ViT-B/16 at batch 64, both curriculum stages (112/48 and 224/96): eager with a profile (GPU time
-per kernel), as one CUDA graph, and with regional compilation inside the graph; end to end eager and with
+per kernel), as one CUDA graph (packed and unpacked crops, with and without the fused iBOT loss), and with
+regional compilation inside the graph; end to end eager and with
 regional compilation inside the graph; then torch.compile's own CUDA graphs, the 4096-prototype step, the
 iBOT head + loss alone (``benchmarks/head_loss.py``), the data pipeline (``benchmarks/data_pipeline.py``), the
 batched photometric augmentation, ours vs kornia (``benchmarks/photometric_libs.py``), a
@@ -120,8 +122,8 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             # CUDA-graph step (compute.cuda_graph) trains like the eager one
             "pytest_gpu",
             ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_train_sync_free.py",
-             "tests/test_train_cuda_graph.py"],
-            150,
+             "tests/test_train_cuda_graph.py", "tests/test_fused_loss.py"],
+            180,
             30,
             json_out=False,
         ),
@@ -137,6 +139,9 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             else [step("step_vits16_b64_cuda_graph", s16, "--cuda-graph", cap=60, min_s=20),
                   # the student's crops in two passes through the blocks, as before compute.pack_crops
                   step("step_vits16_b64_cuda_graph_unpacked", s16, "--cuda-graph", "compute.pack_crops=false",
+                       cap=60, min_s=20),
+                  # the iBOT cross-entropy as Triton row kernels over the bf16 logits (no fp32 [M, 65536] tensor)
+                  step("step_vits16_b64_cuda_graph_fused", s16, "--cuda-graph", "ibot.fused_loss=true",
                        cap=60, min_s=20)]
         ),
         # regional compilation (compute.compile=blocks: each block and head compiled, one graph per shape serves
@@ -146,7 +151,9 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         *(
             []
             if smoke
-            else [step("step_vitb16_b64_cuda_graph", b16, "--cuda-graph", cap=60, min_s=20)]
+            else [step("step_vitb16_b64_cuda_graph", b16, "--cuda-graph", cap=60, min_s=20),
+                  step("step_vitb16_b64_cuda_graph_fused", b16, "--cuda-graph", "ibot.fused_loss=true",
+                       cap=60, min_s=20)]
         ),
         step("step_vitb16_b64_compile_blocks_cuda_graph", b16, "--compile-blocks",
              *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
@@ -169,7 +176,7 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         # GPU time of the prototype layer: 4096 prototypes, the step captured as a CUDA graph (eager is launch-bound)
         step("step_vits16_b64_proto4096", s16, *([] if smoke else ["--cuda-graph"]), "dino.head_n_prototypes=4096",
              "ibot.head_n_prototypes=4096"),
-        Job(  # iBOT prototype layer + loss, materialised vs chunked (ibot.loss_chunk_rows): ms and peak memory
+        Job(  # iBOT prototype layer + loss: materialised vs chunked (ibot.loss_chunk_rows) vs fused (Triton)
             "head_loss_m3800_k65536",
             ["benchmarks/head_loss.py", "--device", dev, "--chunk-rows", "256,1024",
              *(["--m", "64", "--k", "512", "--d", "32", "--steps", "1", "--warmup", "0"] if smoke

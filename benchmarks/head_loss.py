@@ -1,4 +1,4 @@
-"""Time and measure the memory of the iBOT prototype layer + loss: materialised reference vs chunked.
+"""Time and measure the memory of the iBOT prototype layer + loss: materialised reference vs chunked vs fused.
 
 What one timed step does, for ``M`` masked tokens, ``K`` prototypes, bottleneck ``D`` (inputs are the heads'
 normalised bottleneck features, already on the device; the MLP and backbone are not part of it):
@@ -9,6 +9,9 @@ normalised bottleneck features, already on the device; the MLP and backbone are 
   ``weight_g``/``weight_v``).
 - ``chunked_c<N>`` (``ibot.loss_chunk_rows=N``): ``teacher_logit_sum`` + ``update_center_from_sum``, then
   ``chunked_ibot_loss`` (N rows per chunk, recomputed in backward) -> backward.
+- ``fused`` (``ibot.fused_loss=true``; CUDA with Triton only): teacher logits ``[M, K]`` -> ``masked_column_sum``
+  + ``update_center_from_sum``; student logits ``[M, K]`` -> ``fused_ibot_loss`` (Triton row kernels over the
+  logits in the autocast dtype, no fp32 ``[M, K]`` tensor) -> backward.
 
 Variants are run interleaved (``--steps`` timed steps each after ``--warmup``); the reported time is the
 median step (CUDA: synchronised before and after). Peak memory is the largest amount of memory allocated
@@ -54,6 +57,7 @@ from common import machine_info, run_benchmark, set_threads, summarize_ms  # noq
 from fastdinov2.data.collate import mask_index_weights  # noqa: E402
 from fastdinov2.losses import iBOTPatchLoss  # noqa: E402
 from fastdinov2.losses.chunked import chunked_ibot_loss, teacher_logit_sum  # noqa: E402
+from fastdinov2.losses.fused import fused_ibot_loss, fused_loss_available, masked_column_sum  # noqa: E402
 from fastdinov2.models.heads import WeightNormLinear  # noqa: E402
 
 TEACHER_TEMP, STUDENT_TEMP = 0.07, 0.1
@@ -107,6 +111,16 @@ def chunked_step(pb: Problem, rows: int) -> Tensor:
     return loss.detach()
 
 
+def fused_step(pb: Problem) -> Tensor:
+    t_logits = F.linear(pb.xt, pb.wt)  # [M, K] in the autocast dtype
+    center = pb.loss.center.clone()
+    pb.loss.update_center_from_sum(masked_column_sum(t_logits, torch.ones_like(pb.weights)), float(t_logits.shape[0]))
+    loss = fused_ibot_loss(pb.layer(pb.xs), t_logits, center, pb.weights, teacher_temp=TEACHER_TEMP,
+                           student_temp=STUDENT_TEMP, n_images=pb.masks.shape[0])
+    loss.backward()
+    return loss.detach()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -153,6 +167,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     variants: dict[str, Callable[[], Tensor]] = {"reference": functools.partial(reference_step, pb)}
     for c in chunk_rows:
         variants[f"chunked_c{c}"] = functools.partial(chunked_step, pb, c)
+    if fused_loss_available(device) and not args.no_fused:
+        variants["fused"] = functools.partial(fused_step, pb)
 
     def call(name: str) -> Tensor:
         pb.reset()
@@ -194,6 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "precision": precision,
         "m": m, "k": k, "d": dim, "n_images": args.n_images,
         "peak_method": "cuda.max_memory_allocated" if device.type == "cuda" else "profiler Total Allocated",
+        "fused": "fused" in variants,
         "variants": rows,
         "ratio_vs_reference": {
             r["variant"]: {"ms": r["median_ms"] / ref["median_ms"],
@@ -227,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", default=None, help="comma-separated chunk sizes (default: 512 cuda, 128 cpu)")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="autocast dtype (default: bf16 on cuda, fp32 on cpu, as the trainer)")
+    p.add_argument("--no-fused", action="store_true",
+                   help="leave out the fused Triton variant (run by default where it can: CUDA with Triton)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (after one check)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")

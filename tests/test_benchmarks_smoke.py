@@ -253,7 +253,8 @@ def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
     assert len(set(names)) == len(names)
     smoke_names = [j.name for j in ga.plan(tmp_path, smoke=True)]
     assert set(smoke_names) == set(names) - {"step_vits16_b64_cuda_graph", "step_vitb16_b64_cuda_graph",
-                                             "step_vits16_b64_cuda_graph_unpacked"}
+                                             "step_vits16_b64_cuda_graph_unpacked", "step_vits16_b64_cuda_graph_fused",
+                                             "step_vitb16_b64_cuda_graph_fused"}
     assert all("--device" not in j.argv or "cuda" in j.argv for j in ga.plan(tmp_path))
     assert all(
         "cuda" not in j.argv and "compute.device=cuda" not in j.argv for j in ga.plan(tmp_path, smoke=True)

@@ -90,6 +90,9 @@ class IbotConfig:
     # > 0: iBOT loss fused with the prototype layer, this many masked-token rows per chunk (no [M, K]
     # logits; losses/chunked.py). 0: the reference path. Ignored (reference path) with Sinkhorn-Knopp.
     loss_chunk_rows: int = 0
+    # true: the iBOT cross-entropy and its centre statistic as Triton row kernels on CUDA over the [M, K] logits
+    # in the heads' dtype (no fp32 [M, K] tensor; losses/fused.py). Other devices, or no Triton: reference path.
+    fused_loss: bool = False
 
 
 @dataclass
@@ -421,6 +424,11 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= i.mask_ratio_min <= i.mask_ratio_max <= 1.0, "ibot.mask_ratio_min",
            "need 0 <= ibot.mask_ratio_min <= ibot.mask_ratio_max <= 1")
     _check(i.loss_chunk_rows >= 0, "ibot.loss_chunk_rows", "must be >= 0 (0: no chunked iBOT loss)")
+    if i.fused_loss:
+        _check(i.loss_chunk_rows == 0, "ibot.fused_loss", "and ibot.loss_chunk_rows > 0 are two iBOT loss paths: "
+               "choose one")
+        _check(cfg.dino.centering == "softmax", "ibot.fused_loss", "needs dino.centering=softmax (Sinkhorn-Knopp "
+               "targets need all [M, K] teacher logits at once)")
     t = cfg.teacher
     _check(0.0 <= t.momentum_teacher <= t.final_momentum_teacher <= 1.0, "teacher.momentum_teacher",
            "need 0 <= teacher.momentum_teacher <= teacher.final_momentum_teacher <= 1")

@@ -14,6 +14,10 @@ With ``ibot.loss_chunk_rows > 0`` (and softmax centring) the iBOT term is comput
 masked tokens and the prototype weights, chunk by chunk, so no ``[M, K]`` logits or probabilities are
 formed; the student forward then returns ``masked_patch_features`` and ``ibot_prototypes`` instead of
 ``masked_patch_logits``, and the teacher targets are an :class:`IbotChunkTargets`.
+
+With ``ibot.fused_loss=true`` on a CUDA device (with Triton) the iBOT term and its centre statistic come from
+the Triton row kernels of :mod:`fastdinov2.losses.fused`, which read the ``[M, K]`` logits in the heads' dtype;
+the teacher targets are then an :class:`IbotLogitTargets` (teacher logits + centre), not probabilities.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import Tensor, nn
 from fastdinov2.config import Config
 from fastdinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from fastdinov2.losses.chunked import chunked_ibot_loss, teacher_logit_sum
+from fastdinov2.losses.fused import fused_ibot_loss, fused_loss_available, masked_column_sum
 from fastdinov2.models.heads import DINOHead
 from fastdinov2.models.vit import build_backbone
 
@@ -59,6 +64,20 @@ class IbotChunkTargets:
 
     features: Tensor
     weight: Tensor
+    center: Tensor
+    teacher_temp: float | Tensor
+
+
+@dataclasses.dataclass
+class IbotLogitTargets:
+    """Teacher side of the fused iBOT loss (``ibot.fused_loss``): the targets
+    ``softmax((logits - center) / teacher_temp)`` are recomputed inside the loss's kernels.
+
+    ``logits [M, K]`` the masked tokens' teacher logits (heads' dtype), ``center [1, K]`` the iBOT centre
+    before this step's update (a copy), ``teacher_temp`` a number or a 0-d device tensor.
+    """
+
+    logits: Tensor
     center: Tensor
     teacher_temp: float | Tensor
 
@@ -168,6 +187,7 @@ class MetaArch(nn.Module):
         ibot_k = cfg.ibot.head_n_prototypes if cfg.ibot.separate_head else cfg.dino.head_n_prototypes
         self.ibot_loss = iBOTPatchLoss(ibot_k)
         self.koleo_loss = KoLeoLoss()
+        self._warned_fused_fallback = False
         if cfg.ibot.loss_chunk_rows > 0 and ibot_chunk_rows(cfg) == 0:
             warnings.warn("ibot.loss_chunk_rows is ignored with dino.centering=sinkhorn_knopp (its targets need "
                           "all [M, K] teacher logits); the iBOT loss uses the reference path", stacklevel=2)
@@ -192,7 +212,8 @@ class MetaArch(nn.Module):
         masks_weight: Tensor | None = None,
     ) -> tuple[list[Tensor], Tensor | IbotChunkTargets]:
         """Teacher probabilities: per global crop ``[B,K]`` (swapped: crop 2 first) and masked patches ``[M,K']``
-        (with ``ibot.loss_chunk_rows > 0``: an :class:`IbotChunkTargets` instead of the ``[M,K']`` tensor).
+        (with ``ibot.loss_chunk_rows > 0``: an :class:`IbotChunkTargets` instead of the ``[M,K']`` tensor; with
+        ``ibot.fused_loss`` on CUDA: an :class:`IbotLogitTargets`).
 
         Also updates the softmax-centring centres (a no-op for Sinkhorn-Knopp). The real masked rows are the
         first ``n_masked``; with ``masks_weight [M]`` given they are read from it instead (``> 0``; padding rows
@@ -225,9 +246,39 @@ class MetaArch(nn.Module):
         else:
             cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
             self.dino_loss.update_center(cls_logits)
+            if self._use_fused_loss(patch_logits):
+                return list(cls_probs.chunk(2)), self._fused_teacher_targets(patch_logits, valid, teacher_temp)
             patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
             self.ibot_loss.update_center(patch_logits, valid)  # every rank calls it: a cross-rank reduction
         return list(cls_probs.chunk(2)), patch_probs
+
+    def _use_fused_loss(self, patch_logits: Tensor) -> bool:
+        """``ibot.fused_loss`` and the Triton kernels can run on the logits' device (else, once, a warning)."""
+        if not self.cfg.ibot.fused_loss:
+            return False
+        if fused_loss_available(patch_logits.device):
+            return True
+        if not self._warned_fused_fallback and patch_logits.device.type != "meta":
+            self._warned_fused_fallback = True
+            warnings.warn(f"ibot.fused_loss=true needs a CUDA device and Triton (logits on {patch_logits.device}); "
+                          "the iBOT loss uses the reference path", stacklevel=4)
+        return False
+
+    @torch.no_grad()
+    def _fused_teacher_targets(
+        self, patch_logits: Tensor, valid: Tensor | None, teacher_temp: float | Tensor
+    ) -> IbotLogitTargets:
+        """:meth:`teacher_targets`' iBOT side for the fused loss: a copy of the centre before its update, then
+        the update from the valid rows' fp32 column sum of the ``[M, K]`` logits (one Triton pass)."""
+        center = self.ibot_loss.center.clone()
+        if valid is None:
+            weights = torch.ones(patch_logits.shape[0], device=patch_logits.device)
+            count: Tensor | float = float(patch_logits.shape[0])
+        else:
+            weights = valid.to(torch.float32)
+            count = weights.sum()
+        self.ibot_loss.update_center_from_sum(masked_column_sum(patch_logits, weights), count)  # cross-rank
+        return IbotLogitTargets(patch_logits, center, teacher_temp)
 
     @torch.no_grad()
     def _chunked_teacher_targets(
@@ -243,7 +294,8 @@ class MetaArch(nn.Module):
         return list(cls_probs.chunk(2)), targets
 
     def compute_losses(
-        self, student_out: dict[str, Tensor], teacher_cls: list[Tensor], teacher_patch: Tensor | IbotChunkTargets,
+        self, student_out: dict[str, Tensor], teacher_cls: list[Tensor],
+        teacher_patch: Tensor | IbotChunkTargets | IbotLogitTargets,
         masks: Tensor, masks_weight: Tensor, n_local: int,
     ) -> dict[str, Tensor]:
         """All loss terms (scalars) from the student outputs and teacher targets."""
@@ -256,15 +308,21 @@ class MetaArch(nn.Module):
         )
         dino_global = self.dino_loss([student_out["global_logits"]], [torch.cat(teacher_cls)]) * 2
         dino = (dino_local + dino_global) / n_terms
+        patch_logits = student_out.get("masked_patch_logits")
         if isinstance(teacher_patch, IbotChunkTargets):
             ibot = self._chunked_ibot(student_out, teacher_patch, masks, masks_weight)
-        elif (n_masked := student_out["masked_patch_logits"].shape[0]) > 0:
-            ibot = self.ibot_loss.forward_masked(
-                student_out["masked_patch_logits"], teacher_patch, masks, n_masked_patches=n_masked,
-                masks_weight=masks_weight,
+        elif patch_logits is None or patch_logits.shape[0] == 0:  # no masked token: the iBOT head gets no gradient
+            ibot = dino.new_zeros(())
+        elif isinstance(teacher_patch, IbotLogitTargets):
+            ibot = fused_ibot_loss(
+                patch_logits, teacher_patch.logits, teacher_patch.center, masks_weight,
+                teacher_temp=teacher_patch.teacher_temp, student_temp=self.ibot_loss.student_temp,
+                n_images=masks.shape[0],
             )
         else:
-            ibot = dino.new_zeros(())
+            ibot = self.ibot_loss.forward_masked(
+                patch_logits, teacher_patch, masks, n_masked_patches=patch_logits.shape[0], masks_weight=masks_weight,
+            )
         koleo = sum(self.koleo_loss(p) for p in student_out["global_cls"].chunk(2))
         assert isinstance(koleo, Tensor)
         total = cfg.dino.loss_weight * dino + cfg.ibot.loss_weight * ibot + cfg.dino.koleo_loss_weight * koleo
