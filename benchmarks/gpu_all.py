@@ -13,11 +13,11 @@ that cannot get its minimum time is skipped and listed as such. Every job writes
 
 Jobs (the order of :func:`plan`): the ``gpu``-marked tests (no host sync in a step; the trainer's CUDA-graph
 step, ``compute.cuda_graph``, trains like the eager one; the fused iBOT loss matches the reference and replays in
-a graph); the end-to-end benchmark (``benchmarks/end_to_end.py``,
-ViT-S/16 pair, real data loading) with ``compute.cuda_graph``; the step benchmark (``benchmarks/step.py``) for
-ViT-S/16 and ViT-B/16 at batch 64, both curriculum stages (112/48 and 224/96): eager with a profile (GPU time
-per kernel), as one CUDA graph (packed and unpacked crops, with and without the fused iBOT loss), and with
-regional compilation inside the graph; end to end eager and with
+a graph); the step benchmark (``benchmarks/step.py``) for ViT-S/16 and ViT-B/16 at batch 64, both curriculum
+stages (112/48 and 224/96), as one CUDA graph with and without the fused iBOT loss (``ibot.fused_loss``); the
+end-to-end benchmark (``benchmarks/end_to_end.py``, ViT-S/16 pair, real data loading) with
+``compute.cuda_graph``; regional compilation inside the graph; the eager step with a profile (GPU time per
+kernel); unpacked crops; end to end eager and with
 regional compilation inside the graph; then torch.compile's own CUDA graphs, the 4096-prototype step, the
 iBOT head + loss alone (``benchmarks/head_loss.py``), the data pipeline (``benchmarks/data_pipeline.py``), the
 batched photometric augmentation, ours vs kornia (``benchmarks/photometric_libs.py``), a
@@ -122,37 +122,40 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             # CUDA-graph step (compute.cuda_graph) trains like the eager one
             "pytest_gpu",
             ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_train_sync_free.py",
-             "tests/test_train_cuda_graph.py", "tests/test_fused_loss.py"],
+             "tests/test_train_cuda_graph.py", "tests/test_fused_loss.py", "tests/test_half_residual.py"],
             180,
             30,
             json_out=False,
         ),
-        # the trainer with compute.cuda_graph: 4 epochs, so that the eager warm-up steps and the capture of each
-        # stage's batch shape are a small part of the run
-        e2e("end_to_end_vits16_graph", *graph, epochs=4, cap=200, min_s=80),
-        # eager, with a profile: GPU time per kernel (top_kernels) explains the full-resolution step
-        step("step_vits16_b64", s16, "--profile", "3"),
-        # the eager step captured as one CUDA graph per stage (no compilation): launch overhead removed
+        # the eager step captured as one CUDA graph per stage (no compilation: launch overhead removed), ViT-S/16
+        # and ViT-B/16, each next to the same step with the iBOT cross-entropy as Triton row kernels over the bf16
+        # logits (ibot.fused_loss: no fp32 [M, 65536] tensor), then with the bf16 residual stream on top
+        # (compute.half_residual); ~30-40 s each
         *(
             []
             if smoke
-            else [step("step_vits16_b64_cuda_graph", s16, "--cuda-graph", cap=60, min_s=20),
-                  # the student's crops in two passes through the blocks, as before compute.pack_crops
-                  step("step_vits16_b64_cuda_graph_unpacked", s16, "--cuda-graph", "compute.pack_crops=false",
-                       cap=60, min_s=20),
-                  # the iBOT cross-entropy as Triton row kernels over the bf16 logits (no fp32 [M, 65536] tensor)
-                  step("step_vits16_b64_cuda_graph_fused", s16, "--cuda-graph", "ibot.fused_loss=true",
-                       cap=60, min_s=20)]
+            else [step(f"step_{m}_b64_cuda_graph{suffix}", cfg, "--cuda-graph", *extra, cap=60, min_s=20)
+                  for m, cfg in (("vits16", s16), ("vitb16", b16))
+                  for suffix, extra in (("", []), ("_fused", ["ibot.fused_loss=true"]),
+                                        ("_fused_half", ["ibot.fused_loss=true", "compute.half_residual=true"]))]
         ),
+        # the trainer with compute.cuda_graph: 4 epochs, so that the eager warm-up steps and the capture of each
+        # stage's batch shape are a small part of the run
+        e2e("end_to_end_vits16_graph", *graph, epochs=4, cap=200, min_s=80),
         # regional compilation (compute.compile=blocks: each block and head compiled, one graph per shape serves
         # all blocks) with the step captured as one CUDA graph: fused elementwise work and no launch overhead
         step("step_vits16_b64_compile_blocks_cuda_graph", s16, "--compile-blocks",
              *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
+        # the trainer's graph step with the fused iBOT loss and the bf16 residual stream
+        e2e("end_to_end_vits16_graph_fused_half", *graph, "ibot.fused_loss=true", "compute.half_residual=true",
+            epochs=4, cap=200, min_s=80),
+        # eager, with a profile: GPU time per kernel (top_kernels) explains the full-resolution step
+        step("step_vits16_b64", s16, "--profile", "3"),
+        # the student's crops in two passes through the blocks, as before compute.pack_crops
         *(
             []
             if smoke
-            else [step("step_vitb16_b64_cuda_graph", b16, "--cuda-graph", cap=60, min_s=20),
-                  step("step_vitb16_b64_cuda_graph_fused", b16, "--cuda-graph", "ibot.fused_loss=true",
+            else [step("step_vits16_b64_cuda_graph_unpacked", s16, "--cuda-graph", "compute.pack_crops=false",
                        cap=60, min_s=20)]
         ),
         step("step_vitb16_b64_compile_blocks_cuda_graph", b16, "--compile-blocks",

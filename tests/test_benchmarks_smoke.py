@@ -247,14 +247,13 @@ def test_end_to_end_stage_rates_and_implied_speedup(tmp_path: Path) -> None:
 def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
     ga = _load("gpu_all")
     names = [j.name for j in ga.plan(tmp_path)]
-    # the checks of the trainer's CUDA-graph step first, then the eager profile and the graph baseline
-    assert names[:4] == ["pytest_gpu", "end_to_end_vits16_graph", "step_vits16_b64",
-                         "step_vits16_b64_cuda_graph"] and "torchrun_smoke_tiny" in names
+    # the GPU tests first, then the graph step of both models with and without the fused iBOT loss, then the
+    # trainer's CUDA-graph step end to end
+    graphs = [f"step_{m}_b64_cuda_graph{v}" for m in ("vits16", "vitb16") for v in ("", "_fused", "_fused_half")]
+    assert names[:8] == ["pytest_gpu", *graphs, "end_to_end_vits16_graph"] and "torchrun_smoke_tiny" in names
     assert len(set(names)) == len(names)
     smoke_names = [j.name for j in ga.plan(tmp_path, smoke=True)]
-    assert set(smoke_names) == set(names) - {"step_vits16_b64_cuda_graph", "step_vitb16_b64_cuda_graph",
-                                             "step_vits16_b64_cuda_graph_unpacked", "step_vits16_b64_cuda_graph_fused",
-                                             "step_vitb16_b64_cuda_graph_fused"}
+    assert set(smoke_names) == set(names) - {*graphs, "step_vits16_b64_cuda_graph_unpacked"}
     assert all("--device" not in j.argv or "cuda" in j.argv for j in ga.plan(tmp_path))
     assert all(
         "cuda" not in j.argv and "compute.device=cuda" not in j.argv for j in ga.plan(tmp_path, smoke=True)

@@ -225,6 +225,10 @@ class ComputeConfig:
     # (attention within each crop; DINOv2 does this with a block-diagonal mask): one pass instead of two, half
     # the kernels of the student's blocks. false: one pass per crop size.
     pack_crops: bool = True
+    # Under autocast (bf16/fp16), keep the ViT's residual stream, LayerNorm outputs and layer-scale products in
+    # the autocast dtype instead of fp32, as DINOv2's FSDP mixed precision does (half the bytes of the blocks'
+    # elementwise work, no cast before each linear layer); parameters, gradients and losses stay fp32.
+    half_residual: bool = False
     threads: int | None = None
     strategy: str = "ddp"  # data parallelism under torchrun: "ddp" | "fsdp2" (shards params; for ViT-L/g)
 

@@ -38,6 +38,30 @@ ARCH_WIDTHS: dict[str, tuple[int, int, int]] = {
 }
 
 LAYER_NORM_EPS = 1e-6  # DINOv2 uses LayerNorm(eps=1e-6) everywhere
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps")
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The autocast dtype active for ``x``'s device, or ``None`` (no autocast there; e.g. the meta device)."""
+    dt = x.device.type
+    if dt in _AUTOCAST_DEVICES and torch.is_autocast_enabled(dt):
+        return torch.get_autocast_dtype(dt)
+    return None
+
+
+def layer_norm(norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(x)``, keeping a half-precision ``x`` (the half residual stream, see
+    :attr:`DinoVisionTransformer.half_residual`) in its dtype under autocast.
+
+    CUDA autocast runs ``layer_norm`` in fp32 and returns fp32, which the next linear layer casts back: for a
+    bf16 ``x`` that is a 2x wider output and one more kernel. Here the LayerNorm of a bf16/fp16 ``x`` runs with
+    autocast off in mixed precision (statistics in fp32, fp32 weight and bias, output in ``x``'s dtype); an
+    fp32 ``x`` goes through ``norm`` unchanged.
+    """
+    if isinstance(norm, nn.LayerNorm) and x.dtype in (torch.bfloat16, torch.float16) and _autocast_dtype(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return norm(x)
 
 
 def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -234,18 +258,18 @@ class Block(nn.Module):
                 branch = branch * _per_token(draws, segments)  # [1, T, D]
                 if gamma is None:
                     return torch.add(x, branch, alpha=1.0 / keep)
-                return torch.addcmul(x, branch, gamma / keep)
+                return torch.addcmul(x, branch, (gamma / keep).to(x.dtype))
             mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
             factor = mask * (gamma / keep) if gamma is not None else mask / keep
-            return torch.addcmul(x, branch, factor)
+            return torch.addcmul(x, branch, factor.to(x.dtype))
         if gamma is not None:
-            return torch.addcmul(x, branch, gamma)
+            return torch.addcmul(x, branch, gamma.to(x.dtype))  # a no-op cast for the fp32 stream
         return x + branch
 
     def forward(self, x: Tensor, segments: Segments | None = None) -> Tensor:
         """``[B, T, D] -> [B, T, D]``; with ``segments``, ``x`` is ``[1, T, D]`` packed (:meth:`Attention.forward`)."""
-        x = self._add_branch(x, self.attn(self.norm1(x), segments), self.ls1, segments)
-        return self._add_branch(x, self.mlp(self.norm2(x)), self.ls2, segments)
+        x = self._add_branch(x, self.attn(layer_norm(self.norm1, x), segments), self.ls1, segments)
+        return self._add_branch(x, self.mlp(layer_norm(self.norm2, x)), self.ls2, segments)
 
 
 def _per_token(draws: Tensor, segments: Segments) -> Tensor:
@@ -314,6 +338,12 @@ class DinoVisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        #: Under autocast, keep the residual stream (the tokens between blocks), the LayerNorm outputs and the
+        #: layer-scale products in the autocast dtype (bf16 on CUDA) instead of fp32, as DINOv2's FSDP mixed
+        #: precision (half-precision parameters) does: about half the bytes of every elementwise pass and no
+        #: cast before each linear layer. ``False`` (default): the fp32 stream of autocast. No effect without
+        #: autocast. Set by the trainer (``compute.half_residual``); not part of ``config`` or checkpoints.
+        self.half_residual = False
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -350,11 +380,16 @@ class DinoVisionTransformer(nn.Module):
             tokens = torch.cat((tokens[:, :1], self.register_tokens.expand(b, -1, -1), tokens[:, 1:]), dim=1)
         return tokens
 
+    def _to_stream(self, tokens: Tensor) -> Tensor:
+        """Tokens entering the blocks in the residual stream's dtype (:attr:`half_residual`)."""
+        dtype = _autocast_dtype(tokens) if self.half_residual else None
+        return tokens.to(dtype) if dtype is not None else tokens
+
     def _features(self, x: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
-        x = self.prepare_tokens_with_masks(x, masks)
+        x = self._to_stream(self.prepare_tokens_with_masks(x, masks))
         for blk in self.blocks:
             x = blk(x)
-        return self._outputs(x, self.norm(x), masks)
+        return self._outputs(x, layer_norm(self.norm, x), masks)
 
     def _outputs(self, x: Tensor, x_norm: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
         """The feature dict of :meth:`forward_features` from the last block's tokens ``x [B, 1+R+N, D]`` and their
@@ -374,10 +409,10 @@ class DinoVisionTransformer(nn.Module):
         tokens = [self.prepare_tokens_with_masks(xi, mi) for xi, mi in zip(xs, masks, strict=True)]
         segments: Segments = tuple((t.shape[0], t.shape[1]) for t in tokens)
         d = tokens[0].shape[-1]
-        x = torch.cat([t.reshape(1, -1, d) for t in tokens], dim=1)
+        x = self._to_stream(torch.cat([t.reshape(1, -1, d) for t in tokens], dim=1))
         for blk in self.blocks:
             x = blk(x, segments)
-        x_norm = self.norm(x)
+        x_norm = layer_norm(self.norm, x)
         out, start = [], 0
         for (n, length), mi in zip(segments, masks, strict=True):
             rows = slice(start, start + n * length)
@@ -438,7 +473,7 @@ class DinoVisionTransformer(nn.Module):
             bad = [i for i in take if not 0 <= i < depth]
             if bad:
                 raise ValueError(f"block indices {bad} out of range for a model with {depth} blocks")
-        tokens = self.prepare_tokens_with_masks(x)
+        tokens = self._to_stream(self.prepare_tokens_with_masks(x))
         outputs: dict[int, Tensor] = {}
         for i, blk in enumerate(self.blocks):
             tokens = blk(tokens)
@@ -446,7 +481,7 @@ class DinoVisionTransformer(nn.Module):
                 outputs[i] = tokens
             if i >= max(take):
                 break
-        outs = [self.norm(outputs[i]) if norm else outputs[i] for i in take]
+        outs = [layer_norm(self.norm, outputs[i]) if norm else outputs[i] for i in take]
         start = 1 + self.num_register_tokens
         patches = [o[:, start:] for o in outs]
         if reshape:

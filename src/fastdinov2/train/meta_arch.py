@@ -89,6 +89,7 @@ class StudentTeacherModel(nn.Module):
         super().__init__()
         student_cfg = dataclasses.replace(cfg.student, drop_path_rate=0.0) if teacher else cfg.student
         self.backbone = build_backbone(student_cfg, img_size=cfg.crops.global_crops_size)
+        self.backbone.half_residual = cfg.compute.half_residual  # a compute option, not part of the weights
         dim = self.backbone.embed_dim
         self.dino_head = _head(cfg.dino, dim)
         self.ibot_head = _head(cfg.ibot, dim) if cfg.ibot.separate_head else None
