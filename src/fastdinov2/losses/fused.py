@@ -28,6 +28,7 @@ synchronisation, fixed launch shapes), so the loss can be captured in a CUDA gra
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from types import SimpleNamespace
@@ -153,9 +154,8 @@ def _block_k(k: int) -> int:
     return min(2048, 1 << max(4, (k - 1).bit_length()))
 
 
-def _launch_guard(t: Tensor) -> Any:
-    import contextlib
-
+def _launch_guard(t: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Launch on ``t``'s GPU (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 

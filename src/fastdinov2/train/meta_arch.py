@@ -211,7 +211,7 @@ class MetaArch(nn.Module):
     def teacher_targets(
         self, global_crops: Tensor, mask_indices: Tensor, n_masked: int, teacher_temp: float | Tensor,
         masks_weight: Tensor | None = None,
-    ) -> tuple[list[Tensor], Tensor | IbotChunkTargets]:
+    ) -> tuple[list[Tensor], Tensor | IbotChunkTargets | IbotLogitTargets]:
         """Teacher probabilities: per global crop ``[B,K]`` (swapped: crop 2 first) and masked patches ``[M,K']``
         (with ``ibot.loss_chunk_rows > 0``: an :class:`IbotChunkTargets` instead of the ``[M,K']`` tensor; with
         ``ibot.fused_loss`` on CUDA: an :class:`IbotLogitTargets`).
