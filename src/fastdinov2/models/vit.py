@@ -108,6 +108,74 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class _SplitHeads(torch.autograd.Function):
+    """Packed ``qkv [1, T, 3D]`` -> ``q, k, v`` views ``[n, heads, L, D/heads]`` for each segment ``(n, L)``.
+
+    The forward returns views (no copy). The backward writes every segment's ``dq, dk, dv`` straight into one
+    ``[1, T, 3D]`` gradient: one strided copy each, so the gradient is written once. Autograd's own backward
+    of the slicing, ``reshape``, ``permute`` and ``unbind`` chain stacks the three gradients (a copy),
+    copies the non-contiguous stack back to ``qkv``'s layout (a second copy) and, with more than one
+    segment, zero-fills a full-size gradient per segment and sums them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, qkv: Tensor, segments: Segments, num_heads: int) -> tuple[Tensor, ...]:  # type: ignore[override]
+        d = qkv.shape[-1] // 3
+        out: list[Tensor] = []
+        start = 0
+        for n, length in segments:
+            part = qkv[:, start:start + n * length].view(n, length, 3, num_heads, d // num_heads)
+            out.extend(part.permute(2, 0, 3, 1, 4).unbind(0))
+            start += n * length
+        ctx.segments, ctx.num_heads, ctx.shape = segments, num_heads, qkv.shape
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
+        like = next(g for g in grads if g is not None)
+        grad = like.new_empty(ctx.shape)
+        d = ctx.shape[-1] // 3
+        start, i = 0, 0
+        for n, length in ctx.segments:
+            # the segment's gradient as [3, n, heads, L, hd] (the forward's view): dq, dk, dv copy in as they are
+            part = grad[0, start:start + n * length].view(n, length, 3, ctx.num_heads, d // ctx.num_heads)
+            part = part.permute(2, 0, 3, 1, 4)
+            for j in range(3):
+                g = grads[i + j]
+                part[j].zero_() if g is None else part[j].copy_(g)
+            start += n * length
+            i += 3
+        return grad, None, None
+
+
+class _MergeHeads(torch.autograd.Function):
+    """Attention outputs ``[n, heads, L, D/heads]`` of each segment -> packed ``[1, T, D]`` (one strided copy
+    per segment into a new tensor). The backward hands each segment a view of the packed gradient, with no
+    copy; autograd's backward of copying into slices of a new tensor clones the full gradient per segment."""
+
+    @staticmethod
+    def forward(ctx: Any, segments: Segments, *outs: Tensor) -> Tensor:  # type: ignore[override]
+        n0, heads, _, hd = outs[0].shape
+        t = sum(n * length for n, length in segments)
+        out = outs[0].new_empty(1, t, heads * hd)
+        start = 0
+        for (n, length), o in zip(segments, outs, strict=True):
+            out[:, start:start + n * length].view(n, length, heads, hd).copy_(o.transpose(1, 2))
+            start += n * length
+        ctx.segments, ctx.heads = segments, heads
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        d = grad.shape[-1]
+        views, start = [], 0
+        for n, length in ctx.segments:
+            g = grad[:, start:start + n * length].view(n, length, ctx.heads, d // ctx.heads)
+            views.append(g.transpose(1, 2))
+            start += n * length
+        return (None, *views)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through ``F.scaled_dot_product_attention``: ``[B, T, D] -> [B, T, D]``."""
 
@@ -124,26 +192,16 @@ class Attention(nn.Module):
         ``((B_1, L_1), (B_2, L_2), ...)`` with ``T = sum B_i * L_i``; attention runs within each sequence
         (one call per segment), everything else on all tokens at once."""
         b, t, d = x.shape
-        qkv = self.qkv(x)  # [B, T, 3D]
-        if segments is None:
-            return self.proj(self._attend(qkv, b, t).transpose(1, 2).reshape(b, t, d))
-        if sum(n * length for n, length in segments) != t or b != 1:
+        if segments is None:  # a batch of B sequences of T tokens is one segment of the packed layout
+            segments = ((b, t),)
+        elif sum(n * length for n, length in segments) != t or b != 1:
             raise ValueError(f"segments {segments} do not pack an input of shape {tuple(x.shape)}")
-        # each segment's [n, heads, L, D/heads] output is written, transposed, into its slice of the packed
-        # [1, T, D] tensor: one copy, as the unpacked path's transpose, and no concatenation
-        out, start = qkv.new_empty(1, t, d), 0
-        for n, length in segments:
-            o = self._attend(qkv[:, start:start + n * length].view(n, length, 3 * d), n, length)
-            out[:, start:start + n * length].view(n, length, self.num_heads, d // self.num_heads).copy_(
-                o.transpose(1, 2))
-            start += n * length
-        return self.proj(out)
-
-    def _attend(self, qkv: Tensor, b: int, t: int) -> Tensor:
-        """``qkv [B, T, 3D]`` -> attention output ``[B, heads, T, D/heads]`` (before the projection)."""
-        d = qkv.shape[-1] // 3
-        q, k, v = qkv.reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        return F.scaled_dot_product_attention(q, k, v)  # default scale is head_dim ** -0.5
+        qkv = self.qkv(x).view(1, b * t, 3 * d)  # [1, T, 3D]
+        qkvs = _SplitHeads.apply(qkv, segments, self.num_heads)  # q, k, v [n, heads, L, D/heads] per segment
+        # default scale head_dim ** -0.5; each segment's output is written, transposed, into its slice of
+        # one [1, T, D] tensor (one copy, no concatenation)
+        outs = [F.scaled_dot_product_attention(*qkvs[i:i + 3]) for i in range(0, len(qkvs), 3)]
+        return self.proj(_MergeHeads.apply(segments, *outs).view(b, t, d))
 
 
 class Mlp(nn.Module):
@@ -273,12 +331,15 @@ class Block(nn.Module):
 
 
 def _per_token(draws: Tensor, segments: Segments) -> Tensor:
-    """Per-sequence values ``[sum B_i]`` -> per-token ``[1, T, 1]`` for packed ``segments``."""
-    parts, start = [], 0
+    """Per-sequence values ``[sum B_i]`` -> per-token ``[1, T, 1]`` for packed ``segments`` (one broadcasting
+    copy per segment into the result; ``draws`` carries no gradient)."""
+    t = sum(n * length for n, length in segments)
+    out = draws.new_empty(t)
+    start, tok = 0, 0
     for n, length in segments:
-        parts.append(draws[start:start + n].view(n, 1).expand(n, length).reshape(1, n * length, 1))
-        start += n
-    return torch.cat(parts, dim=1)
+        out[tok:tok + n * length].view(n, length).copy_(draws[start:start + n, None].expand(n, length))
+        start, tok = start + n, tok + n * length
+    return out.view(1, t, 1)
 
 
 class DinoVisionTransformer(nn.Module):
