@@ -316,10 +316,11 @@ class Block(nn.Module):
                 branch = branch * _per_token(draws, segments)  # [1, T, D]
                 if gamma is None:
                     return torch.add(x, branch, alpha=1.0 / keep)
-                return torch.addcmul(x, branch, (gamma / keep).to(x.dtype))
+                # 1 / keep as addcmul's scalar: no division kernel, forward or backward
+                return torch.addcmul(x, branch, gamma.to(x.dtype), value=1.0 / keep)
             mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-            factor = mask * (gamma / keep) if gamma is not None else mask / keep
-            return torch.addcmul(x, branch, factor.to(x.dtype))
+            factor = mask * gamma.to(x.dtype) if gamma is not None else mask
+            return torch.addcmul(x, branch, factor, value=1.0 / keep)
         if gamma is not None:
             return torch.addcmul(x, branch, gamma.to(x.dtype))  # a no-op cast for the fp32 stream
         return x + branch
