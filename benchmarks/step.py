@@ -31,7 +31,10 @@ adds CUDA graphs), ``--skip optimizer,ema,clip,finite_check`` (drop a part to me
 removed, kernels unchanged, no compilation), ``--host-sync`` (add the three host reads of the trainer's
 earlier finiteness check, to measure their cost),
 ``--breakdown`` (per-phase times, synchronised between phases), ``--profile N`` (torch.profiler over N
-steps per stage: time per phase, top operators, and the share of wall time not spent inside operators).
+steps per stage: time per phase, top operators, and the share of wall time not spent inside operators),
+``--count-ops`` (one eager step per stage under a ``TorchDispatchMode``: every ATen call of the forward and
+backward that launches a kernel on a GPU, i.e. not a view, an allocation or a profiler marker, counted by
+name; the same on any device, so a CPU run shows what a change does to the GPU's kernel count).
 """
 
 from __future__ import annotations
@@ -407,6 +410,30 @@ def stage_specs(cfg: Config, args: argparse.Namespace) -> list[StageSpec]:
     ]
 
 
+def count_kernel_ops(runner: StepRunner, batch: SyntheticBatch, top: int = 15) -> dict[str, Any]:
+    """One eager step under a dispatch mode: ATen calls that launch a kernel (not in :data:`NO_KERNEL_OPS`),
+    in total and the most frequent by name. Foreach and fused optimizer ops count once (on a GPU they launch
+    one kernel per chunk of tensors)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counting(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.counts: Counter[str] = Counter()
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            name = "aten::" + func.__name__.split(".")[0]
+            if name not in NO_KERNEL_OPS:
+                self.counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counting() as mode:
+        runner._step_eager(batch)
+    return {"kernel_ops_per_step": sum(mode.counts.values()), "top_kernel_ops": dict(mode.counts.most_common(top))}
+
+
 # aten ops that only make views or metadata (no kernel on a GPU); everything else counts as a launch.
 VIEW_OPS = frozenset(
     f"aten::{n}"
@@ -446,6 +473,11 @@ VIEW_OPS = frozenset(
         "set_",
         "is_nonzero",
     )
+)
+# ... and the calls that launch no kernel either: allocations, profiler markers, dtype no-ops
+NO_KERNEL_OPS = VIEW_OPS | frozenset(
+    f"aten::{n}" for n in ("new_empty", "new_empty_strided", "alias", "_to_copy_", "to", "_record_function_enter_new",
+                            "_record_function_exit", "scalar_tensor")
 )
 
 
@@ -558,6 +590,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
+    if args.count_ops and (args.compile or args.compile_blocks or args.compile_step):
+        raise SystemExit("--count-ops counts the eager step's calls: "
+                         "not with --compile/--compile-blocks/--compile-step")
     cfg = load_config(args.config, args.overrides)
     threads = set_threads(args.threads or trainer_threads(cfg, device))
     specs = stage_specs(cfg, args)
@@ -653,6 +688,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.profile:
         for i, batch in enumerate(batches):
             results[i]["profile"] = profile_stage(runner, batch, args.profile)
+    if args.count_ops:
+        for i, batch in enumerate(batches):
+            results[i]["op_count"] = count_kernel_ops(runner, batch)
 
     out: dict[str, Any] = {
         "benchmark": "step",
@@ -717,6 +755,11 @@ def print_readable(out: dict[str, Any]) -> None:
         if "breakdown_ms" in r:
             parts = "  ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms"].items())
             print(f"    breakdown (ms, synchronised): {parts}")
+        if "op_count" in r:
+            oc = r["op_count"]
+            print(f"    kernel-launching ATen calls per eager step: {oc['kernel_ops_per_step']} (top: "
+                  + ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in list(oc["top_kernel_ops"].items())[:8])
+                  + ")")
         if "profile" in r:
             pr = r["profile"]
             print(
@@ -817,6 +860,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--profile", type=int, default=0, metavar="N", help="torch.profiler over N steps per stage"
+    )
+    p.add_argument(
+        "--count-ops", action="store_true",
+        help="count the kernel-launching ATen calls of one eager step per stage (any device; not with compile)"
     )
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: by GPU name)")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")

@@ -129,6 +129,18 @@ def test_step_benchmark_compiles_blocks(step_mod: ModuleType) -> None:
     assert out["compile_blocks"] and all(s["nonfinite_steps"] == 0 for s in out["stages"])
 
 
+def test_step_count_ops_counts_kernel_launching_calls(step_mod: ModuleType) -> None:
+    out = step_mod.main(["--steps", "1", "--rounds", "1", "--warmup", "0", "--threads", "1", "--stages", "0",
+                         "--count-ops", *TINY])
+    oc = out["stages"][0]["op_count"]
+    assert oc["kernel_ops_per_step"] == sum(oc["top_kernel_ops"].values()) or len(oc["top_kernel_ops"]) == 15
+    assert "aten::addmm" in oc["top_kernel_ops"] and not {"aten::view", "aten::new_empty"} & set(oc["top_kernel_ops"])
+    # one step of a 1-block model: forward + backward of every part, fewer than a thousand calls
+    assert 100 < oc["kernel_ops_per_step"] < 1000
+    with pytest.raises(SystemExit, match="--count-ops"):
+        step_mod.main(["--count-ops", "--compile-blocks", *TINY])
+
+
 def test_step_profile_reports_device_time_tables(step_mod: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
     out = step_mod.main(["--steps", "1", "--rounds", "1", "--warmup", "0", "--threads", "1", "--stages", "0",
                          "--profile", "1", *TINY])
