@@ -150,7 +150,7 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         e2e("end_to_end_vits16_graph_fused_half", *graph, "ibot.fused_loss=true", "compute.half_residual=true",
             epochs=4, cap=200, min_s=80),
         # eager, with a profile: GPU time per kernel (top_kernels) explains the full-resolution step
-        step("step_vits16_b64", s16, "--profile", "3"),
+        step("step_vits16_b64", s16, "--profile", "3", "--count-ops"),
         # the student's crops in two passes through the blocks, as before compute.pack_crops
         *(
             []
