@@ -457,10 +457,13 @@ class DinoVisionTransformer(nn.Module):
         """The feature dict of :meth:`forward_features` from the last block's tokens ``x [B, 1+R+N, D]`` and their
         final norm ``x_norm``."""
         r = self.num_register_tokens
+        # split (views), not indexing: the backward of a split is one concatenation, where each slice or
+        # select would zero-fill a gradient of the full size and the pieces would then be summed
+        cls, regs, patches = x_norm.split([1, r, x_norm.shape[1] - 1 - r], dim=1)
         return {
-            "x_norm_clstoken": x_norm[:, 0],
-            "x_norm_regtokens": x_norm[:, 1 : 1 + r],
-            "x_norm_patchtokens": x_norm[:, 1 + r :],
+            "x_norm_clstoken": cls.squeeze(1),
+            "x_norm_regtokens": regs,
+            "x_norm_patchtokens": patches,
             "x_prenorm": x,
             "masks": masks,
         }
@@ -475,12 +478,10 @@ class DinoVisionTransformer(nn.Module):
         for blk in self.blocks:
             x = blk(x, segments)
         x_norm = layer_norm(self.norm, x)
-        out, start = [], 0
-        for (n, length), mi in zip(segments, masks, strict=True):
-            rows = slice(start, start + n * length)
-            out.append(self._outputs(x[0, rows].view(n, length, d), x_norm[0, rows].view(n, length, d), mi))
-            start += n * length
-        return out
+        sizes = [n * length for n, length in segments]  # split, not slices: see _outputs
+        return [self._outputs(xi.view(n, length, d), ni.view(n, length, d), mi)
+                for xi, ni, (n, length), mi in zip(x[0].split(sizes), x_norm[0].split(sizes), segments, masks,
+                                                   strict=True)]
 
     def forward_features(
         self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None, packed: bool = True

@@ -118,7 +118,8 @@ class StudentTeacherModel(nn.Module):
         """Project CLS tokens [N,D] and masked patch tokens [M,D] to prototype logits ([N,K], [M,K'])."""
         if self.ibot_head is None:  # one shared head: one call on the concatenation
             out = self.dino_head(torch.cat([cls_tokens, patch_tokens]))
-            return out[: cls_tokens.shape[0]], out[cls_tokens.shape[0] :]
+            cls_out, patch_out = out.split([cls_tokens.shape[0], patch_tokens.shape[0]])  # backward: one cat
+            return cls_out, patch_out
         return self.dino_head(cls_tokens), self.ibot_head(patch_tokens)
 
     def heads_features(self, cls_tokens: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -156,20 +157,19 @@ class StudentTeacherModel(nn.Module):
         cls_g = g["x_norm_clstoken"]
         patches = g["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
         n_g = cls_g.shape[0]
+        n_l = cls_l.shape[0]
         if self.ibot_chunk_rows > 0:
             cls_logits, feats, prototypes = self.heads_features(torch.cat([cls_g, cls_l]), patches)
             return {
                 "global_cls": cls_g,
-                "global_logits": cls_logits[:n_g],
-                "local_logits": cls_logits[n_g:],
+                **dict(zip(("global_logits", "local_logits"), cls_logits.split([n_g, n_l]), strict=True)),
                 "masked_patch_features": feats,
                 "ibot_prototypes": prototypes,
             }
         cls_logits, patch_logits = self.heads(torch.cat([cls_g, cls_l]), patches)
         return {
             "global_cls": cls_g,
-            "global_logits": cls_logits[:n_g],
-            "local_logits": cls_logits[n_g:],
+            **dict(zip(("global_logits", "local_logits"), cls_logits.split([n_g, n_l]), strict=True)),
             "masked_patch_logits": patch_logits,
         }
 
