@@ -357,3 +357,19 @@ def test_packed_stochastic_depth_drops_whole_images() -> None:
     with pytest.raises(ValueError, match="do not pack"):
         block.attn = Block(8, 2).attn  # a real attention checks the segments against its input
         block(x, ((300, 5),))
+
+
+@pytest.mark.parametrize("segments", [None, ((2, 5), (3, 2))])
+def test_attention_backward_matches_numerical_gradients(segments: tuple[tuple[int, int], ...] | None) -> None:
+    """The attention's own autograd functions (_SplitHeads/_MergeHeads: the qkv gradient written once, the
+    output gradient handed back as views) against finite differences, packed and unpacked, in float64."""
+    from fastdinov2.models.vit import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(8, 2).double()
+    x = torch.randn((1, 16, 8) if segments else (3, 4, 8), dtype=torch.float64, requires_grad=True)
+    params = [attn.qkv.weight, attn.proj.weight]
+    assert torch.autograd.gradcheck(lambda inp, *_: attn(inp, segments), (x, *params), eps=1e-6, atol=1e-5)
+    with torch.no_grad():  # without autograd: the plain view/copy path, the same values
+        plain = attn(x, segments)
+    torch.testing.assert_close(attn(x, segments), plain, rtol=0, atol=0)

@@ -108,6 +108,29 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+def _split_heads(qkv: Tensor, segments: Segments, num_heads: int) -> list[Tensor]:
+    """Packed ``qkv [1, T, 3D]`` -> ``[q, k, v, q, k, v, ...]``, views ``[n, heads, L, D/heads]`` per segment."""
+    d = qkv.shape[-1] // 3
+    out: list[Tensor] = []
+    start = 0
+    for n, length in segments:
+        part = qkv[:, start:start + n * length].view(n, length, 3, num_heads, d // num_heads)
+        out.extend(part.permute(2, 0, 3, 1, 4).unbind(0))
+        start += n * length
+    return out
+
+
+def _merge_heads(segments: Segments, outs: Sequence[Tensor]) -> Tensor:
+    """Attention outputs ``[n, heads, L, D/heads]`` per segment -> one new packed ``[1, T, D]`` tensor."""
+    _, heads, _, hd = outs[0].shape
+    out = outs[0].new_empty(1, sum(n * length for n, length in segments), heads * hd)
+    start = 0
+    for (n, length), o in zip(segments, outs, strict=True):
+        out[:, start:start + n * length].view(n, length, heads, hd).copy_(o.transpose(1, 2))
+        start += n * length
+    return out
+
+
 class _SplitHeads(torch.autograd.Function):
     """Packed ``qkv [1, T, 3D]`` -> ``q, k, v`` views ``[n, heads, L, D/heads]`` for each segment ``(n, L)``.
 
@@ -120,15 +143,8 @@ class _SplitHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, qkv: Tensor, segments: Segments, num_heads: int) -> tuple[Tensor, ...]:  # type: ignore[override]
-        d = qkv.shape[-1] // 3
-        out: list[Tensor] = []
-        start = 0
-        for n, length in segments:
-            part = qkv[:, start:start + n * length].view(n, length, 3, num_heads, d // num_heads)
-            out.extend(part.permute(2, 0, 3, 1, 4).unbind(0))
-            start += n * length
         ctx.segments, ctx.num_heads, ctx.shape = segments, num_heads, qkv.shape
-        return tuple(out)
+        return tuple(_split_heads(qkv, segments, num_heads))
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
@@ -155,15 +171,8 @@ class _MergeHeads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, segments: Segments, *outs: Tensor) -> Tensor:  # type: ignore[override]
-        n0, heads, _, hd = outs[0].shape
-        t = sum(n * length for n, length in segments)
-        out = outs[0].new_empty(1, t, heads * hd)
-        start = 0
-        for (n, length), o in zip(segments, outs, strict=True):
-            out[:, start:start + n * length].view(n, length, heads, hd).copy_(o.transpose(1, 2))
-            start += n * length
-        ctx.segments, ctx.heads = segments, heads
-        return out
+        ctx.segments, ctx.heads = segments, outs[0].shape[1]
+        return _merge_heads(segments, outs)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -197,11 +206,17 @@ class Attention(nn.Module):
         elif sum(n * length for n, length in segments) != t or b != 1:
             raise ValueError(f"segments {segments} do not pack an input of shape {tuple(x.shape)}")
         qkv = self.qkv(x).view(1, b * t, 3 * d)  # [1, T, 3D]
-        qkvs = _SplitHeads.apply(qkv, segments, self.num_heads)  # q, k, v [n, heads, L, D/heads] per segment
+        # the autograd functions only where a backward will run: inference (evaluation, tracing, export) sees
+        # plain view and copy operators
+        train = torch.is_grad_enabled() and qkv.requires_grad
+        # q, k, v [n, heads, L, D/heads] per segment
+        qkvs = _SplitHeads.apply(qkv, segments, self.num_heads) if train else _split_heads(qkv, segments,
+                                                                                           self.num_heads)
         # default scale head_dim ** -0.5; each segment's output is written, transposed, into its slice of
         # one [1, T, D] tensor (one copy, no concatenation)
         outs = [F.scaled_dot_product_attention(*qkvs[i:i + 3]) for i in range(0, len(qkvs), 3)]
-        return self.proj(_MergeHeads.apply(segments, *outs).view(b, t, d))
+        merged = _MergeHeads.apply(segments, *outs) if train else _merge_heads(segments, outs)
+        return self.proj(merged.view(b, t, d))
 
 
 class Mlp(nn.Module):
