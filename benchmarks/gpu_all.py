@@ -115,6 +115,7 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
     # the trainer's CUDA-graph step; with DINOv2's batch masking (ibot.mask_sampling=batch, the default) the
     # masked-token count of a batch moves by a few tokens, so a bucket of 64 gives one shape per stage
     graph = ["compute.cuda_graph=true", "compute.masked_tokens_bucket=64"]
+    half = ["compute.half_residual=true", "compute.half_weights=true"]
     aot = ["compute.compile_backend=aot_eager"] if smoke else []
     return [
         Job(
@@ -122,22 +123,23 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             # CUDA-graph step (compute.cuda_graph) trains like the eager one
             "pytest_gpu",
             ["-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_train_sync_free.py",
-             "tests/test_train_cuda_graph.py", "tests/test_fused_loss.py", "tests/test_half_residual.py"],
+             "tests/test_train_cuda_graph.py", "tests/test_fused_loss.py", "tests/test_half_residual.py",
+             "tests/test_half_weights.py"],
             180,
             30,
             json_out=False,
         ),
         # the eager step captured as one CUDA graph per stage (no compilation: launch overhead removed), ViT-S/16
         # and ViT-B/16, each next to the same step with the iBOT cross-entropy as Triton row kernels over the bf16
-        # logits (ibot.fused_loss: no fp32 [M, 65536] tensor), then with the bf16 residual stream on top
-        # (compute.half_residual); ~30-40 s each
+        # logits (ibot.fused_loss: no fp32 [M, 65536] tensor), then with the bf16 residual stream and bf16 weight
+        # copies on top (compute.half_residual, compute.half_weights: no per-use weight casts); ~30-40 s each
         *(
             []
             if smoke
             else [step(f"step_{m}_b64_cuda_graph{suffix}", cfg, "--cuda-graph", *extra, cap=60, min_s=20)
                   for m, cfg in (("vits16", s16), ("vitb16", b16))
                   for suffix, extra in (("", []), ("_fused", ["ibot.fused_loss=true"]),
-                                        ("_fused_half", ["ibot.fused_loss=true", "compute.half_residual=true"]))]
+                                        ("_fused_half", ["ibot.fused_loss=true", *half]))]
         ),
         # the trainer with compute.cuda_graph: 4 epochs, so that the eager warm-up steps and the capture of each
         # stage's batch shape are a small part of the run
@@ -146,9 +148,9 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         # all blocks) with the step captured as one CUDA graph: fused elementwise work and no launch overhead
         step("step_vits16_b64_compile_blocks_cuda_graph", s16, "--compile-blocks",
              *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
-        # the trainer's graph step with the fused iBOT loss and the bf16 residual stream
-        e2e("end_to_end_vits16_graph_fused_half", *graph, "ibot.fused_loss=true", "compute.half_residual=true",
-            epochs=4, cap=200, min_s=80),
+        # the trainer's graph step with the fused iBOT loss, the bf16 residual stream and the bf16 weight copies
+        e2e("end_to_end_vits16_graph_fused_half", *graph, "ibot.fused_loss=true", *half, epochs=4, cap=200,
+            min_s=80),
         # eager, with a profile: GPU time per kernel (top_kernels) explains the full-resolution step
         step("step_vits16_b64", s16, "--profile", "3", "--count-ops"),
         # the student's crops in two passes through the blocks, as before compute.pack_crops

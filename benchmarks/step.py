@@ -61,6 +61,7 @@ from fastdinov2.config import Config, load_config  # noqa: E402
 from fastdinov2.data.collate import mask_index_weights, pad_masked_tokens  # noqa: E402
 from fastdinov2.data.masking import BatchMaskSpec, sample_ibot_masks  # noqa: E402
 from fastdinov2.flops import count_step_flops  # noqa: E402
+from fastdinov2.train.half_weights import HalfWeights  # noqa: E402
 from fastdinov2.train.meta_arch import MetaArch  # noqa: E402
 from fastdinov2.train.optim import apply_optim_schedules, build_adamw, get_param_groups  # noqa: E402
 
@@ -202,6 +203,9 @@ class StepRunner:
             "momentum": cfg.teacher.momentum_teacher,
             "teacher_temp": cfg.teacher.teacher_temp,
         }
+        # compute.half_weights, as the trainer: bf16 copies of the matmul weights (refreshed each step)
+        self.half = (HalfWeights(self.model.student, self.model.teacher, self.dtype)
+                     if cfg.compute.half_weights and self.dtype != torch.float32 else None)
         # as the trainer: the teacher temperature is a 0-d device tensor, validity comes from masks_weight
         self.teacher_temp = torch.full((), self.sched["teacher_temp"], device=device)
         self.timer = PhaseTimer(device)
@@ -228,6 +232,10 @@ class StepRunner:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def swapped(self) -> contextlib.AbstractContextManager[Any]:
+        """The half weight copies in use (``compute.half_weights``), else nothing."""
+        return self.half.swapped() if self.half is not None else contextlib.nullcontext()
 
     def _forward_loss_eager(self, batch: SyntheticBatch) -> dict[str, Tensor]:
         with self.autocast():
@@ -308,20 +316,25 @@ class StepRunner:
             apply_optim_schedules(self.optimizer, s["lr"], s["wd"], s["last_layer_lr"])
             self.optimizer.zero_grad(set_to_none=True)
             saved_centers = [c.clone() for c in centers]
+            if self.half is not None:
+                self.half.refresh()
         with self.autocast():
-            with timer("teacher"):
-                t_cls, t_patch = self.model.teacher_targets(
-                    batch.global_crops, batch.mask_indices, batch.n_masked,
-                    self.teacher_temp.fill_(s["teacher_temp"]), batch.masks_weight,
-                )
-            with timer("student_fwd"):
-                s_out = self.student(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
-            with timer("losses"):
-                losses = self.model.compute_losses(
-                    s_out, t_cls, t_patch, batch.masks, batch.masks_weight, batch.n_local
-                )
+            with self.swapped():
+                with timer("teacher"):
+                    t_cls, t_patch = self.model.teacher_targets(
+                        batch.global_crops, batch.mask_indices, batch.n_masked,
+                        self.teacher_temp.fill_(s["teacher_temp"]), batch.masks_weight,
+                    )
+                with timer("student_fwd"):
+                    s_out = self.student(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
+                with timer("losses"):
+                    losses = self.model.compute_losses(
+                        s_out, t_cls, t_patch, batch.masks, batch.masks_weight, batch.n_local
+                    )
             with timer("backward"):
                 losses["loss"].backward()
+                if self.half is not None:
+                    self.half.collect_grads(accumulate=False)
         totals = {k: v.detach().float() for k, v in losses.items()}
         with timer("clip"):
             if "clip" in self.skip or cfg.optim.clip_grad <= 0:
@@ -362,10 +375,14 @@ class StepRunner:
         with timer("schedules"):
             apply_optim_schedules(self.optimizer, s["lr"], s["wd"], s["last_layer_lr"])
             self.optimizer.zero_grad(set_to_none=True)
-        with timer("forward_loss"):
+            if self.half is not None:
+                self.half.refresh()
+        with timer("forward_loss"), self.swapped():  # outside the compiled function, as the trainer does
             losses = self._forward_loss(batch)
         with timer("backward"):
             losses["loss"].backward()
+            if self.half is not None:
+                self.half.collect_grads(accumulate=False)
         with timer("update"):
             grad_norm = self._update()
         finite = True

@@ -173,12 +173,18 @@ def gpu_train_variants(tmp_path: Path, variants: dict[str, list[str]]) -> dict[s
             for name, extra in variants.items()}
 
 
+def assert_like_reference(tmp_path: Path, option: str, keys: tuple[str, ...], rel: float) -> None:
+    """Train on CUDA without ``option``, with it, and with it inside the CUDA-graph step (tiny preset, 8 steps);
+    each logged ``keys`` of the two runs with it equals the reference's to ``rel``."""
+    runs = gpu_train_variants(tmp_path, {"reference": [], "option": [option],
+                                         "option_graph": [option, "compute.cuda_graph=true"]})
+    for name in ("option", "option_graph"):
+        for a, b in zip(runs["reference"], runs[name], strict=True):
+            for key in keys:
+                assert b[key] == pytest.approx(a[key], rel=rel), (option, name, a["step"], key)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_trainer_with_the_fused_loss_trains_like_the_reference_on_the_gpu(tmp_path: Path) -> None:
-    runs = gpu_train_variants(tmp_path, {"reference": [], "fused": ["ibot.fused_loss=true"],
-                                         "fused_graph": ["ibot.fused_loss=true", "compute.cuda_graph=true"]})
-    for name in ("fused", "fused_graph"):
-        for a, b in zip(runs["reference"], runs[name], strict=True):
-            assert a["ibot_loss"] == pytest.approx(b["ibot_loss"], rel=2e-2), (name, a["step"])
-            assert a["loss"] == pytest.approx(b["loss"], rel=2e-2), (name, a["step"])
+    assert_like_reference(tmp_path, "ibot.fused_loss=true", ("ibot_loss", "loss"), rel=2e-2)

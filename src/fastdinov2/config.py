@@ -229,6 +229,10 @@ class ComputeConfig:
     # the autocast dtype instead of fp32, as DINOv2's FSDP mixed precision does (half the bytes of the blocks'
     # elementwise work, no cast before each linear layer); parameters, gradients and losses stay fp32.
     half_residual: bool = False
+    # Keep bf16 copies of the student's and teacher's linear/conv weights, refreshed once per step, instead of
+    # autocast casting each weight at every use and each gradient back (~400 small kernels per ViT-S step); one
+    # process, bf16 only (train/half_weights.py).
+    half_weights: bool = False
     threads: int | None = None
     strategy: str = "ddp"  # data parallelism under torchrun: "ddp" | "fsdp2" (shards params; for ViT-L/g)
 
@@ -507,6 +511,8 @@ def validate(cfg: Config) -> None:
     _check(tr.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
     _choice(cfg.compute.device, "compute.device", DEVICES)
     _choice(cfg.compute.precision, "compute.precision", PRECISIONS)
+    _check(not (cfg.compute.half_weights and cfg.compute.precision in ("fp16", "fp32")), "compute.half_weights",
+           f"needs bf16 autocast (compute.precision=auto or bf16), got compute.precision={cfg.compute.precision}")
     _choice(cfg.compute.strategy, "compute.strategy", STRATEGIES)
     # compute.compile: the booleans of earlier configs (OmegaConf turns them into "True"/"False") keep working
     cfg.compute.compile = {"true": "modules", "false": "none"}.get(str(cfg.compute.compile).lower(),

@@ -54,6 +54,7 @@ from fastdinov2.train.checkpoint import (
     save_checkpoint,
 )
 from fastdinov2.train.cuda_graph import DeviceSchedules, GraphedStep
+from fastdinov2.train.half_weights import HalfWeights
 from fastdinov2.train.logging import MetricsLogger, read_metrics
 from fastdinov2.train.meta_arch import MetaArch
 from fastdinov2.train.optim import apply_optim_schedules, build_adamw, get_param_groups, reset_optimizer_state
@@ -315,6 +316,9 @@ class Trainer:
         self.device = resolve_device(cfg)
         self.dtype = resolve_precision(cfg, self.device)
         self.photometric_on = resolve_photometric_on(cfg, self.device)
+        if self.world_size > 1 and cfg.compute.half_weights:
+            raise ConfigError(f"compute.half_weights=true runs on one process; this run has {self.world_size} "
+                              "(DDP/FSDP reduce the registered parameters' gradients, which the copies bypass)")
         if self.world_size > 1 and cfg.data.on_bad_sample == "drop" and cfg.data.max_bad_samples > 0:
             raise ConfigError(
                 "data.on_bad_sample=drop works on one process only: under torchrun a rank whose micro-batch "
@@ -352,6 +356,10 @@ class Trainer:
         )
         self.optimizer = build_adamw(self.param_groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+        # compute.half_weights: bf16 copies of the matmul weights, refreshed once per step (train/half_weights.py)
+        self._half: HalfWeights | None = None
+        if cfg.compute.half_weights and self.dtype != torch.float32:
+            self._half = HalfWeights(self.model.student, self.model.teacher, self.dtype)
         # The fused AdamW kernel takes the finiteness flag on the device: the step needs no host sync.
         self.sync_free = bool(self.optimizer.defaults.get("fused")) and self.scaler is None
         self.state = RunState()
@@ -631,6 +639,9 @@ class Trainer:
         n_micro = len(micro_batches)
         totals: dict[str, torch.Tensor] = {}
         centers = (self.model.dino_loss, self.model.ibot_loss)
+        half = self._half
+        if half is not None:
+            half.refresh()  # after the last update, the EMA and any checkpoint load
         if n_micro > 1:  # one centre update per step, from all micro-batches: as one large batch
             for c in centers:
                 c.begin_center_accumulation()
@@ -641,15 +652,18 @@ class Trainer:
             n_local = batch.local_crops.shape[0] // max(1, batch.batch_size)
             # Gradients are reduced across ranks once per step, in the backward of the last micro-batch.
             with dist_utils.gradient_sync(self.student, enabled=i == n_micro - 1), self.autocast():
-                losses = self._forward_loss_fn(
-                    batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices, batch.masks_weight,
-                    batch.n_masked_patches, teacher_temp, n_local,
-                )
+                with half.swapped() if half is not None else contextlib.nullcontext():
+                    losses = self._forward_loss_fn(
+                        batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices, batch.masks_weight,
+                        batch.n_masked_patches, teacher_temp, n_local,
+                    )
                 loss = losses["loss"] / n_micro
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
                     loss.backward()
+            if half is not None:
+                half.collect_grads(accumulate=i > 0)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v.detach().float() / n_micro
         if n_micro > 1:
