@@ -112,6 +112,20 @@ def test_trainer_trains_like_autocast_with_a_fraction_of_the_casts(synthetic_roo
     assert {v.dtype for part in ("student", "teacher") for v in ckpt[part].values()} == {torch.float32}
 
 
+@pytest.mark.parametrize("scope", ["blocks", "step"])
+def test_compiled_steps_use_the_copies_alike(synthetic_root: Path, tmp_path: Path, scope: str) -> None:
+    # the swap happens outside the compiled regions (aot_eager: dynamo and AOTAutograd, no code generation)
+    from fastdinov2.train.loop import train
+
+    torch._dynamo.reset()
+    common = ["train.max_steps=2", "compute.half_weights=true"]
+    eager = train(_cfg(synthetic_root, *common), tmp_path / "eager")["history"]
+    compiled = train(_cfg(synthetic_root, *common, f"compute.compile={scope}", "compute.compile_backend=aot_eager"),
+                     tmp_path / "compiled")["history"]
+    for a, b in zip(eager, compiled, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
+
+
 def test_more_than_one_process_is_refused(
     synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
