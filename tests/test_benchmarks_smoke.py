@@ -261,7 +261,7 @@ def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
     names = [j.name for j in ga.plan(tmp_path)]
     # the GPU tests first, then the graph step of both models with and without the fused iBOT loss, then the
     # trainer's CUDA-graph step end to end
-    graphs = [f"step_{m}_b64_cuda_graph{v}" for m in ("vits16", "vitb16") for v in ("", "_fused", "_fused_half")]
+    graphs = [f"step_{m}_b64_cuda_graph{v}" for m in ("vits16", "vitb16") for v in ("", "_fused", "_half")]
     assert names[:8] == ["pytest_gpu", *graphs, "end_to_end_vits16_graph"] and "torchrun_smoke_tiny" in names
     assert len(set(names)) == len(names)
     smoke_names = [j.name for j in ga.plan(tmp_path, smoke=True)]
