@@ -158,18 +158,23 @@ class StudentTeacherModel(nn.Module):
         patches = g["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
         n_g = cls_g.shape[0]
         n_l = cls_l.shape[0]
+        # split, not slices: the backward of a split is one concatenation (slices zero-fill full-size gradients)
         if self.ibot_chunk_rows > 0:
             cls_logits, feats, prototypes = self.heads_features(torch.cat([cls_g, cls_l]), patches)
+            global_logits, local_logits = cls_logits.split([n_g, n_l])
             return {
                 "global_cls": cls_g,
-                **dict(zip(("global_logits", "local_logits"), cls_logits.split([n_g, n_l]), strict=True)),
+                "global_logits": global_logits,
+                "local_logits": local_logits,
                 "masked_patch_features": feats,
                 "ibot_prototypes": prototypes,
             }
         cls_logits, patch_logits = self.heads(torch.cat([cls_g, cls_l]), patches)
+        global_logits, local_logits = cls_logits.split([n_g, n_l])
         return {
             "global_cls": cls_g,
-            **dict(zip(("global_logits", "local_logits"), cls_logits.split([n_g, n_l]), strict=True)),
+            "global_logits": global_logits,
+            "local_logits": local_logits,
             "masked_patch_logits": patch_logits,
         }
 
