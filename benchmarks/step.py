@@ -173,6 +173,7 @@ class StepRunner:
         skip: tuple[str, ...] = (),
         host_sync: bool = False,
         cuda_graph: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.cfg, self.device, self.skip, self.host_sync = cfg, device, set(skip), host_sync
         if cuda_graph and (device.type != "cuda" or compile_step or host_sync):
@@ -181,7 +182,8 @@ class StepRunner:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.capture_s: dict[int, float] = {}
         self.capture_failures: list[str] = []
-        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        # as the trainer's compute.precision=auto: bf16 autocast on CUDA, fp32 on the CPU (unless given)
+        self.dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         torch.manual_seed(cfg.train.seed)
         self.model = MetaArch(cfg).to(device)
         groups = get_param_groups(
@@ -632,6 +634,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         skip=skip,
         host_sync=args.host_sync,
         cuda_graph=args.cuda_graph,
+        dtype={"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype],
     )
     if args.cuda_graph and args.breakdown:
         raise SystemExit("--breakdown cannot time phases inside a CUDA graph; leave it out with --cuda-graph")
@@ -877,6 +880,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--profile", type=int, default=0, metavar="N", help="torch.profiler over N steps per stage"
+    )
+    p.add_argument(
+        "--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+        help="autocast dtype of the step (auto: bf16 on CUDA, fp32 on the CPU, as the trainer); bf16 on the CPU "
+             "runs CPU autocast, e.g. with --count-ops to count the casts CUDA autocast would add",
     )
     p.add_argument(
         "--count-ops", action="store_true",

@@ -139,6 +139,14 @@ def test_step_count_ops_counts_kernel_launching_calls(step_mod: ModuleType) -> N
     assert 100 < oc["kernel_ops_per_step"] < 1000
     with pytest.raises(SystemExit, match="--count-ops"):
         step_mod.main(["--count-ops", "--compile-blocks", *TINY])
+    # under CPU autocast (--dtype bf16) the weight casts appear; bf16 weight copies remove most of them
+    casts = []
+    for extra in ([], ["compute.half_weights=true"]):
+        out = step_mod.main(["--steps", "1", "--rounds", "1", "--warmup", "0", "--threads", "1", "--stages", "0",
+                             "--count-ops", "--dtype", "bf16", *TINY, *extra])
+        assert out["dtype"] == "bfloat16"
+        casts.append(out["stages"][0]["op_count"]["top_kernel_ops"].get("aten::_to_copy", 0))
+    assert casts[1] < casts[0] / 2, casts
 
 
 def test_step_profile_reports_device_time_tables(step_mod: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
