@@ -333,7 +333,8 @@ def test_packed_list_equals_one_pass_per_input(registers: int) -> None:
         loss = sum(o["x_norm_clstoken"].sum() + o["x_norm_patchtokens"].square().sum() for o in outs)
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
     for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        # elements near 0 differ by fp32 rounding of the summation order (torch 2.11: 1.9e-6 on a 48-entry bias)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 def test_packed_stochastic_depth_drops_whole_images() -> None:
