@@ -120,14 +120,23 @@ def _split_heads(qkv: Tensor, segments: Segments, num_heads: int) -> list[Tensor
     return out
 
 
+def _head_views(t: Tensor, segments: Segments, num_heads: int) -> list[Tensor]:
+    """Packed ``t [1, T, D]`` -> per segment a view ``[n, heads, L, D/heads]`` (the attention output layout)."""
+    d = t.shape[-1]
+    views: list[Tensor] = []
+    start = 0
+    for n, length in segments:
+        views.append(t[:, start:start + n * length].view(n, length, num_heads, d // num_heads).transpose(1, 2))
+        start += n * length
+    return views
+
+
 def _merge_heads(segments: Segments, outs: Sequence[Tensor]) -> Tensor:
     """Attention outputs ``[n, heads, L, D/heads]`` per segment -> one new packed ``[1, T, D]`` tensor."""
     _, heads, _, hd = outs[0].shape
     out = outs[0].new_empty(1, sum(n * length for n, length in segments), heads * hd)
-    start = 0
-    for (n, length), o in zip(segments, outs, strict=True):
-        out[:, start:start + n * length].view(n, length, heads, hd).copy_(o.transpose(1, 2))
-        start += n * length
+    for view, o in zip(_head_views(out, segments, heads), outs, strict=True):
+        view.copy_(o)
     return out
 
 
@@ -150,17 +159,9 @@ class _SplitHeads(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
         like = next(g for g in grads if g is not None)
         grad = like.new_empty(ctx.shape)
-        d = ctx.shape[-1] // 3
-        start, i = 0, 0
-        for n, length in ctx.segments:
-            # the segment's gradient as [3, n, heads, L, hd] (the forward's view): dq, dk, dv copy in as they are
-            part = grad[0, start:start + n * length].view(n, length, 3, ctx.num_heads, d // ctx.num_heads)
-            part = part.permute(2, 0, 3, 1, 4)
-            for j in range(3):
-                g = grads[i + j]
-                part[j].zero_() if g is None else part[j].copy_(g)
-            start += n * length
-            i += 3
+        # the gradient's views in the forward's q, k, v layout: dq, dk, dv copy in as they are
+        for view, g in zip(_split_heads(grad, ctx.segments, ctx.num_heads), grads, strict=True):
+            view.zero_() if g is None else view.copy_(g)
         return grad, None, None
 
 
@@ -176,13 +177,7 @@ class _MergeHeads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        d = grad.shape[-1]
-        views, start = [], 0
-        for n, length in ctx.segments:
-            g = grad[:, start:start + n * length].view(n, length, ctx.heads, d // ctx.heads)
-            views.append(g.transpose(1, 2))
-            start += n * length
-        return (None, *views)
+        return (None, *_head_views(grad, ctx.segments, ctx.heads))
 
 
 class Attention(nn.Module):

@@ -63,6 +63,9 @@ class HalfWeights:
                     self.slots.append((mod, name, p, half))
             if train:
                 self.n_trained = len(self.slots)
+        # the refresh's two lists, built once (the optimizer and checkpoint loads update the parameters in place)
+        self._halves = [s[3] for s in self.slots]
+        self._sources = [s[2].detach() for s in self.slots]
         self.refresh()
 
     @property
@@ -73,7 +76,7 @@ class HalfWeights:
     def refresh(self) -> None:
         """fp32 parameters -> half copies (multi-tensor copies; no host synchronisation)."""
         if self.slots:
-            torch._foreach_copy_([s[3] for s in self.slots], [s[2].detach() for s in self.slots])
+            torch._foreach_copy_(self._halves, self._sources)
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
