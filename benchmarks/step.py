@@ -206,7 +206,8 @@ class StepRunner:
             "teacher_temp": cfg.teacher.teacher_temp,
         }
         # compute.half_weights, as the trainer: bf16 copies of the matmul weights (refreshed each step)
-        self.half = (HalfWeights(self.model.student, self.model.teacher, self.dtype)
+        self.half = (HalfWeights(self.model.student, self.model.teacher, self.dtype,
+                                 layer_scale=cfg.compute.half_residual)
                      if cfg.compute.half_weights and self.dtype != torch.float32 else None)
         # as the trainer: the teacher temperature is a 0-d device tensor, validity comes from masks_weight
         self.teacher_temp = torch.full((), self.sched["teacher_temp"], device=device)

@@ -144,3 +144,21 @@ def test_half_weights_train_like_autocast_on_the_gpu(tmp_path: Path) -> None:
     from .test_fused_loss import assert_like_reference
 
     assert_like_reference(tmp_path, "compute.half_weights=true", ("loss",), rel=1e-3)
+
+
+def test_layer_scale_copies_only_when_asked() -> None:
+    from fastdinov2.models.vit import Block
+
+    block = Block(8, 2, layerscale_init=0.5)
+    plain = HalfWeights(block, None, torch.bfloat16)
+    assert not any(name == "gamma" for _, name, _, _ in plain.slots)
+    hw = HalfWeights(block, None, torch.bfloat16, layer_scale=True)
+    assert [name for _, name, _, _ in hw.slots].count("gamma") == 2
+    x = torch.randn(3, 5, 8, dtype=torch.bfloat16)  # the half residual stream
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Casts() as mode, hw.swapped():
+        assert block.ls1.gamma.dtype == torch.bfloat16
+        block(x).float().sum().backward()
+    assert mode.counts["_to_copy"] <= 2  # no cast of the gammas or their gradients, forward or backward
+    hw.collect_grads(accumulate=False)
+    grad = block.ls1.gamma.grad
+    assert grad is not None and grad.dtype == torch.float32 and bool(grad.abs().sum() > 0)

@@ -374,3 +374,91 @@ def test_attention_backward_matches_numerical_gradients(segments: tuple[tuple[in
     with torch.no_grad():  # without autograd: the plain view/copy path, the same values
         plain = attn(x, segments)
     torch.testing.assert_close(attn(x, segments), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keep,value", [(None, 1.0), ("tokens", 1.0 / 0.7), ("samples", 1.0 / 0.7)])
+def test_layer_scale_residual_gradients(keep: str | None, value: float) -> None:
+    from fastdinov2.models.vit import _LayerScaleResidual
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    branch = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    gamma = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    k = None
+    if keep == "tokens":
+        k = (torch.rand(2, 5, 1) < 0.7).double()
+    elif keep == "samples":
+        k = torch.tensor([[[1.0]], [[0.0]]], dtype=torch.float64)
+    out = _LayerScaleResidual.apply(x, branch, gamma, k, value)
+    ref = torch.addcmul(x, branch if k is None else branch * k, gamma, value=value)
+    torch.testing.assert_close(out, ref)
+    assert torch.autograd.gradcheck(lambda a, b, g: _LayerScaleResidual.apply(a, b, g, k, value), (x, branch, gamma))
+
+
+def test_layer_scale_residual_backward_passes() -> None:
+    """The block's residual backward writes three full-size tensors per branch with stochastic depth (autograd's
+    backward of the multiply and the addcmul: four) and two without (autograd: three), plus one reduction."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastdinov2.models.vit import _LayerScaleResidual
+
+    class FullSize(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = Counter()  # type: Counter[str]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() == 6 * 7 * 8 and "view" not in func.__name__:
+                self.n[func.__name__.split(".")[0]] += 1
+            return out
+
+    for k, limit in ((torch.ones(6, 1, 1), 3), (None, 2)):
+        x, branch = torch.randn(6, 7, 8, requires_grad=True), torch.randn(6, 7, 8, requires_grad=True)
+        gamma = torch.randn(8, requires_grad=True)
+        out = _LayerScaleResidual.apply(x, branch, gamma, k, 1.25)
+        grad = torch.ones_like(out)
+        with FullSize() as mode:
+            torch.autograd.grad(out, [x, branch, gamma], grad)
+        mode.n.pop("detach", None)
+        assert sum(mode.n.values()) <= limit, mode.n
+
+
+def test_stochastic_depth_draws_once_for_all_blocks() -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = small_vit(drop_path_rate=0.5).train()
+    segments = ((300, 5), (500, 2))
+    x = torch.zeros(1, 300 * 5 + 500 * 2, model.embed_dim)
+    torch.manual_seed(0)
+    draws = model.stochastic_depth_draws(x, segments)
+    assert len(draws) == model.n_blocks and all(d is not None for d in draws)
+    seen = []
+    for pair in draws:
+        assert pair is not None
+        for d in pair:
+            assert d.shape == (1, x.shape[1], 1)
+            per = torch.cat([d[0, :1500, 0].view(300, 5), d[0, 1500:, 0].view(500, 2)[:, :1].expand(500, 5)])
+            assert torch.all(per == per[:, :1]) and set(per.unique().tolist()) <= {0.0, 1.0}
+            seen.append(per[:, 0])
+    rate = torch.stack(seen).mean().item()
+    assert abs(rate - 0.5) < 0.05 and not torch.equal(seen[0], seen[1])  # independent draws per branch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.stochastic_depth_draws(torch.zeros(4, 3, model.embed_dim))[0][0].shape == (4, 1, 1)  # type: ignore[index]
+        assert model.stochastic_depth_draws(x, segments)[0][0].dtype == torch.bfloat16  # type: ignore[index]
+    assert model.eval().stochastic_depth_draws(x, segments) == [None] * model.n_blocks
+    assert small_vit().train().stochastic_depth_draws(x, segments) == [None] * model.n_blocks
+
+    class Bernoulli(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            Bernoulli.n += func.__name__.startswith("bernoulli")
+            return func(*args, **(kwargs or {}))
+
+    model.train()
+    with Bernoulli():
+        out = model.forward_features([torch.randn(2, 3, 64, 64), torch.randn(4, 3, 32, 32)])
+    assert Bernoulli.n == 1 and all(torch.isfinite(o["x_norm_patchtokens"]).all() for o in out)

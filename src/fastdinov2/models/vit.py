@@ -311,46 +311,102 @@ class Block(nn.Module):
         self.ls2: nn.Module = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
-    def _add_branch(self, x: Tensor, branch: Tensor, ls: nn.Module, segments: Segments | None = None) -> Tensor:
-        """``x + drop_path(ls(branch))`` with the layer scale and the stochastic-depth mask folded into one
-        per-sample, per-channel factor and a single ``addcmul``: the same result as the three modules in
-        sequence (to rounding) and the same random draw, with 2-4 fewer kernels per residual (the GPU step
-        is launch-bound). With ``segments`` (packed sequences, :meth:`Attention.forward`) a sample is one
-        sequence of a segment: one draw for all of them, spread over their tokens."""
+    def _draw_keep(self, x: Tensor, segments: Segments | None) -> Tensor:
+        """One stochastic-depth draw for a branch output ``x``: 0/1 in ``x``'s dtype per sequence, ``[B, 1, 1]``,
+        or per token ``[1, T, 1]`` for packed ``segments`` (every token of a sequence alike)."""
+        keep = 1.0 - self.drop_path.drop_prob
+        if segments is None:
+            return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return _per_token(x.new_empty(sum(n for n, _ in segments)).bernoulli_(keep), segments).view(1, -1, 1)
+
+    def _add_branch(self, x: Tensor, branch: Tensor, ls: nn.Module, segments: Segments | None = None,
+                    keep: Tensor | None = None) -> Tensor:
+        """``x + drop_path(ls(branch))``: the layer scale and the stochastic-depth factor applied by one
+        ``addcmul`` (and one multiply by the 0/1 draw), the same result as the three modules in sequence (to
+        rounding). ``keep``: this branch's draw, 0/1 ``[B, 1, 1]`` or per token ``[1, T, 1]`` (drawn for all
+        blocks at once by :meth:`DinoVisionTransformer.stochastic_depth_draws`); ``None``: drawn here. With
+        ``segments`` (packed sequences, :meth:`Attention.forward`) a sample is one sequence of a segment."""
         gamma = ls.gamma if isinstance(ls, LayerScale) else None
         dp = self.drop_path
+        value = 1.0
         if dp.drop_prob > 0.0 and dp.training:
-            keep = 1.0 - dp.drop_prob
-            if segments is not None:
-                draws = x.new_empty(sum(n for n, _ in segments)).bernoulli_(keep)
-                branch = branch * _per_token(draws, segments)  # [1, T, D]
-                if gamma is None:
-                    return torch.add(x, branch, alpha=1.0 / keep)
-                # 1 / keep as addcmul's scalar: no division kernel, forward or backward
-                return torch.addcmul(x, branch, gamma.to(x.dtype), value=1.0 / keep)
-            mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-            factor = mask * gamma.to(x.dtype) if gamma is not None else mask
-            return torch.addcmul(x, branch, factor, value=1.0 / keep)
-        if gamma is not None:
-            return torch.addcmul(x, branch, gamma.to(x.dtype))  # a no-op cast for the fp32 stream
-        return x + branch
+            value = 1.0 / (1.0 - dp.drop_prob)  # as addcmul's scalar: no division kernel, forward or backward
+            if keep is None:
+                keep = self._draw_keep(branch, segments)
+        else:
+            keep = None
+        if gamma is None:
+            return x + branch if keep is None else torch.add(x, branch * keep, alpha=value)
+        if torch.is_grad_enabled() and (x.requires_grad or branch.requires_grad or gamma.requires_grad):
+            return _LayerScaleResidual.apply(x, branch, gamma, keep, value)
+        # a no-op cast for the fp32 stream
+        return torch.addcmul(x, branch if keep is None else branch * keep, gamma.to(x.dtype), value=value)
 
-    def forward(self, x: Tensor, segments: Segments | None = None) -> Tensor:
-        """``[B, T, D] -> [B, T, D]``; with ``segments``, ``x`` is ``[1, T, D]`` packed (:meth:`Attention.forward`)."""
-        x = self._add_branch(x, self.attn(layer_norm(self.norm1, x), segments), self.ls1, segments)
-        return self._add_branch(x, self.mlp(layer_norm(self.norm2, x)), self.ls2, segments)
+    def forward(self, x: Tensor, segments: Segments | None = None,
+                keeps: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``[B, T, D] -> [B, T, D]``; with ``segments``, ``x`` is ``[1, T, D]`` packed (:meth:`Attention.forward`).
+        ``keeps``: the stochastic-depth draws of the two branches (see :meth:`_add_branch`); ``None``: drawn here."""
+        k1, k2 = keeps if keeps is not None else (None, None)
+        x = self._add_branch(x, self.attn(layer_norm(self.norm1, x), segments), self.ls1, segments, k1)
+        return self._add_branch(x, self.mlp(layer_norm(self.norm2, x)), self.ls2, segments, k2)
+
+
+class _LayerScaleResidual(torch.autograd.Function):
+    """``x + value * (branch * keep) * gamma`` with a backward of fewer passes than autograd's.
+
+    Shapes: ``x`` ``[B, T, D]``, ``branch`` ``[B, T, D]`` (may be of a narrower dtype than ``x``), ``gamma``
+    ``[D]``, ``keep`` a 0/1 stochastic-depth factor broadcasting to ``[B, T, 1]`` or ``None``, ``value`` the
+    ``1 / keep probability`` scale (1 without stochastic depth).
+
+    Autograd's backward of ``torch.addcmul(x, branch * keep, gamma, value=value)`` multiplies the saved
+    ``[B, T, D]`` product by ``value`` (a full pass even for ``value == 1``) before multiplying it by the
+    gradient, multiplies the gradient by ``gamma * value``, and then by ``keep`` for the multiply before it:
+    four full-size results and a reduction per residual branch (three without stochastic depth), plus small
+    kernels (``gamma * value``, casts of a half-precision ``gamma``). Here ``d branch = grad * (value * gamma) *
+    keep`` (two passes; one without stochastic depth) and ``d gamma = value * sum(grad * branch * keep)`` over
+    the tokens (a product and a reduction, accumulated in fp32, written in ``gamma``'s dtype); ``d x`` is
+    ``grad`` itself.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, branch: Tensor, gamma: Tensor, keep: Tensor | None,  # type: ignore[override]
+                value: float) -> Tensor:
+        scaled = branch if keep is None else branch * keep
+        g = gamma.to(x.dtype)  # no-op for the fp32 stream and for half copies of gamma (compute.half_weights)
+        ctx.save_for_backward(scaled, g, keep)
+        ctx.value, ctx.branch_dtype, ctx.gamma_dtype = value, branch.dtype, gamma.dtype
+        return torch.addcmul(x, scaled, g, value=value)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        scaled, g, keep = ctx.saved_tensors
+        value = ctx.value
+        grad_branch = grad_gamma = None
+        if ctx.needs_input_grad[1]:
+            grad_branch = grad * (g * value if value != 1.0 else g)
+            if keep is not None:
+                grad_branch.mul_(keep)
+            grad_branch = grad_branch.to(ctx.branch_dtype)
+        if ctx.needs_input_grad[2]:
+            # summed with an fp32 accumulator (half dtypes too), written in gamma's dtype
+            grad_gamma = torch.sum((grad * scaled).view(-1, grad.shape[-1]), dim=0, dtype=ctx.gamma_dtype)
+            if value != 1.0:
+                grad_gamma.mul_(value)
+        return grad if ctx.needs_input_grad[0] else None, grad_branch, grad_gamma, None, None
 
 
 def _per_token(draws: Tensor, segments: Segments) -> Tensor:
-    """Per-sequence values ``[sum B_i]`` -> per-token ``[1, T, 1]`` for packed ``segments`` (one broadcasting
+    """Per-sequence values ``[..., sum B_i]`` -> per token ``[..., T]`` for packed ``segments`` (one broadcasting
     copy per segment into the result; ``draws`` carries no gradient)."""
     t = sum(n * length for n, length in segments)
-    out = draws.new_empty(t)
+    lead = draws.shape[:-1]
+    out = draws.new_empty(*lead, t)
     start, tok = 0, 0
     for n, length in segments:
-        out[tok:tok + n * length].view(n, length).copy_(draws[start:start + n, None].expand(n, length))
+        out[..., tok:tok + n * length].view(*lead, n, length).copy_(
+            draws[..., start:start + n, None].expand(*lead, n, length))
         start, tok = start + n, tok + n * length
-    return out.view(1, t, 1)
+    return out
 
 
 class DinoVisionTransformer(nn.Module):
@@ -457,10 +513,32 @@ class DinoVisionTransformer(nn.Module):
         dtype = _autocast_dtype(tokens) if self.half_residual else None
         return tokens.to(dtype) if dtype is not None else tokens
 
+    def stochastic_depth_draws(self, x: Tensor, segments: Segments | None = None) -> list[tuple[Tensor, Tensor] | None]:
+        """Every block's two stochastic-depth draws for the tokens ``x`` entering the blocks, made at once: one
+        Bernoulli draw ``[depth * 2, sequences]`` and, for packed ``segments``, one broadcasting copy per segment
+        to the tokens, instead of a draw and copies in each of the ``2 * depth`` branches (kernels of their own
+        on a GPU). Per block ``(attention branch, MLP branch)``: 0/1 views ``[B, 1, 1]`` (``x [B, T, D]``) or
+        ``[1, T, 1]`` (packed ``x [1, T, D]``) in the branches' dtype (the autocast dtype, else ``x``'s).
+
+        ``None`` entries (the block draws for itself, see :meth:`Block._add_branch`): not training, no
+        stochastic depth, or blocks with different rates."""
+        rates = {blk.drop_path.drop_prob for blk in self.blocks}
+        if not (self.training and len(rates) == 1) or rates == {0.0}:
+            return [None] * len(self.blocks)
+        keep = 1.0 - rates.pop()
+        n_seq = x.shape[0] if segments is None else sum(n for n, _ in segments)
+        dtype = _autocast_dtype(x) or x.dtype
+        draws = x.new_empty(2 * len(self.blocks), n_seq, dtype=dtype).bernoulli_(keep)
+        if segments is None:
+            per = draws.view(2 * len(self.blocks), n_seq, 1, 1)
+        else:
+            per = _per_token(draws, segments).view(2 * len(self.blocks), 1, -1, 1)
+        return [(per[2 * i], per[2 * i + 1]) for i in range(len(self.blocks))]
+
     def _features(self, x: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
         x = self._to_stream(self.prepare_tokens_with_masks(x, masks))
-        for blk in self.blocks:
-            x = blk(x)
+        for blk, keeps in zip(self.blocks, self.stochastic_depth_draws(x), strict=True):
+            x = blk(x, None, keeps)
         return self._outputs(x, layer_norm(self.norm, x), masks)
 
     def _outputs(self, x: Tensor, x_norm: Tensor, masks: Tensor | None) -> dict[str, Tensor | None]:
@@ -485,8 +563,8 @@ class DinoVisionTransformer(nn.Module):
         segments: Segments = tuple((t.shape[0], t.shape[1]) for t in tokens)
         d = tokens[0].shape[-1]
         x = self._to_stream(torch.cat([t.reshape(1, -1, d) for t in tokens], dim=1))
-        for blk in self.blocks:
-            x = blk(x, segments)
+        for blk, keeps in zip(self.blocks, self.stochastic_depth_draws(x, segments), strict=True):
+            x = blk(x, segments, keeps)
         x_norm = layer_norm(self.norm, x)
         sizes = [n * length for n, length in segments]  # split, not slices: see _outputs
         return [self._outputs(xi.view(n, length, d), ni.view(n, length, d), mi)

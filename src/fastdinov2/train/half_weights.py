@@ -22,6 +22,10 @@ The arithmetic is the autocast path's: the same bf16 weights enter the same bf16
 gradient comes out of the matmul in bf16 either way. Only a weight used twice in one backward (the patch
 embedding, once per crop size) sums its two contributions in bf16 instead of fp32.
 
+With ``layer_scale=True`` (the trainer passes ``compute.half_residual``) the layer-scale vectors ``gamma`` get
+copies too: the bf16 residual stream multiplies by them in bf16 (a cast per branch and use otherwise); on the
+fp32 stream they stay fp32.
+
 One process only: DDP and FSDP reduce the gradients of the registered parameters through hooks that the copies
 bypass (the trainer refuses the combination).
 """
@@ -34,15 +38,19 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from fastdinov2.models.vit import LayerScale
+
 #: Modules whose weight and bias autocast casts for its matmul / convolution.
 CAST_MODULES = (nn.Linear, nn.Conv2d)
 
 
 class HalfWeights:
     """bf16 (``dtype``) copies of the fp32 weights and biases of the ``nn.Linear``/``nn.Conv2d`` modules of
-    ``trained`` (copies with gradients) and ``frozen`` (copies without)."""
+    ``trained`` (copies with gradients) and ``frozen`` (copies without); with ``layer_scale``, also of the
+    :class:`~fastdinov2.models.vit.LayerScale` ``gamma`` vectors (for the half residual stream)."""
 
-    def __init__(self, trained: nn.Module, frozen: nn.Module | None, dtype: torch.dtype) -> None:
+    def __init__(self, trained: nn.Module, frozen: nn.Module | None, dtype: torch.dtype,
+                 layer_scale: bool = False) -> None:
         if dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(f"half weights need a half-precision dtype, got {dtype}")
         self.dtype = dtype
@@ -53,9 +61,13 @@ class HalfWeights:
             if model is None:
                 continue
             for mod in model.modules():
-                if not isinstance(mod, CAST_MODULES):
+                if isinstance(mod, CAST_MODULES):
+                    names: tuple[str, ...] = ("weight", "bias")
+                elif layer_scale and isinstance(mod, LayerScale):
+                    names = ("gamma",)
+                else:
                     continue
-                for name in ("weight", "bias"):
+                for name in names:
                     p = mod._parameters.get(name)
                     if p is None or p.dtype != torch.float32:
                         continue

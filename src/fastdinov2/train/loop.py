@@ -359,7 +359,8 @@ class Trainer:
         # compute.half_weights: bf16 copies of the matmul weights, refreshed once per step (train/half_weights.py)
         self._half: HalfWeights | None = None
         if cfg.compute.half_weights and self.dtype != torch.float32:
-            self._half = HalfWeights(self.model.student, self.model.teacher, self.dtype)
+            self._half = HalfWeights(self.model.student, self.model.teacher, self.dtype,
+                                     layer_scale=cfg.compute.half_residual)
         # The fused AdamW kernel takes the finiteness flag on the device: the step needs no host sync.
         self.sync_free = bool(self.optimizer.defaults.get("fused")) and self.scaler is None
         self.state = RunState()
