@@ -317,6 +317,61 @@ def test_ddp_two_processes_match_one_process(ddp_run: tuple[Path, str], referenc
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["sample_position"] == 64
 
 
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / f"step_{N_STEPS:08d}" / "model.pt", weights_only=True)["student"]
+
+
+def test_ddp_with_the_graph_step_reduces_flat_gradients_like_ddp(data_root: Path, tmp_path: Path) -> None:
+    """``compute.cuda_graph=true`` under torchrun (``compute.strategy=ddp``): no DDP wrapper; the gradients sit in
+    one flat buffer averaged by one all-reduce (``distributed.FlatGradients``), which a CUDA graph captures too.
+    On the CPU the same static step runs eagerly: it trains like DDP's eager step, step by step."""
+    common = ["ibot.mask_sampling=batch", "compute.masked_tokens_bucket=4"]  # the graph step's requirements
+    runs = {name: tmp_path / name for name in ("ddp", "graph")}
+    _torchrun(runs["ddp"], _overrides(data_root, B, *common))
+    _, err = _torchrun(runs["graph"], _overrides(data_root, B, *common, "compute.cuda_graph=true"))
+    assert "the same static step runs eagerly" in err and "one all-reduce of a flat buffer per step" in err
+    got, want = _rows(runs["graph"]), _rows(runs["ddp"])
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(N_STEPS))
+    for g, w in zip(got, want, strict=True):
+        for key in ("loss", "dino_loss", "ibot_loss", "grad_norm"):
+            assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-6), (g["step"], key, g[key], w[key])
+    graph, ddp = _final_weights(runs["graph"]), _final_weights(runs["ddp"])
+    assert graph.keys() == ddp.keys()  # the same checkpoint layout (no "module." prefix)
+    for k in ddp:
+        torch.testing.assert_close(graph[k], ddp[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_ddp_with_half_weights_reduces_flat_gradients_like_ddp(data_root: Path, tmp_path: Path) -> None:
+    """``compute.half_weights=true`` under torchrun: the bf16 copies' gradients are collected into the flat buffer
+    and averaged there; the same steps as DDP under autocast."""
+    common = ["compute.precision=bf16", "compute.masked_tokens_bucket=4"]
+    runs = {name: tmp_path / name for name in ("ddp", "half")}
+    _torchrun(runs["ddp"], _overrides(data_root, B, *common))
+    _, err = _torchrun(runs["half"], _overrides(data_root, B, *common, "compute.half_weights=true"))
+    assert "one all-reduce of a flat buffer per step" in err
+    for g, w in zip(_rows(runs["half"]), _rows(runs["ddp"]), strict=True):
+        for key in ("loss", "grad_norm"):
+            assert g[key] == pytest.approx(w[key], rel=1e-3), (g["step"], key, g[key], w[key])
+
+
+def test_graph_step_and_half_weights_refusals_on_several_processes(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastdinov2.train.loop import Trainer
+
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)  # the checks run before any collective
+    for key in ("cuda_graph", "half_weights"):
+        cfg = load_config("fastdinov2_tiny", _overrides(data_root, B, "compute.strategy=fsdp2",
+                                                        "compute.precision=bf16", f"compute.{key}=true",
+                                                        "compute.masked_tokens_bucket=4"))
+        with pytest.raises(ConfigError, match=f"compute.{key}=true does not combine with compute.strategy=fsdp2"):
+            Trainer(cfg, tmp_path / key)
+    cfg = load_config("fastdinov2_tiny", _overrides(data_root, B, "compute.cuda_graph=true",
+                                                    "compute.masked_tokens_bucket=4"))  # TINY masks per sample
+    with pytest.raises(ConfigError, match="needs ibot.mask_sampling=batch"):
+        Trainer(cfg, tmp_path / "sample")
+
+
 def test_fsdp2_matches_and_writes_full_state_dicts(fsdp_run: tuple[Path, str], reference: Path) -> None:
     run = fsdp_run[0]
     _assert_same_losses(run, reference)
@@ -481,3 +536,42 @@ def test_a_micro_batch_of_only_bad_files_on_one_rank_is_replaced(data_root: Path
     assert err.count("rank 1: replaced bad image") >= B, err[-3000:]
     counts = [int(x.split("/")[0]) for x in err.split("bad images so far: ")[1:]]
     assert counts and counts[-1] >= B, err[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()), reason="needs CUDA and NCCL")
+def test_flat_gradients_all_reduce_is_captured_in_a_cuda_graph(tmp_path: Path) -> None:
+    """The collective of ``FlatGradients`` inside a CUDA graph (a one-rank NCCL group: the all-reduce still runs
+    as an NCCL kernel): replays give the eager gradients and follow new inputs."""
+    assert not dist.is_initialized()
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", torch.cuda.current_device()))
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).cuda()
+        flat = distributed.FlatGradients(list(model.parameters()))
+        x = torch.randn(8, 16, device="cuda")
+
+        def step() -> None:
+            flat.zero_()
+            model(x).square().sum().backward()
+            flat.all_reduce()
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        for _ in range(2):
+            x.copy_(torch.randn(8, 16, device="cuda"))
+            graph.replay()
+            torch.cuda.synchronize()
+            want = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+            for p, w in zip(model.parameters(), want, strict=True):
+                torch.testing.assert_close(p.grad, w)
+    finally:
+        dist.destroy_process_group()

@@ -126,18 +126,6 @@ def test_compiled_steps_use_the_copies_alike(synthetic_root: Path, tmp_path: Pat
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
 
 
-def test_more_than_one_process_is_refused(
-    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    data_root = synthetic_root
-    from fastdinov2 import distributed as dist_utils
-    from fastdinov2.train.loop import Trainer
-
-    monkeypatch.setattr(dist_utils, "get_world_size", lambda: 2)
-    with pytest.raises(ConfigError, match="compute.half_weights=true runs on one process"):
-        Trainer(_cfg(data_root, "compute.half_weights=true"), tmp_path / "t")
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_half_weights_train_like_autocast_on_the_gpu(tmp_path: Path) -> None:

@@ -27,6 +27,28 @@ def test_pad_masked_tokens_rounds_up_with_zero_weight_rows() -> None:
     assert pad_masked_tokens(idx, w, 0)[0] is idx  # 0: no padding
     assert pad_masked_tokens(idx[:0], w[:0], 4)[0].shape == (4,)  # an empty batch still gets one bucket
     assert pad_masked_tokens(idx[:4], w[:4], 4)[0].shape == (4,)
+    padded, pw = pad_masked_tokens(idx, w, 4, at_least=10)  # up to a bound, rounded up to the bucket
+    assert padded.shape == (12,) and pw[5:].sum() == 0 and pad_masked_tokens(idx, w, 4, at_least=3)[0].shape == (8,)
+
+
+def test_collate_pads_batch_masks_to_one_shape_per_stage(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fastdinov2.data.synthetic import SyntheticSpec, write_synthetic_dataset
+    from fastdinov2.train.loop import Trainer
+
+    from .test_train_e2e import TINY
+
+    root = tmp_path / "synth"
+    write_synthetic_dataset(root, SyntheticSpec(num_classes=4, train_per_class=8, val_per_class=4, image_size=40))
+    cfg = load_config("fastdinov2_tiny", [*TINY, f"data.root={root}", "compute.masked_tokens_bucket=4",
+                                          "ibot.mask_sampling=batch"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    for start, end in ((0, 6), (6, 8)):  # the two stages
+        batches = list(trainer.make_loader(start, end))
+        shapes = {tuple(b.mask_indices.shape) for b in batches}
+        counts = {b.n_masked_patches for b in batches}
+        assert len(shapes) == 1, shapes  # one shape although the masked counts differ
+        assert len(counts) > 1 or end == 8  # stage 1 has two steps here
+        assert max(counts) <= next(iter(shapes))[0]
 
 
 def _step(model: MetaArch, batch: dict[str, torch.Tensor], n_masked: int) -> tuple[dict[str, float], dict]:

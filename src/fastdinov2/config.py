@@ -215,11 +215,13 @@ class ComputeConfig:
     # "aot_eager" (the captured graphs run eagerly: for debugging)
     compile_backend: str = "inductor"
     # Pad each batch's masked-token rows to a multiple of this (weight-0 rows), so compiled code / CUDA graphs
-    # see a few shapes per stage instead of one per batch; 0 = no padding.
+    # see a few shapes per stage instead of one per batch (with ibot.mask_sampling=batch, padded to at least the
+    # batch masking's upper bound, DINOv2's `upperbound`: one shape per stage); 0 = no padding.
     masked_tokens_bucket: int = 0
     # Capture each training step as one CUDA graph per batch shape and replay it (one launch per step instead
-    # of thousands; schedules are read from the device). One process, CUDA only (on a CPU the same static step
-    # runs eagerly); needs masked_tokens_bucket > 0, softmax centring, no gradient accumulation, no fp16.
+    # of thousands; schedules are read from the device). CUDA only (on a CPU the same static step runs eagerly);
+    # needs masked_tokens_bucket > 0, softmax centring, no gradient accumulation, no fp16. Under torchrun:
+    # strategy=ddp (gradients averaged by one captured all-reduce of a flat buffer) and ibot.mask_sampling=batch.
     cuda_graph: bool = False
     # The student's global and local crops go through the transformer blocks as one packed token sequence
     # (attention within each crop; DINOv2 does this with a block-diagonal mask): one pass instead of two, half
@@ -230,8 +232,8 @@ class ComputeConfig:
     # elementwise work, no cast before each linear layer); parameters, gradients and losses stay fp32.
     half_residual: bool = False
     # Keep bf16 copies of the student's and teacher's linear/conv weights, refreshed once per step, instead of
-    # autocast casting each weight at every use and each gradient back (~400 small kernels per ViT-S step); one
-    # process, bf16 only (train/half_weights.py).
+    # autocast casting each weight at every use and each gradient back (~400 small kernels per ViT-S step);
+    # bf16 only; under torchrun strategy=ddp (flat gradient all-reduce) (train/half_weights.py).
     half_weights: bool = False
     threads: int | None = None
     strategy: str = "ddp"  # data parallelism under torchrun: "ddp" | "fsdp2" (shards params; for ViT-L/g)

@@ -99,10 +99,11 @@ def mask_index_weights(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def pad_masked_tokens(
-    mask_indices: torch.Tensor, masks_weight: torch.Tensor, bucket: int
+    mask_indices: torch.Tensor, masks_weight: torch.Tensor, bucket: int, at_least: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad ``mask_indices [M]`` / ``masks_weight [M]`` with rows (index 0, weight 0) up to the next multiple
-    of ``bucket`` (at least one bucket), so a compiled step sees few distinct shapes. ``bucket <= 0``: as is.
+    of ``bucket`` (at least one bucket) at or above ``max(M, at_least)``, so a compiled step sees few distinct
+    shapes (with ``at_least`` the batch masking's upper bound: one). ``bucket <= 0``: as is.
 
     Padding rows carry weight 0, so they add nothing to the iBOT loss or its gradients, and the centre
     update leaves them out (``masks_weight > 0`` marks the real rows).
@@ -110,7 +111,7 @@ def pad_masked_tokens(
     if bucket <= 0:
         return mask_indices, masks_weight
     m = int(mask_indices.numel())
-    pad = max(1, -(-m // bucket)) * bucket - m
+    pad = max(1, -(-max(m, at_least) // bucket)) * bucket - m
     return (torch.cat([mask_indices, mask_indices.new_zeros(pad)]),
             torch.cat([masks_weight, masks_weight.new_zeros(pad)]))
 
@@ -150,10 +151,11 @@ def collate_train(samples: list[PretrainSample | BadSample], masked_bucket: int 
     """Collate one stage's samples; :class:`BadSample` markers are dropped and listed in ``bad_samples``,
     and so are the bad files a sample was drawn again for (its ``replaced`` list).
 
-    ``masked_bucket > 0`` pads the masked-token rows to a multiple of it (:func:`pad_masked_tokens`);
-    ``n_masked_patches`` stays the number of real masked tokens. When the stage masks per batch
-    (``StageShape.batch_masks``, ``ibot.mask_sampling="batch"``) the masks of the good samples' global crops
-    are drawn here, from the run seed and their sample keys.
+    ``masked_bucket > 0`` pads the masked-token rows to a multiple of it (:func:`pad_masked_tokens`), with batch
+    masks at or above their upper bound (:meth:`BatchMaskSpec.upper_bound`, DINOv2's ``upperbound``), so every
+    batch of a stage has one shape; ``n_masked_patches`` stays the number of real masked tokens. When the stage
+    masks per batch (``StageShape.batch_masks``, ``ibot.mask_sampling="batch"``) the masks of the good samples'
+    global crops are drawn here, from the run seed and their sample keys.
 
     Raises ValueError if the samples come from different stages (naming them).
     """
@@ -177,14 +179,17 @@ def collate_train(samples: list[PretrainSample | BadSample], masked_bucket: int 
     if not good:
         return _empty_batch(shape, bad)
     assert shape is not None
+    bound = 0
     if shape.batch_masks is not None:  # ibot.mask_sampling="batch": DINOv2's masking of the whole micro-batch
         keys = [s["sample_key"] for s in good]
         masks = torch.from_numpy(shape.batch_masks.draw(shape.mask_grid, keys, N_GLOBAL_CROPS * len(good)))
+        # padded to the stage's upper bound: one shape per stage and batch size, the same on every rank
+        bound = shape.batch_masks.upper_bound(shape.mask_grid, N_GLOBAL_CROPS * len(good))
     else:
         masks = _crop_major([s["masks"] for s in good])  # type: ignore[misc]
     mask_indices, masks_weight = mask_index_weights(masks)
     n_masked = int(mask_indices.numel())
-    mask_indices, masks_weight = pad_masked_tokens(mask_indices, masks_weight, masked_bucket)
+    mask_indices, masks_weight = pad_masked_tokens(mask_indices, masks_weight, masked_bucket, at_least=bound)
     device_mode = shape.photometric_on == "device"
     gparams = lparams = None
     if device_mode:

@@ -15,8 +15,9 @@ Which crops are masked, and how much (``ibot.mask_sampling``):
 - ``"batch"`` (default; DINOv2's collate): of the ``R`` global crops of a micro-batch exactly
   ``int(R * mask_sample_probability)`` are masked, the i-th of them targeting ``int(N * U(r_i, r_{i+1}))``
   patches with ``r = linspace(mask_ratio_min, mask_ratio_max, n + 1)``, assigned to crops in a random order
-  (:func:`sample_batch_ibot_masks`). The masked-token count of a batch then barely varies (DINOv2 pads to
-  its ``upperbound``), so compiled code and CUDA graphs see one or two shapes per stage. The draw is seeded
+  (:func:`sample_batch_ibot_masks`). The masked-token count of a batch then barely varies and never exceeds
+  :meth:`BatchMaskSpec.upper_bound` (DINOv2's ``upperbound``, ~1% above the mean at B = 64), to which the
+  collate function pads it: compiled code and CUDA graphs see one shape per stage. The draw is seeded
   from the run seed and the batch's sample keys (:func:`batch_mask_rng`).
 - ``"sample"``: each crop independently, masked with probability ``mask_sample_probability`` at a ratio
   ``U(min, max)`` (:func:`sample_ibot_masks`, drawn in the sample's own stream); the same expectations, a
@@ -121,6 +122,15 @@ class BatchMaskSpec:
     @classmethod
     def from_config(cls, ibot: IbotConfig, seed: int) -> BatchMaskSpec:
         return cls(ibot.mask_sample_probability, ibot.mask_ratio_min, ibot.mask_ratio_max, int(seed))
+
+    def upper_bound(self, grid: tuple[int, int], n_crops: int) -> int:
+        """The most patches :meth:`draw` can mask in ``n_crops`` crops on ``grid`` (DINOv2's ``upperbound``): the
+        i-th masked crop targets ``int(N * U(r_i, r_{i+1})) <= int(N * r_{i+1})`` patches and a mask never
+        exceeds its target. Padding the masked-token rows to it gives every batch of a stage one shape."""
+        n_patches = grid[0] * grid[1]
+        n_masked = int(n_crops * self.probability)
+        edges = np.linspace(self.ratio_min, self.ratio_max, n_masked + 1)
+        return int(sum(int(n_patches * r) for r in edges[1:]))
 
     def draw(self, grid: tuple[int, int], sample_keys: Sequence[int], n_crops: int) -> np.ndarray:
         """The masks ``bool [n_crops, H*W]`` of one micro-batch, from the run seed and its sample keys."""

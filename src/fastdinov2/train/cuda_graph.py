@@ -129,16 +129,23 @@ class GraphedStep:
     optimiser state happens there), every later shape one (its kernels' plans for the new shape); then the
     shape is captured. The capture itself runs nothing, so the first graphed step is the replay right after
     it. Outputs are copied out after each replay (one small copy), so they stay valid after the next step.
-    With DINOv2's batch masking (``ibot.mask_sampling=batch``) the masked-token count of a batch moves by a
-    few tokens, so ``compute.masked_tokens_bucket=64`` gives one or two shapes per curriculum stage (per-crop
-    masking with a bucket of 256: about six), and a long run replays almost every step.
+    With DINOv2's batch masking (``ibot.mask_sampling=batch``) the masked-token rows are padded to the
+    masking's upper bound (rounded up to ``compute.masked_tokens_bucket``): one shape per curriculum stage, the
+    same on every rank (per-crop masking with a bucket of 256: about six), and a long run replays almost every
+    step.
 
     ``capture=False`` (the default without CUDA) runs ``step_fn`` eagerly on the static buffers every time.
+
+    Several processes (collectives inside the step): ``any_failed(failed) -> bool`` must return whether the
+    capture failed on any rank (a collective call). Every rank then keeps its graph or every rank runs eagerly
+    from then on: NCCL needs each collective to be captured on all ranks or on none.
     """
 
     def __init__(self, step_fn: Callable[[TrainBatch], dict[str, Tensor]], device: torch.device,
-                 warmup_steps: int = 2, capture: bool | None = None, verbose: bool = True) -> None:
+                 warmup_steps: int = 2, capture: bool | None = None, verbose: bool = True,
+                 any_failed: Callable[[bool], bool] | None = None) -> None:
         self.step_fn = step_fn
+        self.any_failed = any_failed
         self.device = device
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
@@ -200,6 +207,7 @@ class GraphedStep:
         eagerly and ``capture`` is turned off for the rest of the run (``capture_failure`` says why)."""
         t0 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
+        failure = None
         try:
             # thread_local: the DataLoader's pin-memory thread keeps working while this thread captures
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
@@ -208,7 +216,11 @@ class GraphedStep:
                     raise RuntimeError(f"the step returned {list(out)} while captured, eagerly {self.names}")
                 stacked = torch.stack([v.detach().float() for v in out.values()])
         except Exception as exc:  # e.g. an operation that synchronises, which a capture cannot hold
-            self.capture, self.capture_failure = False, f"{type(exc).__name__}: {exc}"
+            failure = f"{type(exc).__name__}: {exc}"
+        if self.any_failed is not None and self.any_failed(failure is not None) and failure is None:
+            failure = "the capture failed on another rank"
+        if failure is not None:
+            self.capture, self.capture_failure = False, failure
             print(f"[fastdinov2] WARNING: capturing the training step as a CUDA graph failed for the batch shape "
                   f"({describe_key(key)}): {self.capture_failure}; every step runs eagerly from now on "
                   "(set compute.cuda_graph=false to skip the attempt)", file=sys.stderr)

@@ -26,8 +26,10 @@ With ``layer_scale=True`` (the trainer passes ``compute.half_residual``) the lay
 copies too: the bf16 residual stream multiplies by them in bf16 (a cast per branch and use otherwise); on the
 fp32 stream they stay fp32.
 
-One process only: DDP and FSDP reduce the gradients of the registered parameters through hooks that the copies
-bypass (the trainer refuses the combination).
+Several processes: DDP reduces the registered parameters' gradients through hooks that the copies bypass, so
+under ``compute.strategy=ddp`` the trainer averages the gradients itself
+(:class:`~fastdinov2.distributed.FlatGradients`, one all-reduce per step after :meth:`HalfWeights.collect_grads`);
+FSDP2's mixed precision already computes with bf16 copies (the trainer refuses the combination).
 """
 
 from __future__ import annotations

@@ -316,9 +316,13 @@ class Trainer:
         self.device = resolve_device(cfg)
         self.dtype = resolve_precision(cfg, self.device)
         self.photometric_on = resolve_photometric_on(cfg, self.device)
-        if self.world_size > 1 and cfg.compute.half_weights:
-            raise ConfigError(f"compute.half_weights=true runs on one process; this run has {self.world_size} "
-                              "(DDP/FSDP reduce the registered parameters' gradients, which the copies bypass)")
+        if self.world_size > 1 and cfg.compute.strategy == "fsdp2":
+            for key in ("half_weights", "cuda_graph"):
+                if getattr(cfg.compute, key):
+                    why = ("FSDP2's mixed precision already computes with bf16 copies of the weights"
+                           if key == "half_weights" else "FSDP2 gathers and frees parameters around each block")
+                    raise ConfigError(f"compute.{key}=true does not combine with compute.strategy=fsdp2 ({why}); "
+                                      f"use compute.strategy=ddp or compute.{key}=false")
         if self.world_size > 1 and cfg.data.on_bad_sample == "drop" and cfg.data.max_bad_samples > 0:
             raise ConfigError(
                 "data.on_bad_sample=drop works on one process only: under torchrun a rank whose micro-batch "
@@ -349,11 +353,25 @@ class Trainer:
         # `self.model.student` stays the module whose parameters the optimizer and the EMA use.
         strategy = cfg.compute.strategy
         fsdp_dtype = self.dtype if self.device.type == "cuda" else None
-        self.student: nn.Module = dist_utils.wrap_student(self.model.student, strategy, self.device, fsdp_dtype)
+        # compute.cuda_graph / compute.half_weights under ddp: no DDP wrapper; the gradients sit in one flat buffer
+        # averaged by one all-reduce per step (distributed.FlatGradients), which a CUDA graph captures too
+        flat = self.world_size > 1 and strategy == "ddp" and (cfg.compute.cuda_graph or cfg.compute.half_weights)
+        if self.world_size > 1 and cfg.compute.cuda_graph and cfg.ibot.mask_sampling != "batch":
+            raise ConfigError("compute.cuda_graph=true on several processes needs ibot.mask_sampling=batch: every "
+                              "rank must replay a graph of the same shape, and per-sample masks give each rank its "
+                              "own masked-token count")
+        self.student: nn.Module = (self.model.student if flat else
+                                   dist_utils.wrap_student(self.model.student, strategy, self.device, fsdp_dtype))
         dist_utils.shard_teacher(self.model.teacher, strategy, self.device, fsdp_dtype)
         self.param_groups = get_param_groups(
             self.model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
         )
+        self._flat_grads = dist_utils.FlatGradients(list(self.model.student.parameters())) if flat else None
+        if flat and self.is_main:
+            key = "cuda_graph" if cfg.compute.cuda_graph else "half_weights"
+            print(f"[fastdinov2] compute.strategy=ddp with compute.{key}=true: the student's gradients are averaged "
+                  f"over the {self.world_size} processes by one all-reduce of a flat buffer per step (no DDP wrapper)",
+                  file=sys.stderr)
         self.optimizer = build_adamw(self.param_groups, betas=(cfg.optim.adamw_beta1, cfg.optim.adamw_beta2))
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
         # compute.half_weights: bf16 copies of the matmul weights, refreshed once per step (train/half_weights.py)
@@ -391,13 +409,12 @@ class Trainer:
         self._dsched: DeviceSchedules | None = None
         self._graphed: GraphedStep | None = None
         if cfg.compute.cuda_graph:
-            if self.world_size > 1:
-                raise ConfigError(f"compute.cuda_graph=true runs on one process; this run has {self.world_size} "
-                                  "(under torchrun set compute.cuda_graph=false)")
             if not self.sync_free:
                 raise ConfigError("compute.cuda_graph=true needs the fused AdamW kernel and no fp16 grad scaler")
             self._dsched = DeviceSchedules(self.schedules, self.optimizer, self.device)
-            self._graphed = GraphedStep(self._static_step, self.device, verbose=self.is_main)
+            self._graphed = GraphedStep(self._static_step, self.device, verbose=self.is_main,
+                                        any_failed=(lambda failed: _agree(failed, self.device))
+                                        if self.world_size > 1 else None)
             if self.device.type != "cuda" and self.is_main:
                 print("[fastdinov2] compute.cuda_graph=true without CUDA: the same static step runs eagerly",
                       file=sys.stderr)
@@ -667,6 +684,8 @@ class Trainer:
                 half.collect_grads(accumulate=i > 0)
             for k, v in losses.items():
                 totals[k] = totals.get(k, 0) + v.detach().float() / n_micro
+        if self._flat_grads is not None:  # (DDP reduced them in the last backward)
+            self._flat_grads.all_reduce()
         if n_micro > 1:
             for c in centers:
                 c.end_center_accumulation()
@@ -697,7 +716,7 @@ class Trainer:
         sched = self.schedules.at(step)
         apply_optim_schedules(self.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"],
                               backbone_lr_scale=sched["backbone_lr_scale"])
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         # The centres are updated during the forward pass; a non-finite step must not leave NaN in them.
         centers = self._centers()
         saved_centers = [c.clone() for c in centers]
@@ -718,7 +737,7 @@ class Trainer:
             self.state.scaler_skips += 1
             return None
         if not (loss_ok and grad_ok):
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             for c, saved in zip(centers, saved_centers, strict=True):
                 c.copy_(saved)
             run = self.state.consecutive_skips + 1
@@ -734,6 +753,14 @@ class Trainer:
             self.optimizer.step()
         self.model.update_teacher(sched["momentum"])
         return totals
+
+    def _zero_grad(self) -> None:
+        """Clear the student's gradients: dropped (``set_to_none``), or zeroed in place in the flat buffer of
+        :class:`~fastdinov2.distributed.FlatGradients`."""
+        if self._flat_grads is not None:
+            self._flat_grads.zero_()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _centers(self) -> list[torch.Tensor]:
         """The softmax-centring centres, updated in the forward pass (restored after a non-finite step)."""
@@ -773,7 +800,7 @@ class Trainer:
         ds = self._dsched
         assert ds is not None
         sched = ds.row(ds.step)  # also writes the groups' lr
-        self.optimizer.zero_grad(set_to_none=True)  # a captured backward then writes (not adds) the gradients
+        self._zero_grad()  # (one process) a captured backward then writes, not adds, the gradients
         saved_centers = [c.clone() for c in self._centers()]
         totals = self._forward_backward([batch], sched["teacher_temp"])
         self._clip(totals)
