@@ -86,3 +86,23 @@ def test_output_scale_is_input_scale_free_and_fp16_eps() -> None:
     assert torch.isfinite(zero).all() and torch.all(zero == 0)
     half = head.half()(torch.zeros(2, 16, dtype=torch.float16))  # 1e-12 would underflow in fp16
     assert torch.isfinite(half).all()
+
+
+def test_weight_norm_function_matches_the_operators() -> None:
+    from fastdinov2.models.heads import _WeightNorm
+
+    torch.manual_seed(0)
+    g = torch.rand(7, 1, dtype=torch.float64, requires_grad=True) + 0.5
+    v = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_WeightNorm.apply, (g, v))
+    gf, vf = g.detach().float().requires_grad_(), v.detach().float().requires_grad_()
+    w = _WeightNorm.apply(gf, vf)
+    ref_g, ref_v = gf.detach().clone().requires_grad_(), vf.detach().clone().requires_grad_()
+    ref = ref_g * ref_v / ref_v.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(w, ref)
+    dw = torch.randn_like(w)
+    torch.testing.assert_close(torch.autograd.grad(w, (gf, vf), dw), torch.autograd.grad(ref, (ref_g, ref_v), dw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 gradient from the matmul comes back in fp32
+        out = torch.nn.functional.linear(torch.randn(3, 5), _WeightNorm.apply(gf, vf))
+    gv = torch.autograd.grad(out.float().sum(), vf)[0]
+    assert gv.dtype == torch.float32 and torch.isfinite(gv).all()

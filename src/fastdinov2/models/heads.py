@@ -8,6 +8,7 @@ official and seed checkpoints: ``mlp.0``, ``mlp.2``, ``mlp.4`` (``mlp.weight``/`
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,34 @@ def _build_mlp(nlayers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int, 
     return nn.Sequential(*layers)
 
 
+class _WeightNorm(torch.autograd.Function):
+    """``g * v / ||v||`` with row norms: ``g [out, 1]``, ``v [out, in]`` -> weight ``[out, in]``.
+
+    The same value as the three operators, with a backward of four full-size passes over ``[out, in]``
+    (``s = rowsum(dW * v)``, then ``dv = (g / n) * dW - (g s / n^3) * v`` and ``dg = s / n``) instead of
+    autograd's ~14 through the norm, product and division. For DINOv2's prototype layer (``[65536, 256]``,
+    fp32) that is ~1.1 GB less memory traffic per step, in both curriculum stages.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, g: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
+        inv = v.norm(dim=1, keepdim=True).reciprocal()  # [out, 1]
+        ctx.save_for_backward(g, v, inv)
+        return v * (g * inv)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
+        g, v, inv = ctx.saved_tensors
+        grad = grad.to(v.dtype)
+        s = (grad * v).sum(dim=1, keepdim=True)  # [out, 1]
+        dg = s * inv if ctx.needs_input_grad[0] else None
+        dv = None
+        if ctx.needs_input_grad[1]:
+            scale = g * inv
+            dv = (grad * scale).addcmul_(v, -(scale * inv.square() * s))
+        return dg, dv
+
+
 class WeightNormLinear(nn.Module):
     """Bias-free linear layer with weight ``g * v / ||v||`` (row norms), i.e. ``weight_norm(dim=0)``.
 
@@ -44,7 +73,7 @@ class WeightNormLinear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The effective weight ``[out, in]``."""
-        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        return _WeightNorm.apply(self.weight_g, self.weight_v)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight)
