@@ -142,9 +142,19 @@ class PhaseTimer:
         self.device = device
         self.enabled = False
         self.totals: dict[str, list[float]] = defaultdict(list)
+        self.current = "other"  # the innermost phase being run (read by count_kernel_ops)
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        outer, self.current = self.current, name
+        try:
+            with self._phase(name):
+                yield
+        finally:
+            self.current = outer
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
         with torch.profiler.record_function(f"phase::{name}"):
             if not self.enabled:
                 yield
@@ -432,26 +442,59 @@ def stage_specs(cfg: Config, args: argparse.Namespace) -> list[StageSpec]:
 
 def count_kernel_ops(runner: StepRunner, batch: SyntheticBatch, top: int = 15) -> dict[str, Any]:
     """One eager step under a dispatch mode: ATen calls that launch a kernel (not in :data:`NO_KERNEL_OPS`),
-    in total and the most frequent by name. Foreach and fused optimizer ops count once (on a GPU they launch
-    one kernel per chunk of tensors)."""
+    in total, per phase and the most frequent by name. Foreach and fused optimizer ops count once (on a GPU
+    they launch one kernel per chunk of tensors).
+
+    Also the memory traffic of the calls that are not matrix products, attention or convolutions (the
+    elementwise, reduction, copy, optimizer and EMA work whose time on a GPU follows the bytes it moves):
+    the bytes of each call's tensor inputs and outputs, summed per step and per phase (an estimate: a kernel
+    may read a broadcast input once, or fuse nothing away)."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    timer = runner.timer
+
+    def tensors(tree: Any) -> list[Tensor]:
+        return [t for t in tree_flatten(tree)[0] if isinstance(t, Tensor)]
 
     class Counting(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
             self.counts: Counter[str] = Counter()
+            self.by_phase: Counter[str] = Counter()
+            self.bytes_by_phase: Counter[str] = Counter()
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
             name = "aten::" + func.__name__.split(".")[0]
-            if name not in NO_KERNEL_OPS:
-                self.counts[name] += 1
-            return func(*args, **(kwargs or {}))
+            if name in NO_KERNEL_OPS:
+                return out
+            self.counts[name] += 1
+            self.by_phase[timer.current] += 1
+            if not any(k in name for k in ("mm", "attention", "convolution", "linear")):
+                ins = tensors((args, kwargs))
+                seen = {id(t) for t in ins}
+                # in-place and out= arguments are written as well as read
+                kw = kwargs or {}
+                written = [a for i, arg in enumerate(func._schema.arguments)
+                           if arg.alias_info is not None and arg.alias_info.is_write
+                           for a in tensors(args[i] if i < len(args) else kw.get(arg.name))]
+                moved = sum(t.numel() * t.element_size() for t in ins + written)
+                moved += sum(t.numel() * t.element_size() for t in tensors(out) if id(t) not in seen)
+                self.bytes_by_phase[timer.current] += moved
+            return out
 
     with Counting() as mode:
         runner._step_eager(batch)
-    return {"kernel_ops_per_step": sum(mode.counts.values()), "top_kernel_ops": dict(mode.counts.most_common(top))}
+    return {
+        "kernel_ops_per_step": sum(mode.counts.values()),
+        "top_kernel_ops": dict(mode.counts.most_common(top)),
+        "kernel_ops_by_phase": dict(mode.by_phase),
+        "non_matmul_gb_per_step": sum(mode.bytes_by_phase.values()) / 1e9,
+        "non_matmul_gb_by_phase": {k: v / 1e9 for k, v in mode.bytes_by_phase.most_common()},
+    }
 
 
 # aten ops that only make views or metadata (no kernel on a GPU); everything else counts as a launch.
@@ -780,7 +823,10 @@ def print_readable(out: dict[str, Any]) -> None:
             oc = r["op_count"]
             print(f"    kernel-launching ATen calls per eager step: {oc['kernel_ops_per_step']} (top: "
                   + ", ".join(f"{k.removeprefix('aten::')} {v}" for k, v in list(oc["top_kernel_ops"].items())[:8])
-                  + ")")
+                  + "); by phase: " + ", ".join(f"{k} {v}" for k, v in oc["kernel_ops_by_phase"].items()))
+            print(f"    memory traffic of the other calls (not matmul/attention/conv): "
+                  f"{oc['non_matmul_gb_per_step']:.2f} GB/step; by phase: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in oc["non_matmul_gb_by_phase"].items()))
         if "profile" in r:
             pr = r["profile"]
             print(

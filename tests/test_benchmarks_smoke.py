@@ -137,6 +137,14 @@ def test_step_count_ops_counts_kernel_launching_calls(step_mod: ModuleType) -> N
     assert "aten::addmm" in oc["top_kernel_ops"] and not {"aten::view", "aten::new_empty"} & set(oc["top_kernel_ops"])
     # one step of a 1-block model: forward + backward of every part, fewer than a thousand calls
     assert 100 < oc["kernel_ops_per_step"] < 1000
+    assert sum(oc["kernel_ops_by_phase"].values()) == oc["kernel_ops_per_step"]
+    assert {"teacher", "student_fwd", "backward", "optimizer", "ema"} <= set(oc["kernel_ops_by_phase"])
+    # the memory traffic of the non-matmul calls: the optimizer reads and writes at least 7 fp32 words per
+    # parameter (param, grad, two moments), the EMA at least 3 (teacher, student)
+    n_params = out["model"]["student_params_m"] * 1e6
+    gb = oc["non_matmul_gb_by_phase"]
+    assert gb["optimizer"] >= 7 * 4 * n_params / 1e9 * 0.99 and gb["ema"] >= 3 * 4 * n_params / 1e9 * 0.99
+    assert oc["non_matmul_gb_per_step"] == pytest.approx(sum(gb.values()))
     with pytest.raises(SystemExit, match="--count-ops"):
         step_mod.main(["--count-ops", "--compile-blocks", *TINY])
     # under CPU autocast (--dtype bf16) the weight casts appear; bf16 weight copies remove most of them
