@@ -575,3 +575,24 @@ def test_flat_gradients_all_reduce_is_captured_in_a_cuda_graph(tmp_path: Path) -
                 torch.testing.assert_close(p.grad, w)
     finally:
         dist.destroy_process_group()
+
+
+def test_flat_gradients_keep_views_and_recover_replaced_gradients() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    flat = distributed.FlatGradients(list(model.parameters()))  # no process group: all_reduce only re-attaches
+    assert len(flat.buffers) == 1 and flat.buffers[0].numel() == sum(p.numel() for p in model.parameters())
+    x = torch.randn(5, 4)
+    model(x).sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+    assert all(p.grad is v for p, v in zip(model.parameters(), flat.views, strict=True))  # accumulated in place
+    model[0].weight.grad = want[0] * 2  # replaced by someone: copied into the view, not lost
+    model[1].bias.grad = None
+    flat.all_reduce()
+    torch.testing.assert_close(model[0].weight.grad, want[0] * 2)
+    assert model[0].weight.grad is flat.views[0] and float(model[1].bias.grad.abs().sum()) == 0.0  # type: ignore[union-attr]
+    flat.zero_()
+    assert float(flat.buffers[0].abs().sum()) == 0.0
+    model(x).sum().backward()  # the next backward writes into the zeroed views
+    for p, w in zip(model.parameters(), want, strict=True):
+        torch.testing.assert_close(p.grad, w)

@@ -359,9 +359,12 @@ class FlatGradients:
         self.attach()
 
     def attach(self) -> None:
-        """Point every ``.grad`` at its view of the buffer (again, if something replaced it)."""
+        """Point every ``.grad`` at its view of the buffer. A gradient that something put in its place (e.g. set
+        to ``None`` and re-created by a backward) is copied into the view first, or zeroed there if ``None``."""
         for p, view in zip(self.params, self.views, strict=True):
             if p.grad is not view:
+                with torch.no_grad():
+                    view.copy_(p.grad) if p.grad is not None else view.zero_()
                 p.grad = view
 
     def zero_(self) -> None:
