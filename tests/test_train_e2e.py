@@ -311,6 +311,22 @@ def test_compute_compile_trains_like_eager(data_root: Path, tmp_path: Path, mode
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
+@pytest.mark.slow
+def test_compiled_blocks_in_the_static_step_with_stochastic_depth_train_like_eager(data_root: Path,
+                                                                                   tmp_path: Path) -> None:
+    """Inductor's blocks (the layer-scale residual and split/merge autograd functions inside them) in the
+    trainer's static CUDA-graph step (eager on the CPU), with stochastic depth drawn outside the compiled
+    blocks: the same draws, so the same losses as the eager step."""
+    torch._dynamo.reset()
+    common = ["train.max_steps=3", "compute.masked_tokens_bucket=16", "student.drop_path_rate=0.3"]
+    eager = train(_cfg(data_root, *common), tmp_path / "eager")
+    compiled = train(_cfg(data_root, *common, "compute.compile=blocks", "compute.cuda_graph=true"),
+                     tmp_path / "compiled")
+    for a, b in zip(eager["history"], compiled["history"], strict=True):
+        for key in ("loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
+
+
 def test_packed_crops_train_like_one_pass_per_crop_size(data_root: Path, tmp_path: Path) -> None:
     # compute.pack_crops (default): the student's global and local crops share one pass through the blocks
     common = ["train.max_steps=3", "student.drop_path_rate=0"]  # stochastic depth draws differ when packed
