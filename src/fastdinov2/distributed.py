@@ -343,15 +343,13 @@ class FlatGradients:
         for p in self.params:
             groups.setdefault((p.device, p.dtype), []).append(p)
         self.buffers: list[torch.Tensor] = []
-        self.views: list[torch.Tensor] = []
+        view_of: dict[int, torch.Tensor] = {}
         for (device, dtype), group in groups.items():
             flat = torch.zeros(sum(p.numel() for p in group), device=device, dtype=dtype)
             self.buffers.append(flat)
             for p, view in zip(group, flat.split([p.numel() for p in group]), strict=True):
-                self.views.append(view.view_as(p))
-        # the views in the order of self.params
-        order = {id(p): i for i, p in enumerate(p for g in groups.values() for p in g)}
-        self.views = [self.views[order[id(p)]] for p in self.params]
+                view_of[id(p)] = view.view_as(p)
+        self.views = [view_of[id(p)] for p in self.params]  # in the order of self.params
         if is_enabled() and get_world_size() > 1:
             with torch.no_grad():
                 for p in self.params:

@@ -316,13 +316,12 @@ class Trainer:
         self.device = resolve_device(cfg)
         self.dtype = resolve_precision(cfg, self.device)
         self.photometric_on = resolve_photometric_on(cfg, self.device)
-        if self.world_size > 1 and cfg.compute.strategy == "fsdp2":
-            for key in ("half_weights", "cuda_graph"):
-                if getattr(cfg.compute, key):
-                    why = ("FSDP2's mixed precision already computes with bf16 copies of the weights"
-                           if key == "half_weights" else "FSDP2 gathers and frees parameters around each block")
-                    raise ConfigError(f"compute.{key}=true does not combine with compute.strategy=fsdp2 ({why}); "
-                                      f"use compute.strategy=ddp or compute.{key}=false")
+        not_with_fsdp2 = {"half_weights": "FSDP2's mixed precision already computes with bf16 copies of the weights",
+                          "cuda_graph": "FSDP2 gathers and frees parameters around each block"}
+        for key, why in not_with_fsdp2.items():
+            if self.world_size > 1 and cfg.compute.strategy == "fsdp2" and getattr(cfg.compute, key):
+                raise ConfigError(f"compute.{key}=true does not combine with compute.strategy=fsdp2 ({why}); "
+                                  f"use compute.strategy=ddp or compute.{key}=false")
         if self.world_size > 1 and cfg.data.on_bad_sample == "drop" and cfg.data.max_bad_samples > 0:
             raise ConfigError(
                 "data.on_bad_sample=drop works on one process only: under torchrun a rank whose micro-batch "
