@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -566,6 +567,33 @@ def top_level_ops(events: Any) -> dict[str, dict[str, int]]:
     return dict(counts)
 
 
+# kernel names -> what they do, first match wins (cuBLAS/cuBLASLt/CUTLASS GEMMs, flash/cuDNN attention, Triton
+# kernels of torch.compile or of our fused loss, ATen's elementwise/reduction/norm/softmax/copy kernels, and the
+# multi-tensor kernels of fused AdamW and the _foreach_ ops)
+KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("attention", r"flash|fmha|attention|cudnn"),
+    ("matmul", r"gemm|gemv|nvjet|xmma|cutlass|cublas|splitk"),
+    ("triton", r"^triton"),
+    ("multi_tensor", r"multi_tensor|foreach"),
+    ("norm", r"layer_norm|LayerNorm|rms_norm|batch_norm"),
+    ("softmax", r"softmax|Softmax"),
+    ("reduce", r"reduce|Reduce|sum_|cub::"),
+    ("copy_cat", r"[Cc]opy|CatArray|cat_|index|gather|scatter|masked"),
+    ("elementwise", r"elementwise|Elementwise"),
+)
+
+
+def kernel_categories(kernels: list[Any], n_steps: int) -> dict[str, dict[str, float]]:
+    """GPU time and launches per step of profiler kernel events, grouped by :data:`KERNEL_CATEGORIES`."""
+    out: dict[str, dict[str, float]] = {}
+    for e in kernels:
+        cat = next((c for c, rx in KERNEL_CATEGORIES if re.search(rx, e.key)), "other")
+        d = out.setdefault(cat, {"device_ms_per_step": 0.0, "calls_per_step": 0.0})
+        d["device_ms_per_step"] += getattr(e, "self_device_time_total", 0.0) / 1e3 / n_steps
+        d["calls_per_step"] += e.count / n_steps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["device_ms_per_step"]))
+
+
 def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: int = 15) -> dict[str, Any]:
     """torch.profiler over ``n_steps`` steps: per-phase time, top operators by self time, and the share of
     wall time spent outside operators (Python, dispatch, allocator; on CPU everything is synchronous)."""
@@ -617,7 +645,10 @@ def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: 
         return getattr(e, "self_device_time_total", 0.0) / 1e3 / n_steps
 
     host_ops = [e for e in ops if not on_device(e)]
-    kernels = [e for e in ops if on_device(e)]
+    # device events named like a host event are user annotations spanning kernels (e.g. the optimizer's
+    # "Optimizer.step#AdamW.step"): counting them would count those kernels twice
+    host_keys = {e.key for e in host_ops}
+    kernels = [e for e in ops if on_device(e) and e.key not in host_keys]
     out["top_device_ops"] = [
         {"op": e.key[:160], "self_device_ms_per_step": device_ms(e), "calls_per_step": e.count / n_steps}
         for e in sorted(host_ops, key=device_ms, reverse=True)[: 2 * top]
@@ -632,6 +663,7 @@ def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: 
         if e.key.startswith("phase::")
     }
     if runner.device.type == "cuda":
+        out["kernel_categories"] = kernel_categories(kernels, n_steps)
         out["device_kernels_per_step"] = sum(e.count for e in kernels) / n_steps
         out["kernel_device_ms_per_step"] = sum(device_ms(e) for e in kernels)  # GPU busy time per step
     return out
@@ -863,6 +895,11 @@ def print_readable(out: dict[str, Any]) -> None:
                     f"      GPU busy {pr.get('kernel_device_ms_per_step', 0.0):.1f} ms/step in "
                     f"{pr.get('device_kernels_per_step', 0):.0f} kernels; top kernels (ms): "
                     + ", ".join(f"{k['kernel'][:50]} {k['device_ms_per_step']:.2f}" for k in kernels)
+                )
+                print(
+                    "      GPU time by kernel kind (ms, launches): "
+                    + ", ".join(f"{c} {v['device_ms_per_step']:.1f} ({v['calls_per_step']:.0f})"
+                                for c, v in pr.get("kernel_categories", {}).items())
                 )
     if "ratio" in out:
         r = out["ratio"]

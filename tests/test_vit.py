@@ -151,6 +151,7 @@ def test_list_input_returns_list_of_dicts() -> None:
 
 def test_pos_embed_identity_at_native_grid_and_resampled_otherwise() -> None:
     model = small_vit()
+    vit_mod._BICUBIC_MATRICES.clear()  # the first resampling to a grid builds its matrix with F.interpolate
     assert model.interpolate_pos_encoding((14, 14)) is model.pos_embed  # the stored tensor itself
     calls = []
     real = F.interpolate
@@ -462,3 +463,48 @@ def test_stochastic_depth_draws_once_for_all_blocks() -> None:
     with Bernoulli():
         out = model.forward_features([torch.randn(2, 3, 64, 64), torch.randn(4, 3, 32, 32)])
     assert Bernoulli.n == 1 and all(torch.isfinite(o["x_norm_patchtokens"]).all() for o in out)
+
+
+@pytest.mark.parametrize(("side", "grid"), [(14, (7, 7)), (14, (6, 6)), (14, (20, 9)), (37, (16, 16))])
+def test_pos_embed_matrix_equals_bicubic_interpolation(side: int, grid: tuple[int, int],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # the resampling as a cached matrix product: the values and gradients of F.interpolate(mode="bicubic")
+    torch.manual_seed(0)
+    pos = torch.randn(1, 1 + side * side, 16, requires_grad=True)
+    out = interpolate_pos_embed(pos, grid)
+    key = (side, *grid, "cpu", torch.float32)
+    assert key in vit_mod._BICUBIC_MATRICES
+    monkeypatch.setattr(vit_mod, "_BICUBIC_MATRIX_MAX", 0)  # the direct interpolation
+    ref = interpolate_pos_embed(pos, grid)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * g).sum(), pos)
+    (grad_ref,) = torch.autograd.grad((ref * g).sum(), pos)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an fp32 product under autocast too
+        monkeypatch.setattr(vit_mod, "_BICUBIC_MATRIX_MAX", 1 << 24)
+        assert interpolate_pos_embed(pos, grid).dtype == torch.float32
+        torch.testing.assert_close(interpolate_pos_embed(pos, grid), ref, rtol=0, atol=1e-5)
+
+
+def test_patch_embed_matmul_equals_the_convolution() -> None:
+    # the unfolded patches times the conv weight: DINOv2's Conv2d(kernel=stride=p) output and weight gradient
+    from fastdinov2.models.vit import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(16, 3, 24)
+    xs = [torch.randn(2, 3, 64, 48), torch.randn(3, 3, 32, 32)]
+    refs = [F.conv2d(x, pe.proj.weight, pe.proj.bias, stride=16).flatten(2).transpose(1, 2) for x in xs]
+    for x, ref in zip(xs, refs, strict=True):
+        torch.testing.assert_close(pe(x), ref, rtol=0, atol=1e-5)
+    many = pe.forward_many(xs)  # one matmul for both inputs
+    for out, ref in zip(many, refs, strict=True):
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    g = [torch.randn_like(r) for r in refs]
+    grads = torch.autograd.grad(sum((o * gi).sum() for o, gi in zip(many, g, strict=True)), list(pe.parameters()))
+    ref_grads = torch.autograd.grad(sum((r * gi).sum() for r, gi in zip(refs, g, strict=True)),
+                                    list(pe.parameters()))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        pe(torch.randn(1, 3, 40, 32))

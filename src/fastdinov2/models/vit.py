@@ -55,12 +55,18 @@ def layer_norm(norm: nn.Module, x: Tensor) -> Tensor:
 
     CUDA autocast runs ``layer_norm`` in fp32 and returns fp32, which the next linear layer casts back: for a
     bf16 ``x`` that is a 2x wider output and one more kernel. Here the LayerNorm of a bf16/fp16 ``x`` runs with
-    autocast off in mixed precision (statistics in fp32, fp32 weight and bias, output in ``x``'s dtype); an
-    fp32 ``x`` goes through ``norm`` unchanged.
+    autocast off, its statistics in fp32 inside the kernel and its output in ``x``'s dtype; an fp32 ``x`` goes
+    through ``norm`` unchanged. Off the CPU the weight and bias enter in ``x``'s dtype: the CPU kernel takes
+    fp32 ones with a bf16 input, the CUDA kernel does not ("expected scalar type BFloat16 but found Float");
+    ``compute.half_weights`` keeps bf16 copies of them with the half stream, so that the cast is a no-op.
     """
     if isinstance(norm, nn.LayerNorm) and x.dtype in (torch.bfloat16, torch.float16) and _autocast_dtype(x):
+        w, b = norm.weight, norm.bias
+        if x.device.type != "cpu":
+            w = None if w is None else w.to(x.dtype)
+            b = None if b is None else b.to(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            return F.layer_norm(x, norm.normalized_shape, w, b, norm.eps)
     return norm(x)
 
 
@@ -86,26 +92,95 @@ def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
     patch_pos = pos_embed[:, 1:]
     if patch_pos.dtype not in (torch.float32, torch.float64):  # interpolate half precision in fp32
         patch_pos = patch_pos.float()
-    patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # [1, D, M, M]
-    patch_pos = F.interpolate(patch_pos, size=(rows, cols), mode="bicubic", align_corners=False)
-    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).to(pos_embed.dtype)
-    return torch.cat((class_pos, patch_pos), dim=1)
+    matrix = _bicubic_matrix(side, rows, cols, patch_pos.device, patch_pos.dtype)
+    if matrix is not None:
+        if _autocast_dtype(patch_pos) is not None:
+            with torch.autocast(patch_pos.device.type, enabled=False):  # an fp32 product, not a bf16 one
+                patch_pos = torch.matmul(matrix, patch_pos)
+        else:
+            patch_pos = torch.matmul(matrix, patch_pos)  # [R*C, M*M] @ [1, M*M, D] -> [1, R*C, D]
+    else:
+        patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # [1, D, M, M]
+        patch_pos = F.interpolate(patch_pos, size=(rows, cols), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
+    return torch.cat((class_pos, patch_pos.to(pos_embed.dtype)), dim=1)
+
+
+#: the largest matrix kept (elements); a larger resampling (far larger eval grids) interpolates directly
+_BICUBIC_MATRIX_MAX = 1 << 24
+#: (side, rows, cols, device, dtype) -> the bicubic resampling as a matrix ``[rows*cols, side*side]``
+_BICUBIC_MATRICES: dict[tuple[int, int, int, str, torch.dtype], Tensor] = {}
+
+
+def _bicubic_matrix(side: int, rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+    """``F.interpolate(mode="bicubic", align_corners=False)`` from a ``side x side`` grid to ``rows x cols`` as a
+    matrix ``K [rows*cols, side*side]`` (the resampling is linear: ``out = K @ grid``, row-major grids), cached per
+    shape, device and dtype; ``None`` where it cannot be made now (inside ``torch.compile``'s tracing, or during a
+    CUDA-graph capture before the first use), and the caller interpolates directly.
+
+    Why: CUDA's bicubic kernel runs one thread per output position and loops over the channels, so resampling
+    ``[1, D, 14, 14]`` to ``7 x 7`` runs 49 threads; on an H100 its forward and backward took ~0.3 ms per call,
+    ~1 ms per ViT-S/16 step at 112/48. The matrix product (and its backward, one more) takes microseconds. ``K``
+    is the interpolation of the identity basis, computed once in float64 on the CPU, so it holds the kernel's
+    exact weights, borders included."""
+    key = (side, rows, cols, str(device), dtype)
+    matrix = _BICUBIC_MATRICES.get(key)
+    if matrix is not None:
+        return matrix
+    if torch.compiler.is_compiling() or rows * cols * side * side > _BICUBIC_MATRIX_MAX:
+        return None
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    basis = torch.eye(side * side, dtype=torch.float64).reshape(side * side, 1, side, side)
+    out = F.interpolate(basis, size=(rows, cols), mode="bicubic", align_corners=False)  # [M*M, 1, R, C]
+    matrix = out.reshape(side * side, rows * cols).t().contiguous().to(device=device, dtype=dtype)
+    _BICUBIC_MATRICES[key] = matrix
+    return matrix
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping ``patch_size`` patches -> tokens: ``[B, C, H, W] -> [B, (H/p)*(W/p), D]``."""
+    """Non-overlapping ``patch_size`` patches -> tokens: ``[B, C, H, W] -> [B, (H/p)*(W/p), D]``.
+
+    The parameters are those of DINOv2's ``nn.Conv2d(C, D, kernel_size=p, stride=p)`` (``proj.weight``
+    ``[D, C, p, p]``, ``proj.bias`` ``[D]``; checkpoints are unchanged), but the forward computes the same
+    product as one matmul over the unfolded patches ``[B, N, C*p*p]``. A stride-p convolution with 3 input
+    channels is a poor fit for cuDNN: on an H100 it ran as ``implicit_convolve_sgemm``, 2.3 ms forward and
+    0.9 ms backward per step of ViT-S/16 at 224/96 (3 calls), where the matmul takes a few tens of
+    microseconds (``benchmarks/step.py --profile``, docs/benchmarks.md).
+    """
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: Tensor) -> Tensor:
-        _, _, h, w = x.shape
+    def unfold(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W] -> [B, (H/p)*(W/p), C*p*p]``: each patch's values in the weight's ``(C, p, p)`` order."""
+        b, c, h, w = x.shape
         p = self.patch_size
         if h % p or w % p:
             raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {p}")
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+
+    def _project(self, patches: Tensor) -> Tensor:
+        weight = self.proj.weight
+        return F.linear(patches, weight.reshape(weight.shape[0], -1), self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._project(self.unfold(x))
+
+    def forward_many(self, xs: Sequence[Tensor]) -> list[Tensor]:
+        """:meth:`forward` of several inputs (e.g. crops of two sizes) as one matmul over all their patches:
+        ``[B_i, C, H_i, W_i] -> [B_i, N_i, D]`` each. One product forward and one for the weight's gradient,
+        where one call per input would sum the inputs' weight gradients afterwards (in bf16 under
+        ``compute.half_weights``)."""
+        if len(xs) == 1:
+            return [self(xs[0])]
+        patches = [self.unfold(x) for x in xs]
+        k = patches[0].shape[-1]
+        flat = self._project(torch.cat([q.reshape(-1, k) for q in patches]))  # [sum B_i N_i, D]
+        sizes = [q.shape[0] * q.shape[1] for q in patches]
+        return [t.view(q.shape[0], q.shape[1], -1) for t, q in zip(flat.split(sizes), patches, strict=True)]
 
 
 def _split_heads(qkv: Tensor, segments: Segments, num_heads: int) -> list[Tensor]:
@@ -493,10 +568,12 @@ class DinoVisionTransformer(nn.Module):
         """Position embeddings for a ``(rows, cols)`` patch grid: ``[1, 1 + rows*cols, D]``."""
         return interpolate_pos_embed(self.pos_embed, grid)
 
-    def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
-        """``[B, C, H, W]`` (+ bool ``[B, N]`` masks) -> tokens ``[B, 1 + R + N, D]`` entering the blocks."""
+    def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None,
+                                  patch_tokens: Tensor | None = None) -> Tensor:
+        """``[B, C, H, W]`` (+ bool ``[B, N]`` masks) -> tokens ``[B, 1 + R + N, D]`` entering the blocks.
+        ``patch_tokens``: ``patch_embed(x)`` ``[B, N, D]`` when already computed."""
         b, _, h, w = x.shape
-        tokens = self.patch_embed(x)  # [B, N, D]
+        tokens = self.patch_embed(x) if patch_tokens is None else patch_tokens  # [B, N, D]
         if masks is not None:
             if masks.shape != tokens.shape[:2]:
                 raise ValueError(f"masks have shape {tuple(masks.shape)}, expected {tuple(tokens.shape[:2])} "
@@ -559,7 +636,8 @@ class DinoVisionTransformer(nn.Module):
     def _features_packed(self, xs: list[Tensor], masks: list[Tensor | None]) -> list[dict[str, Tensor | None]]:
         """:meth:`forward_features` of a list: the inputs' tokens ``[B_i, T_i, D]`` go through the blocks as one
         ``[1, sum B_i T_i, D]`` sequence (:meth:`Attention.forward` with ``segments``)."""
-        tokens = [self.prepare_tokens_with_masks(xi, mi) for xi, mi in zip(xs, masks, strict=True)]
+        embedded = self.patch_embed.forward_many(xs)
+        tokens = [self.prepare_tokens_with_masks(xi, mi, ti) for xi, mi, ti in zip(xs, masks, embedded, strict=True)]
         segments: Segments = tuple((t.shape[0], t.shape[1]) for t in tokens)
         d = tokens[0].shape[-1]
         x = self._to_stream(torch.cat([t.reshape(1, -1, d) for t in tokens], dim=1))

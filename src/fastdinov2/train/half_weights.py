@@ -22,9 +22,10 @@ The arithmetic is the autocast path's: the same bf16 weights enter the same bf16
 gradient comes out of the matmul in bf16 either way. Only a weight used twice in one backward (the patch
 embedding, once per crop size) sums its two contributions in bf16 instead of fp32.
 
-With ``layer_scale=True`` (the trainer passes ``compute.half_residual``) the layer-scale vectors ``gamma`` get
-copies too: the bf16 residual stream multiplies by them in bf16 (a cast per branch and use otherwise); on the
-fp32 stream they stay fp32.
+With ``layer_scale=True`` (the trainer passes ``compute.half_residual``) the layer-scale vectors ``gamma`` and
+the LayerNorm weights and biases get copies too: the bf16 residual stream multiplies by the gammas in bf16,
+and its LayerNorms take bf16 weights on CUDA (a cast per branch and use otherwise); on the fp32 stream they
+stay fp32.
 
 Several processes: DDP reduces the registered parameters' gradients through hooks that the copies bypass, so
 under ``compute.strategy=ddp`` the trainer averages the gradients itself
@@ -67,6 +68,8 @@ class HalfWeights:
                     names: tuple[str, ...] = ("weight", "bias")
                 elif layer_scale and isinstance(mod, LayerScale):
                     names = ("gamma",)
+                elif layer_scale and isinstance(mod, nn.LayerNorm):
+                    names = ("weight", "bias")  # the half stream's LayerNorm takes them in bf16 on CUDA
                 else:
                     continue
                 for name in names:
