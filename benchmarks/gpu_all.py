@@ -106,6 +106,9 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             ["benchmarks/end_to_end.py", "--fast", s16, "--baseline", "dinov2_tiny" if smoke else "dinov2_vits16_in100",
              "--train-images", "64" if smoke else "2048", "--epochs", "1" if smoke else str(epochs),
              "--repeats", "1" if smoke else "2", "--num-workers", "2" if smoke else "12",
+             # a log step reads the device (a host sync): every 2 steps, as end_to_end.py's default, it would
+             # expose the host's per-step work; the trainer's own default is 10
+             "--log-every", "2" if smoke else "8",
              "--cache-dir", str(cache_dir / "data"), f"compute.device={dev}", "data.photometric_on=device", *extra,
              *(["train.batch_size_per_gpu=8", *tiny_model] if smoke else [])],
             cap,
@@ -133,16 +136,15 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             json_out=False,
         ),
         # the eager step captured as one CUDA graph per stage (no compilation: launch overhead removed), ViT-S/16
-        # and ViT-B/16, each next to the same step with the iBOT cross-entropy as Triton row kernels over the bf16
-        # logits (ibot.fused_loss: no fp32 [M, 65536] tensor), and next to it with the bf16 residual stream and bf16
-        # weight copies instead (compute.half_residual, compute.half_weights: no per-use weight casts; separate
-        # from the Triton loss, so that one failing does not cost the other's figure); ~30-40 s each
+        # and ViT-B/16, with the iBOT cross-entropy as Triton row kernels over the bf16 logits (ibot.fused_loss=auto
+        # on CUDA: no fp32 [M, 65536] tensor), next to the same step with the reference iBOT loss, and next to it
+        # with bf16 weight copies (compute.half_weights: no per-use weight casts); ~20 s each
         *(
             []
             if smoke
             else [step(f"step_{m}_b64_cuda_graph{suffix}", cfg, "--cuda-graph", *extra, cap=60, min_s=20)
                   for m, cfg in (("vits16", s16), ("vitb16", b16))
-                  for suffix, extra in (("", []), ("_fused", ["ibot.fused_loss=true"]),
+                  for suffix, extra in (("", []), ("_unfused", ["ibot.fused_loss=false"]),
                                         ("_half", half))]
         ),
         # eager, with a profile: GPU time per kernel (top_kernels) and per kind of kernel (kernel_categories) is
@@ -168,7 +170,12 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         ),
         step("step_vitb16_b64_compile_blocks_cuda_graph", b16, "--compile-blocks",
              *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
-        e2e("end_to_end_vits16", epochs=4, cap=200, min_s=80),  # the same run without graphs
+        # the same with the fused iBOT loss and the bf16 weight copies: every option that shortens the step
+        step("step_vitb16_b64_compile_blocks_cuda_graph_best", b16, "--compile-blocks",
+             *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), "ibot.fused_loss=true", *half,
+             cap=180, min_s=60),
+        # the same run without graphs and with the reference iBOT loss (the eager trainer)
+        e2e("end_to_end_vits16", "compute.cuda_graph=false", "ibot.fused_loss=false", epochs=4, cap=200, min_s=80),
         # the trainer's best candidate: regional compilation inside the CUDA-graph step
         e2e("end_to_end_vits16_blocks_graph", "compute.compile=blocks", *aot, *graph, epochs=4, cap=300,
             min_s=150),
@@ -180,7 +187,8 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         # the step compiled with the cudagraphs backend (torch.compile's capture, no code generation)
         e2e("end_to_end_vits16_cudagraphs", "compute.compile=step",
             "compute.compile_backend=" + ("aot_eager" if smoke else "cudagraphs"), "compute.masked_tokens_bucket=256"),
-        e2e("end_to_end_vits16_blocks", "compute.compile=blocks", *aot, cap=200, min_s=90),
+        e2e("end_to_end_vits16_blocks", "compute.compile=blocks", "compute.cuda_graph=false", *aot, cap=200,
+            min_s=90),
         step("step_vits16_b64_compile_step_cgbackend", s16, "--compile-step", "--compile-backend",
              "cudagraphs" if not smoke else "aot_eager", cap=120, min_s=40),
         # GPU time of the prototype layer: 4096 prototypes, the step captured as a CUDA graph (eager is launch-bound)

@@ -277,7 +277,7 @@ def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
     names = [j.name for j in ga.plan(tmp_path)]
     # the GPU tests first, then the graph step of both models with and without the fused iBOT loss, then the
     # trainer's CUDA-graph step end to end
-    graphs = [f"step_{m}_b64_cuda_graph{v}" for m in ("vits16", "vitb16") for v in ("", "_fused", "_half")]
+    graphs = [f"step_{m}_b64_cuda_graph{v}" for m in ("vits16", "vitb16") for v in ("", "_unfused", "_half")]
     # ... then the eager step of both with a profile, then the trainer's CUDA-graph step end to end
     assert names[:10] == ["pytest_gpu", *graphs, "step_vits16_b64", "step_vitb16_b64", "end_to_end_vits16_graph"]
     assert "torchrun_smoke_tiny" in names

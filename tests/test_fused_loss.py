@@ -24,9 +24,15 @@ from .test_chunked_loss import _close, _meta_step
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_config_key_defaults_off_and_refuses_the_other_loss_paths() -> None:
-    assert load_config("fastdinov2_tiny").ibot.fused_loss is False
-    assert load_config("fastdinov2_tiny", ["ibot.fused_loss=true"]).ibot.fused_loss is True
+def test_config_key_defaults_to_auto_and_refuses_the_other_loss_paths() -> None:
+    assert load_config("fastdinov2_tiny").ibot.fused_loss == "auto"
+    assert load_config("fastdinov2_tiny", ["ibot.fused_loss=true"]).ibot.fused_loss == "true"
+    assert load_config("fastdinov2_tiny", ["ibot.fused_loss=False"]).ibot.fused_loss == "false"
+    with pytest.raises(ConfigError, match="ibot.fused_loss: 'maybe' is not one of auto, true, false"):
+        load_config("fastdinov2_tiny", ["ibot.fused_loss=maybe"])
+    # auto: the reference path where the fused one cannot run or does not apply (no error, no warning)
+    load_config("fastdinov2_tiny", ["ibot.loss_chunk_rows=8"])
+    load_config("fastdinov2_tiny", ["dino.centering=sinkhorn_knopp"])
     with pytest.raises(ConfigError, match="ibot.fused_loss.*loss_chunk_rows"):
         load_config("fastdinov2_tiny", ["ibot.fused_loss=true", "ibot.loss_chunk_rows=8"])
     with pytest.raises(ConfigError, match="ibot.fused_loss.*dino.centering=softmax"):
@@ -167,7 +173,9 @@ def gpu_train_variants(tmp_path: Path, variants: dict[str, list[str]]) -> dict[s
 
     root = tmp_path / "synth"
     write_synthetic_dataset(root, SyntheticSpec(num_classes=4, train_per_class=8, val_per_class=4, image_size=40))
+    # the reference: eager, the reference iBOT loss (both "auto" options would be on on CUDA)
     common = [*TRAIN_TINY, f"data.root={root}", "compute.device=cuda", "data.photometric_on=device",
+              "compute.cuda_graph=false", "ibot.fused_loss=false",
               "student.drop_path_rate=0", "compute.masked_tokens_bucket=16"]
     return {name: train(load_config("fastdinov2_tiny", [*common, *extra]), tmp_path / name)["history"]
             for name, extra in variants.items()}

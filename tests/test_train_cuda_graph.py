@@ -5,6 +5,7 @@ capture itself; the ``gpu`` test at the end replays real graphs."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,53 @@ def test_cuda_graph_refuses_what_a_graph_cannot_hold(extra: list[str], key: str)
         load_config("fastdinov2_tiny", overrides)
 
 
+def test_auto_options_are_decided_per_device() -> None:
+    # compute.cuda_graph=auto and ibot.fused_loss=auto (the defaults): off on the CPU, config unchanged
+    from fastdinov2.train import meta_arch
+    from fastdinov2.train.loop import resolve_auto_options
+
+    cfg = load_config("fastdinov2_tiny")
+    assert (cfg.compute.cuda_graph, cfg.ibot.fused_loss, cfg.compute.masked_tokens_bucket) == ("auto", "auto", 0)
+    cpu, notes = resolve_auto_options(cfg, torch.device("cpu"), 1)
+    assert (cpu.compute.cuda_graph, cpu.ibot.fused_loss, cpu.compute.masked_tokens_bucket) == ("false", "false", 0)
+    assert notes == [] and cfg.compute.cuda_graph == "auto"  # a copy: the given config stays as it was
+    # on CUDA (decided without one: a pure function of the config and the device), with Triton
+    cuda = torch.device("cuda", 0)
+    real = meta_arch.fused_loss_available
+    meta_arch.fused_loss_available = lambda device: True  # type: ignore[assignment]
+    try:
+        on, notes = resolve_auto_options(cfg, cuda, 1)
+        assert (on.compute.cuda_graph, on.ibot.fused_loss, on.compute.masked_tokens_bucket) == ("true", "true", 64)
+        assert "one CUDA graph" in notes[0] and "Triton" in notes[1]
+        kept, _ = resolve_auto_options(load_config("fastdinov2_tiny", ["compute.masked_tokens_bucket=16"]), cuda, 1)
+        assert kept.compute.masked_tokens_bucket == 16
+        for extra, why in ((["train.grad_accum_steps=2"], "grad_accum_steps"), (["compute.precision=fp16"], "fp16"),
+                           (["dino.centering=sinkhorn_knopp"], "sinkhorn_knopp"),
+                           (["compute.compile=blocks", "compute.compile_mode=reduce-overhead"], "CUDA graphs")):
+            off, notes = resolve_auto_options(load_config("fastdinov2_tiny", extra), cuda, 1)
+            assert off.compute.cuda_graph == "false" and off.compute.masked_tokens_bucket == 0, extra
+            assert why in notes[0], (extra, notes)
+        many, notes = resolve_auto_options(cfg, cuda, 2)  # under torchrun: only when asked for
+        assert many.compute.cuda_graph == "false" and "2 processes" in notes[0]
+        off, _ = resolve_auto_options(load_config("fastdinov2_tiny", ["ibot.loss_chunk_rows=64"]), cuda, 1)
+        assert off.ibot.fused_loss == "false"
+        explicit, notes = resolve_auto_options(
+            load_config("fastdinov2_tiny", ["compute.cuda_graph=false", "ibot.fused_loss=false"]), cuda, 1)
+        assert (explicit.compute.cuda_graph, explicit.ibot.fused_loss, notes) == ("false", "false", [])
+    finally:
+        meta_arch.fused_loss_available = real  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match="compute.cuda_graph: 'maybe'"):
+        load_config("fastdinov2_tiny", ["compute.cuda_graph=maybe"])
+
+
+def test_the_run_saves_the_config_as_given(data_root: Path, tmp_path: Path) -> None:
+    # config.yaml keeps "auto" (a resume on another machine decides again); the trainer runs on decided values
+    trainer = Trainer(_cfg(data_root), tmp_path)
+    assert trainer.user_cfg.compute.cuda_graph == "auto" and trainer.cfg.compute.cuda_graph == "false"
+    trainer.run()
+    assert "cuda_graph: auto" in (tmp_path / "config.yaml").read_text()
+
+
 def test_device_schedules_need_the_fused_optimizer(data_root: Path, tmp_path: Path) -> None:
     trainer = Trainer(_cfg(data_root), tmp_path)
     params = [p for g in trainer.param_groups for p in g["params"]]
@@ -204,7 +252,8 @@ def test_cuda_graph_run_matches_eager_on_the_gpu(data_root: Path, tmp_path: Path
     """Replayed graphs train like eager steps (bf16: loose tolerance), and a replayed step issues no sync."""
     # no stochastic depth: a replayed graph draws its random numbers from other generator offsets than eager
     common = ["compute.device=cuda", "data.photometric_on=device", "student.drop_path_rate=0"]
-    eager = train(_cfg(data_root, *common, "compute.masked_tokens_bucket=16"), tmp_path / "eager")
+    eager = train(_cfg(data_root, *common, "compute.masked_tokens_bucket=16", "compute.cuda_graph=false"),
+                  tmp_path / "eager")
     graph = train(_cfg(data_root, *common, *GRAPH), tmp_path / "graph")
     for a, b in zip(_history(eager), _history(graph), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2), a["step"]
@@ -221,3 +270,16 @@ def test_cuda_graph_run_matches_eager_on_the_gpu(data_root: Path, tmp_path: Path
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert trainer.sync_health(3) is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_defaults_on_one_gpu_replay_the_step_with_the_fused_loss(data_root: Path, tmp_path: Path) -> None:
+    # compute.cuda_graph=auto and ibot.fused_loss=auto on one CUDA device: the graph step and the Triton loss
+    from fastdinov2.losses.fused import fused_loss_available
+
+    trainer = Trainer(_cfg(data_root, "compute.device=cuda"), tmp_path / "t")
+    assert trainer._graphed is not None and trainer.cfg.compute.masked_tokens_bucket == 64
+    assert trainer.cfg.ibot.fused_loss == ("true" if fused_loss_available(trainer.device) else "false")
+    history = _history(train(_cfg(data_root, "compute.device=cuda"), tmp_path / "run"))
+    assert history and all(math.isfinite(r["loss"]) for r in history)

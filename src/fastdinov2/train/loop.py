@@ -21,6 +21,7 @@ The message on stderr states the conversion, and ``metrics.jsonl`` is renumbered
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -39,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fastdinov2 import distributed as dist_utils
-from fastdinov2.config import Config, ConfigError, diff_configs, load_config, to_yaml
+from fastdinov2.config import Config, ConfigError, diff_configs, load_config, to_yaml, tristate
 from fastdinov2.curriculum import Curriculum
 from fastdinov2.data.collate import TrainBatch, collate_train
 from fastdinov2.data.datasets import DataError, discover_training_images
@@ -56,7 +57,7 @@ from fastdinov2.train.checkpoint import (
 from fastdinov2.train.cuda_graph import DeviceSchedules, GraphedStep
 from fastdinov2.train.half_weights import HalfWeights
 from fastdinov2.train.logging import MetricsLogger, read_metrics
-from fastdinov2.train.meta_arch import MetaArch
+from fastdinov2.train.meta_arch import MetaArch, fused_loss_auto
 from fastdinov2.train.optim import apply_optim_schedules, build_adamw, get_param_groups, reset_optimizer_state
 from fastdinov2.train.plan import build_schedules
 from fastdinov2.train.sampler import StepBatchSampler
@@ -123,6 +124,51 @@ def resolve_photometric_on(cfg: Config, device: torch.device) -> PhotometricOn:
     if mode == "auto":
         return "device" if device.type == "cuda" else "worker"
     return "device" if mode == "device" else "worker"
+
+
+#: compute.masked_tokens_bucket when compute.cuda_graph=auto turns the graph step on and the key is 0
+AUTO_MASKED_TOKENS_BUCKET = 64
+
+
+def resolve_auto_options(cfg: Config, device: torch.device, world_size: int) -> tuple[Config, list[str]]:
+    """A copy of ``cfg`` with ``compute.cuda_graph`` and ``ibot.fused_loss`` decided ("true"/"false"), and a
+    line for the log per "auto" one on CUDA.
+
+    ``compute.cuda_graph=auto`` is on on CUDA unless something it needs is missing (``config._check_cuda_graph``
+    lists them, as errors for an explicit true): bf16 or fp32 (no fp16 grad scaler), one micro-batch per step,
+    softmax centring, no torch.compile CUDA graphs, and one process (under torchrun an explicit true captures
+    the flat-gradient all-reduce, ``docs/distributed.md``; not yet run on several GPUs, so not a default). Then a
+    ``compute.masked_tokens_bucket`` of 0 becomes :data:`AUTO_MASKED_TOKENS_BUCKET` (one batch shape per stage).
+    ``ibot.fused_loss=auto``: :func:`~fastdinov2.train.meta_arch.fused_loss_auto`."""
+    out = copy.deepcopy(cfg)
+    notes: list[str] = []
+    c = out.compute
+    if tristate(c.cuda_graph, "compute.cuda_graph") is None:
+        why_not = [
+            (device.type != "cuda", "not on CUDA"),
+            (resolve_precision(cfg, device) == torch.float16, "compute.precision=fp16"),
+            (cfg.train.grad_accum_steps != 1, "train.grad_accum_steps > 1"),
+            (cfg.dino.centering != "softmax", f"dino.centering={cfg.dino.centering}"),
+            (c.compile_backend == "cudagraphs" or c.compile_mode in ("reduce-overhead", "max-autotune"),
+             "torch.compile's own CUDA graphs"),
+            # the flat-gradient all-reduce that a graph needs under torchrun has run on one GPU and on CPUs only
+            (world_size > 1, f"{world_size} processes: set compute.cuda_graph=true to capture the all-reduce too"),
+        ]
+        reasons = [why for cond, why in why_not if cond]
+        c.cuda_graph = "false" if reasons else "true"
+        if not reasons and c.masked_tokens_bucket == 0:
+            c.masked_tokens_bucket = AUTO_MASKED_TOKENS_BUCKET
+        if device.type == "cuda":
+            notes.append("compute.cuda_graph=auto: " + (
+                f"each step replayed as one CUDA graph (masked tokens padded to multiples of "
+                f"{c.masked_tokens_bucket})" if not reasons else f"eager step ({', '.join(reasons)})"))
+    if tristate(out.ibot.fused_loss, "ibot.fused_loss") is None:
+        fused = fused_loss_auto(cfg, device)
+        out.ibot.fused_loss = "true" if fused else "false"
+        if device.type == "cuda":
+            notes.append("ibot.fused_loss=auto: " + ("the iBOT loss as Triton row kernels" if fused else
+                                                     "the reference iBOT loss"))
+    return out, notes
 
 
 def resolve_data_root(cfg: Config) -> Path:
@@ -308,18 +354,22 @@ class Trainer:
     """Holds the set-up of one run; :meth:`run` is the training loop."""
 
     def __init__(self, cfg: Config, output_dir: Path, allow_config_change: bool = False) -> None:
-        self.cfg = cfg
+        self.user_cfg = cfg  # as given ("auto" options undecided): saved with the run, compared on resume
         self.output_dir = output_dir
         self.rank = dist_utils.get_rank()
         self.world_size = dist_utils.get_world_size()
         self.is_main = self.rank == 0
         self.device = resolve_device(cfg)
+        # what the run uses: the "auto" options decided for this device (compute.cuda_graph, ibot.fused_loss)
+        cfg, self._auto_notes = resolve_auto_options(cfg, self.device, self.world_size)
+        self.cfg = cfg
         self.dtype = resolve_precision(cfg, self.device)
         self.photometric_on = resolve_photometric_on(cfg, self.device)
         not_with_fsdp2 = {"half_weights": "FSDP2's mixed precision already computes with bf16 copies of the weights",
                           "cuda_graph": "FSDP2 gathers and frees parameters around each block"}
         for key, why in not_with_fsdp2.items():
-            if self.world_size > 1 and cfg.compute.strategy == "fsdp2" and getattr(cfg.compute, key):
+            if (self.world_size > 1 and cfg.compute.strategy == "fsdp2"
+                    and tristate(getattr(cfg.compute, key), f"compute.{key}")):
                 raise ConfigError(f"compute.{key}=true does not combine with compute.strategy=fsdp2 ({why}); "
                                   f"use compute.strategy=ddp or compute.{key}=false")
         if self.world_size > 1 and cfg.data.on_bad_sample == "drop" and cfg.data.max_bad_samples > 0:
@@ -338,7 +388,7 @@ class Trainer:
         self.records, self.classes = discover_training_images(self.data_root)
         self.curriculum = Curriculum(cfg, len(self.records), self.world_size)
         self.schedules = build_schedules(cfg, self.curriculum)
-        self.continuing = check_run_dir(output_dir, cfg, allow_config_change)
+        self.continuing = check_run_dir(output_dir, self.user_cfg, allow_config_change)
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = MetaArch(cfg).to(self.device)
@@ -354,8 +404,9 @@ class Trainer:
         fsdp_dtype = self.dtype if self.device.type == "cuda" else None
         # compute.cuda_graph / compute.half_weights under ddp: no DDP wrapper; the gradients sit in one flat buffer
         # averaged by one all-reduce per step (distributed.FlatGradients), which a CUDA graph captures too
-        flat = self.world_size > 1 and strategy == "ddp" and (cfg.compute.cuda_graph or cfg.compute.half_weights)
-        if self.world_size > 1 and cfg.compute.cuda_graph and cfg.ibot.mask_sampling != "batch":
+        graph = cfg.compute.cuda_graph == "true"
+        flat = self.world_size > 1 and strategy == "ddp" and (graph or cfg.compute.half_weights)
+        if self.world_size > 1 and graph and cfg.ibot.mask_sampling != "batch":
             raise ConfigError("compute.cuda_graph=true on several processes needs ibot.mask_sampling=batch: every "
                               "rank must replay a graph of the same shape, and per-sample masks give each rank its "
                               "own masked-token count")
@@ -367,7 +418,7 @@ class Trainer:
         )
         self._flat_grads = dist_utils.FlatGradients(list(self.model.student.parameters())) if flat else None
         if flat and self.is_main:
-            key = "cuda_graph" if cfg.compute.cuda_graph else "half_weights"
+            key = "cuda_graph" if graph else "half_weights"
             print(f"[fastdinov2] compute.strategy=ddp with compute.{key}=true: the student's gradients are averaged "
                   f"over the {self.world_size} processes by one all-reduce of a flat buffer per step (no DDP wrapper)",
                   file=sys.stderr)
@@ -407,7 +458,7 @@ class Trainer:
         # batch shape, its schedules read from the device (fastdinov2.train.cuda_graph).
         self._dsched: DeviceSchedules | None = None
         self._graphed: GraphedStep | None = None
-        if cfg.compute.cuda_graph:
+        if graph:
             if not self.sync_free:
                 raise ConfigError("compute.cuda_graph=true needs the fused AdamW kernel and no fp16 grad scaler")
             self._dsched = DeviceSchedules(self.schedules, self.optimizer, self.device)
@@ -865,7 +916,9 @@ class Trainer:
         end_step = cur.total_steps if cfg.train.max_steps is None else min(cur.total_steps, cfg.train.max_steps)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            _write_text_atomic(self.output_dir / "config.yaml", to_yaml(cfg))
+            _write_text_atomic(self.output_dir / "config.yaml", to_yaml(self.user_cfg))
+            for note in self._auto_notes:
+                print(f"[fastdinov2] {note}", file=sys.stderr)
             self.logger = MetricsLogger(self.output_dir, enabled=True)
             if self.renumbered_from is None:
                 self.logger.truncate_from(self.state.step)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastdinov2.config import Config
+from fastdinov2.config import Config, tristate
 from fastdinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from fastdinov2.losses.chunked import chunked_ibot_loss, teacher_logit_sum
 from fastdinov2.losses.fused import fused_ibot_loss, fused_loss_available, masked_column_sum
@@ -179,6 +179,13 @@ class StudentTeacherModel(nn.Module):
         }
 
 
+def fused_loss_auto(cfg: Config, device: torch.device) -> bool:
+    """What ``ibot.fused_loss=auto`` means on ``device``: the fused Triton loss on CUDA with Triton installed,
+    softmax centring and no chunked iBOT loss (``ibot.loss_chunk_rows=0``); the reference path elsewhere."""
+    return (device.type == "cuda" and cfg.dino.centering == "softmax" and cfg.ibot.loss_chunk_rows == 0
+            and fused_loss_available(device))
+
+
 class MetaArch(nn.Module):
     """Student, teacher and the three losses (with their centres)."""
 
@@ -259,8 +266,12 @@ class MetaArch(nn.Module):
         return list(cls_probs.chunk(2)), patch_probs
 
     def _use_fused_loss(self, patch_logits: Tensor) -> bool:
-        """``ibot.fused_loss`` and the Triton kernels can run on the logits' device (else, once, a warning)."""
-        if not self.cfg.ibot.fused_loss:
+        """``ibot.fused_loss`` and the Triton kernels can run on the logits' device (else, once, a warning);
+        "auto": :func:`fused_loss_auto`."""
+        mode = tristate(self.cfg.ibot.fused_loss, "ibot.fused_loss")
+        if mode is None:
+            return fused_loss_auto(self.cfg, patch_logits.device)
+        if not mode:
             return False
         if fused_loss_available(patch_logits.device):
             return True
