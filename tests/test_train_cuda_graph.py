@@ -283,3 +283,16 @@ def test_defaults_on_one_gpu_replay_the_step_with_the_fused_loss(data_root: Path
     assert trainer.cfg.ibot.fused_loss == ("true" if fused_loss_available(trainer.device) else "false")
     history = _history(train(_cfg(data_root, "compute.device=cuda"), tmp_path / "run"))
     assert history and all(math.isfinite(r["loss"]) for r in history)
+
+
+def test_runs_saved_before_the_auto_defaults_continue(data_root: Path, tmp_path: Path) -> None:
+    # a config.yaml written when both options were booleans (false) continues under the "auto" defaults
+    from fastdinov2.config import to_yaml
+    from fastdinov2.train.loop import check_run_dir
+
+    old = _cfg(data_root, "compute.cuda_graph=false", "ibot.fused_loss=false")
+    (tmp_path / "config.yaml").write_text(to_yaml(old).replace("cuda_graph: 'false'", "cuda_graph: false")
+                                          .replace("fused_loss: 'false'", "fused_loss: false"))
+    assert check_run_dir(tmp_path, _cfg(data_root), allow_config_change=False)
+    with pytest.raises(ConfigError, match="different config"):
+        check_run_dir(tmp_path, _cfg(data_root, "optim.weight_decay=0.2"), allow_config_change=False)

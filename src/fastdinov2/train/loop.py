@@ -80,6 +80,10 @@ RESUMABLE_KEYS = (
     "data.on_bad_sample",
     "data.photometric_on",  # where the colour ops run, not what they draw (both give the same values)
     "compute.",
+    # how the same iBOT loss is computed (reference, chunked or Triton): a run saved before ibot.fused_loss
+    # became "auto" continues under the new default
+    "ibot.fused_loss",
+    "ibot.loss_chunk_rows",
 )
 
 
