@@ -154,6 +154,18 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         # the trainer with compute.cuda_graph: 4 epochs, so that the eager warm-up steps and the capture of each
         # stage's batch shape are a small part of the run
         e2e("end_to_end_vits16_graph", *graph, epochs=4, cap=200, min_s=80),
+        # the trainer's step with its defaults, split between the loader, the host (batch move, colour
+        # augmentation) and the device, with a profile: why it is slower than step.py's
+        Job(
+            "trainer_step_vits16",
+            ["benchmarks/trainer_step.py", "--config", s16, "--steps", "1" if smoke else "20",
+             "--warmup", "1" if smoke else "3", "--profile", "1" if smoke else "5",
+             f"data.cache_dir={cache_dir / 'data'}", f"compute.device={dev}",
+             "data.num_workers=0" if smoke else "data.num_workers=12",
+             *(["train.batch_size_per_gpu=8", *tiny_model] if smoke else [])],
+            150,
+            45,
+        ),
         # regional compilation (compute.compile=blocks: each block and head compiled, one graph per shape serves
         # all blocks) with the step captured as one CUDA graph: fused elementwise work and no launch overhead
         step("step_vits16_b64_compile_blocks_cuda_graph", s16, "--compile-blocks",
@@ -403,6 +415,16 @@ def summary_lines(merged: dict[str, Any]) -> list[str]:
             ]
             missing = f" ({res['kornia_missing']})" if res.get("kornia_missing") else ""
             lines.append(f"{name}: ms/sample " + "; ".join(parts) + missing)
+        elif res.get("benchmark") == "trainer_step":
+            lines.append(f"{name}: " + "; ".join(
+                f"{s['global_size']}/{s['local_size']} {s['loader']['ms_per_step']:.1f} ms from the loader, "
+                f"{s['on_device_ms_per_step']:.1f} on a ready batch"
+                + (f", device idle {100 * s['profile']['device_idle_frac']:.0f}%"
+                   if s.get("profile", {}).get("device_idle_frac") is not None else "")
+                for s in res["stages"]))
+        elif res.get("benchmark") == "end_to_end":
+            lines.append(f"{name}: wall ratio {res.get('wall_clock_ratio') or float('nan'):.2f}x, per-stage rates "
+                         f"{res.get('implied_speedup_from_stage_rates') or float('nan'):.2f}x")
     for st in merged["jobs"]:
         if st["rc"] != 0:
             lines.append(f"{st['job']}: rc={st['rc']}")

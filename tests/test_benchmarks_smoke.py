@@ -169,6 +169,26 @@ def test_step_profile_reports_device_time_tables(step_mod: ModuleType, capsys: p
     assert "top by GPU time" in capsys.readouterr().out
 
 
+def test_trainer_step_benchmark_splits_host_and_loader(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ts = _load("trainer_step")
+    out = ts.main(["--steps", "2", "--warmup", "1", "--profile", "1", "--stages", "1",
+                   "--json-out", str(tmp_path / "t.json"), "train.batch_size_per_gpu=4", "data.num_workers=0",
+                   "compute.threads=1"])
+    (stage,) = out["stages"]
+    assert stage["stage"] == "full_res_noise" and stage["batch_size"] == 4
+    ld = stage["loader"]
+    assert ld["ms_per_step"] > 0 and ld["host_rest_ms"] > 0 and ld["host_data_wait_ms"] > 0
+    # the host's parts add up to its time per step; on the CPU (synchronous) that is the step
+    assert ld["host_data_wait_ms"] + ld["host_on_device_ms"] + ld["host_rest_ms"] == pytest.approx(
+        ld["host_ms_per_step"])
+    assert stage["same_batch_ms_per_step"] > 0 and stage["on_device_ms_per_step"] > 0
+    assert stage["profile"]["steps"] == 1 and stage["profile"]["wall_ms_per_step"] > 0
+    assert "full_res_noise" in capsys.readouterr().out
+    assert json.loads((tmp_path / "t.json").read_text())["stages"][0]["loader"] == ld
+    with pytest.raises(SystemExit, match="fewer than"):
+        ts.main(["--steps", "100000", "--stages", "0", "train.batch_size_per_gpu=4", "data.num_workers=0"])
+
+
 def test_head_loss_benchmark(tmp_path: Path) -> None:
     hl = _load("head_loss")
     out = hl.main(["--device", "cpu", "--threads", "1", "--m", "40", "--k", "256", "--d", "16", "--chunk-rows",
