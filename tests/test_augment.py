@@ -453,3 +453,21 @@ def test_compiled_dense_fn_makes_its_constants_outside_the_compiled_region(monke
     out = apply_photometric(crops, params, dense=True, dense_fn=ph.compiled_dense_fn())
     torch.testing.assert_close(out, apply_photometric(crops, params, dense=True))
     assert seen == [{ph._GRAY_WEIGHTS, ph._HUE_OFFSETS, ph.IMAGENET_MEAN, ph.IMAGENET_STD}]
+
+
+def test_one_blend_per_jitter_position_equals_the_ops_in_turn():
+    # brightness, contrast and saturation of one position as one affine blend (the dense path): a crop that
+    # applies none is unchanged exactly, brightness is exact, the blends equal the ops to rounding
+    from fastdinov2.data.photometric import _jitter_position, adjust_brightness, adjust_contrast, adjust_saturation
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 9, 7)
+    factors = torch.ones(4, 3)  # crop 0: none; 1: brightness; 2: contrast; 3: saturation
+    factors[1, 0], factors[2, 1], factors[3, 2] = 1.4, 0.6, 1.7
+    coefs = torch.stack([factors.prod(dim=1), 1.0 - factors[:, 2], 1.0 - factors[:, 1]], dim=1)
+    out = _jitter_position(x.clone(), coefs)
+    assert torch.equal(out[0], x[0])
+    assert torch.equal(out[1:2], adjust_brightness(x[1:2], factors[1:2, 0]))
+    torch.testing.assert_close(out[2:3], adjust_contrast(x[2:3], factors[2:3, 1]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[3:4], adjust_saturation(x[3:4], factors[3:4, 2]), rtol=0, atol=1e-6)
+    assert out.min() >= 0 and out.max() <= 1
