@@ -201,21 +201,29 @@ def count_reads_cpu(fn: Callable[[], Any], seeds: list[torch.Tensor]) -> dict[st
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the ATen operators one call dispatches (views included): a proxy for kernel launches on a GPU."""
+    """Counts the ATen operators one call dispatches (views included): a proxy for kernel launches on a GPU;
+    and the bytes of the tensors they take and return, views left out (memory traffic, an estimate of what
+    the kernels stream: a broadcast input counts at its own size)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.n = 0
+        self.bytes = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         self.n += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            flat = [*args, *(kwargs or {}).values(), *(out if isinstance(out, tuple | list) else [out])]
+            self.bytes += sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+        return out
 
 
-def count_ops(fn: Callable[[], Any]) -> int:
+def count_ops(fn: Callable[[], Any]) -> tuple[int, int]:
+    """(ATen operators, bytes of their non-view inputs and outputs) of one call of ``fn``."""
     with OpCounter() as c:
         fn()
-    return c.n
+    return c.n, c.bytes
 
 
 def count_syncs_cuda(fn: Callable[[], Any]) -> dict[str, Any]:
@@ -387,8 +395,9 @@ def bench_size(args: argparse.Namespace, gsz: int, lsz: int, device: torch.devic
                                 [v for p in (gp, lp) for f, v in vars(p).items() if f != "blur_kernel_size"])
             reads = count_reads_cpu(fn, seeds)
         # operators are counted by a function mode too: not for the compiled call (its kernels are fused anyway)
+        ops, traffic = (None, None) if compiled else count_ops(fn)
         rows.append({"variant": name, **t, "ms_per_batch": ms, "ms_per_sample": ms / b,
-                     "aten_ops": None if compiled else count_ops(fn), **reads})
+                     "aten_ops": ops, "aten_gb": None if traffic is None else traffic / 1e9, **reads})
 
     def draw() -> None:  # what the loader workers do for ours (B samples' draws, collation, transfer)
         a, c = draw_params(b, n_local, g_scale, l_scale, seed=5)
@@ -457,7 +466,9 @@ def print_readable(out: dict[str, Any]) -> None:
         for r in s["rows"]:
             host = f", {r['host_reads']} host-only" if "host_reads" in r else ""
             print(f"    {r['variant']:<12} {r['ms_per_batch']:9.2f} ms/batch {r['ms_per_sample']:8.3f} ms/sample "
-                  f"(wall {r['wall_ms']:.2f} ms), {r['aten_ops']} aten ops, host reads of device values: "
+                  f"(wall {r['wall_ms']:.2f} ms), {r['aten_ops']} aten ops"
+                  + (f" moving {r['aten_gb']:.2f} GB" if r.get("aten_gb") is not None else "")
+                  + ", host reads of device values: "
                   f"{r['device_reads']}{host}")
         d = s["ours_param_draw"]
         print(f"    ours: parameter draw in the workers {d['ms_per_batch']:.2f} ms/batch "
