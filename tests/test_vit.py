@@ -482,7 +482,7 @@ def test_pos_embed_matrix_equals_bicubic_interpolation(side: int, grid: tuple[in
     (grad_ref,) = torch.autograd.grad((ref * g).sum(), pos)
     torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # an fp32 product under autocast too
-        monkeypatch.setattr(vit_mod, "_BICUBIC_MATRIX_MAX", 1 << 24)
+        monkeypatch.setattr(vit_mod, "_BICUBIC_MATRIX_MAX", 1 << 22)
         assert interpolate_pos_embed(pos, grid).dtype == torch.float32
         torch.testing.assert_close(interpolate_pos_embed(pos, grid), ref, rtol=0, atol=1e-5)
 
@@ -508,3 +508,21 @@ def test_patch_embed_matmul_equals_the_convolution() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
         pe(torch.randn(1, 3, 40, 32))
+
+
+def test_pos_embed_matrices_are_made_for_training_and_kept_in_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    # without gradients (evaluation: images of many sizes) a new grid interpolates directly; a made matrix
+    # serves no-grad calls too (the teacher); only the most recently used are kept
+    pos = torch.randn(1, 1 + 14 * 14, 8)
+    vit_mod._BICUBIC_MATRICES.clear()
+    with torch.no_grad():
+        interpolate_pos_embed(pos, (5, 9))
+    assert not vit_mod._BICUBIC_MATRICES
+    interpolate_pos_embed(pos, (5, 9))
+    with torch.no_grad():
+        interpolate_pos_embed(pos, (5, 9))
+    assert list(vit_mod._BICUBIC_MATRICES) == [(14, 5, 9, "cpu", torch.float32)]
+    monkeypatch.setattr(vit_mod, "_BICUBIC_MATRICES_KEPT", 3)
+    for rows in (2, 3, 4):
+        interpolate_pos_embed(pos, (rows, 9))
+    assert [k[1] for k in vit_mod._BICUBIC_MATRICES] == [2, 3, 4]

@@ -13,6 +13,7 @@ Token order inside the network is ``[cls, registers..., patches...]``; registers
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -106,17 +107,22 @@ def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
     return torch.cat((class_pos, patch_pos.to(pos_embed.dtype)), dim=1)
 
 
-#: the largest matrix kept (elements); a larger resampling (far larger eval grids) interpolates directly
-_BICUBIC_MATRIX_MAX = 1 << 24
+#: the largest matrix made (elements, 16 MB in fp32); a larger resampling interpolates directly
+_BICUBIC_MATRIX_MAX = 1 << 22
+#: how many matrices are kept (least recently used first out)
+_BICUBIC_MATRICES_KEPT = 32
 #: (side, rows, cols, device, dtype) -> the bicubic resampling as a matrix ``[rows*cols, side*side]``
-_BICUBIC_MATRICES: dict[tuple[int, int, int, str, torch.dtype], Tensor] = {}
+_BICUBIC_MATRICES: OrderedDict[tuple[int, int, int, str, torch.dtype], Tensor] = OrderedDict()
 
 
 def _bicubic_matrix(side: int, rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
     """``F.interpolate(mode="bicubic", align_corners=False)`` from a ``side x side`` grid to ``rows x cols`` as a
     matrix ``K [rows*cols, side*side]`` (the resampling is linear: ``out = K @ grid``, row-major grids), cached per
-    shape, device and dtype; ``None`` where it cannot be made now (inside ``torch.compile``'s tracing, or during a
-    CUDA-graph capture before the first use), and the caller interpolates directly.
+    shape, device and dtype (the :data:`_BICUBIC_MATRICES_KEPT` most recently used). ``None``, and the caller
+    interpolates directly, where a new one is not worth making or cannot be made now: without gradients
+    (evaluation, where images of many sizes would each make one for a single use; the teacher of a training
+    step finds the student's), above :data:`_BICUBIC_MATRIX_MAX` elements, inside ``torch.compile``'s
+    tracing, or during a CUDA-graph capture (the trainer's eager warm-up steps make them first).
 
     Why: CUDA's bicubic kernel runs one thread per output position and loops over the channels, so resampling
     ``[1, D, 14, 14]`` to ``7 x 7`` runs 49 threads; on an H100 its forward and backward took ~0.3 ms per call,
@@ -126,8 +132,11 @@ def _bicubic_matrix(side: int, rows: int, cols: int, device: torch.device, dtype
     key = (side, rows, cols, str(device), dtype)
     matrix = _BICUBIC_MATRICES.get(key)
     if matrix is not None:
+        if not torch.compiler.is_compiling():
+            _BICUBIC_MATRICES.move_to_end(key)
         return matrix
-    if torch.compiler.is_compiling() or rows * cols * side * side > _BICUBIC_MATRIX_MAX:
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or rows * cols * side * side > _BICUBIC_MATRIX_MAX):
         return None
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
@@ -135,6 +144,8 @@ def _bicubic_matrix(side: int, rows: int, cols: int, device: torch.device, dtype
     out = F.interpolate(basis, size=(rows, cols), mode="bicubic", align_corners=False)  # [M*M, 1, R, C]
     matrix = out.reshape(side * side, rows * cols).t().contiguous().to(device=device, dtype=dtype)
     _BICUBIC_MATRICES[key] = matrix
+    while len(_BICUBIC_MATRICES) > _BICUBIC_MATRICES_KEPT:
+        _BICUBIC_MATRICES.popitem(last=False)
     return matrix
 
 
