@@ -583,6 +583,18 @@ KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
 )
 
 
+def split_device_events(events: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Profiler ``key_averages()`` entries -> (host operators, device kernels). Device events named like a host
+    event are user annotations spanning kernels (e.g. the optimizer's "Optimizer.step#AdamW.step"): left out
+    of the kernels, which would count those kernels twice."""
+    def on_device(e: Any) -> bool:
+        return str(getattr(e, "device_type", "")).split(".")[-1] == "CUDA"
+
+    host = [e for e in events if not on_device(e)]
+    host_keys = {e.key for e in host}
+    return host, [e for e in events if on_device(e) and e.key not in host_keys]
+
+
 def kernel_categories(kernels: list[Any], n_steps: int) -> dict[str, dict[str, float]]:
     """GPU time and launches per step of profiler kernel events, grouped by :data:`KERNEL_CATEGORIES`."""
     out: dict[str, dict[str, float]] = {}
@@ -638,17 +650,10 @@ def profile_stage(runner: StepRunner, batch: SyntheticBatch, n_steps: int, top: 
     # where the device's time goes (zeros on the CPU). key_averages() lists the operators (CPU events, whose
     # self device time is that of the kernels they launched) and the kernels themselves (device events): the
     # two are reported apart, and only the kernels are summed (summing both counts every kernel twice).
-    def on_device(e: Any) -> bool:
-        return str(getattr(e, "device_type", "")).split(".")[-1] == "CUDA"
-
     def device_ms(e: Any) -> float:
         return getattr(e, "self_device_time_total", 0.0) / 1e3 / n_steps
 
-    host_ops = [e for e in ops if not on_device(e)]
-    # device events named like a host event are user annotations spanning kernels (e.g. the optimizer's
-    # "Optimizer.step#AdamW.step"): counting them would count those kernels twice
-    host_keys = {e.key for e in host_ops}
-    kernels = [e for e in ops if on_device(e) and e.key not in host_keys]
+    host_ops, kernels = split_device_events(ops)
     out["top_device_ops"] = [
         {"op": e.key[:160], "self_device_ms_per_step": device_ms(e), "calls_per_step": e.count / n_steps}
         for e in sorted(host_ops, key=device_ms, reverse=True)[: 2 * top]

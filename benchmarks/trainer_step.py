@@ -43,7 +43,7 @@ from common import machine_info, run_benchmark  # noqa: E402
 from fastdinov2.config import load_config  # noqa: E402
 from fastdinov2.data.collate import TrainBatch  # noqa: E402
 from fastdinov2.train.loop import Trainer  # noqa: E402
-from step import kernel_categories  # noqa: E402
+from step import kernel_categories, split_device_events  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -114,9 +114,7 @@ def _profile(trainer: Trainer, batches: Iterator[TrainBatch], first_step: int, n
             trainer.train_step([next(batches)], first_step + i)
         _sync(trainer.device)
         wall = time.perf_counter() - t0
-    events = prof.key_averages()
-    host_keys = {e.key for e in events if "CUDA" not in str(getattr(e, "device_type", ""))}
-    kernels = [e for e in events if "CUDA" in str(getattr(e, "device_type", "")) and e.key not in host_keys]
+    _, kernels = split_device_events(list(prof.key_averages()))
     busy = sum(getattr(e, "self_device_time_total", 0.0) for e in kernels) / 1e3 / n
     wall_ms = wall * 1e3 / n
     return {

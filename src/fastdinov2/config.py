@@ -393,6 +393,11 @@ def tristate(value: object, key: str) -> bool | None:
     raise ConfigError(f"{key}: {value!r} is not one of auto, true, false")
 
 
+def _tristate_text(value: object, key: str) -> str:
+    """``value`` of a :func:`tristate` option as its canonical text: "auto", "true" or "false"."""
+    return {None: "auto", True: "true", False: "false"}[tristate(value, key)]
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
@@ -410,22 +415,32 @@ def stage_epochs(cfg: Config) -> list[float]:
     return out
 
 
+def cuda_graph_conflicts(cfg: Config) -> list[tuple[str, str]]:
+    """What keeps the step from being one CUDA graph, as ``(key, why)`` pairs (none: it can be): errors for an
+    explicit ``compute.cuda_graph=true`` (:func:`_check_cuda_graph`), reasons to stay eager for "auto"."""
+    c = cfg.compute
+    found = [
+        (c.compile_backend == "cudagraphs" or c.compile_mode in ("reduce-overhead", "max-autotune"),
+         "compute.cuda_graph", f"cannot be combined with torch.compile's own CUDA graphs (compute.compile_backend="
+         f"{c.compile_backend!r}, compute.compile_mode={c.compile_mode!r}); use compile_backend=inductor with "
+         "compile_mode=default or max-autotune-no-cudagraphs"),
+        (cfg.train.grad_accum_steps != 1, "train.grad_accum_steps",
+         "must be 1 with compute.cuda_graph=true (the graph holds one micro-batch)"),
+        (c.precision == "fp16", "compute.precision",
+         "'fp16' cannot be used with compute.cuda_graph=true (its grad scaler reads the device); use 'bf16'"),
+        (cfg.dino.centering != "softmax", "dino.centering",
+         f"must be 'softmax' with compute.cuda_graph=true, not {cfg.dino.centering!r} (Sinkhorn-Knopp slices the "
+         "real masked rows by a per-batch count, a shape no graph can hold)"),
+    ]
+    return [(key, why) for hit, key, why in found if hit]
+
+
 def _check_cuda_graph(cfg: Config) -> None:
     """What ``compute.cuda_graph=true`` needs: fixed shapes and no host round trip inside a step."""
-    c = cfg.compute
-    _check(c.compile_backend != "cudagraphs" and c.compile_mode not in ("reduce-overhead", "max-autotune"),
-           "compute.cuda_graph", f"cannot be combined with torch.compile's own CUDA graphs (compute.compile_backend="
-           f"{c.compile_backend!r}, compute.compile_mode={c.compile_mode!r}); use compile_backend=inductor with "
-           "compile_mode=default or max-autotune-no-cudagraphs")
-    _check(c.masked_tokens_bucket > 0, "compute.masked_tokens_bucket",
+    _check(cfg.compute.masked_tokens_bucket > 0, "compute.masked_tokens_bucket",
            "must be > 0 with compute.cuda_graph=true (e.g. 64): batches then fall into a few shapes, one graph each")
-    _check(cfg.train.grad_accum_steps == 1, "train.grad_accum_steps",
-           "must be 1 with compute.cuda_graph=true (the graph holds one micro-batch)")
-    _check(c.precision != "fp16", "compute.precision",
-           "'fp16' cannot be used with compute.cuda_graph=true (its grad scaler reads the device); use 'bf16'")
-    _check(cfg.dino.centering == "softmax", "dino.centering",
-           "must be 'softmax' with compute.cuda_graph=true (Sinkhorn-Knopp slices the real masked rows by a "
-           "per-batch count, a shape no graph can hold)")
+    for key, why in cuda_graph_conflicts(cfg):
+        raise ConfigError(f"{key}: {why}")
 
 
 def validate(cfg: Config) -> None:
@@ -450,7 +465,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= i.mask_ratio_min <= i.mask_ratio_max <= 1.0, "ibot.mask_ratio_min",
            "need 0 <= ibot.mask_ratio_min <= ibot.mask_ratio_max <= 1")
     _check(i.loss_chunk_rows >= 0, "ibot.loss_chunk_rows", "must be >= 0 (0: no chunked iBOT loss)")
-    i.fused_loss = {None: "auto", True: "true", False: "false"}[tristate(i.fused_loss, "ibot.fused_loss")]
+    i.fused_loss = _tristate_text(i.fused_loss, "ibot.fused_loss")
     if i.fused_loss == "true":
         _check(i.loss_chunk_rows == 0, "ibot.fused_loss", "and ibot.loss_chunk_rows > 0 are two iBOT loss paths: "
                "choose one")
@@ -545,8 +560,7 @@ def validate(cfg: Config) -> None:
             f"compute.compile_backend={cfg.compute.compile_backend!r} takes only 'default'"
         )
     _check(cfg.compute.masked_tokens_bucket >= 0, "compute.masked_tokens_bucket", "must be >= 0 (0: no padding)")
-    cfg.compute.cuda_graph = {None: "auto", True: "true", False: "false"}[
-        tristate(cfg.compute.cuda_graph, "compute.cuda_graph")]
+    cfg.compute.cuda_graph = _tristate_text(cfg.compute.cuda_graph, "compute.cuda_graph")
     if cfg.compute.cuda_graph == "true":
         _check_cuda_graph(cfg)
     _check(not (cfg.compute.strategy == "fsdp2" and cfg.compute.precision == "fp16"), "compute.precision",

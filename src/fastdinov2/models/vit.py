@@ -12,6 +12,7 @@ Token order inside the network is ``[cls, registers..., patches...]``; registers
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -95,10 +96,10 @@ def interpolate_pos_embed(pos_embed: Tensor, grid: tuple[int, int]) -> Tensor:
         patch_pos = patch_pos.float()
     matrix = _bicubic_matrix(side, rows, cols, patch_pos.device, patch_pos.dtype)
     if matrix is not None:
-        if _autocast_dtype(patch_pos) is not None:
-            with torch.autocast(patch_pos.device.type, enabled=False):  # an fp32 product, not a bf16 one
-                patch_pos = torch.matmul(matrix, patch_pos)
-        else:
+        # an fp32 product, not autocast's bf16 one
+        off = (torch.autocast(patch_pos.device.type, enabled=False) if _autocast_dtype(patch_pos) is not None
+               else contextlib.nullcontext())
+        with off:
             patch_pos = torch.matmul(matrix, patch_pos)  # [R*C, M*M] @ [1, M*M, D] -> [1, R*C, D]
     else:
         patch_pos = patch_pos.reshape(1, side, side, dim).permute(0, 3, 1, 2)  # [1, D, M, M]

@@ -40,7 +40,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fastdinov2 import distributed as dist_utils
-from fastdinov2.config import Config, ConfigError, diff_configs, load_config, to_yaml, tristate
+from fastdinov2.config import (
+    Config,
+    ConfigError,
+    cuda_graph_conflicts,
+    diff_configs,
+    load_config,
+    to_yaml,
+    tristate,
+)
 from fastdinov2.curriculum import Curriculum
 from fastdinov2.data.collate import TrainBatch, collate_train
 from fastdinov2.data.datasets import DataError, discover_training_images
@@ -138,27 +146,22 @@ def resolve_auto_options(cfg: Config, device: torch.device, world_size: int) -> 
     """A copy of ``cfg`` with ``compute.cuda_graph`` and ``ibot.fused_loss`` decided ("true"/"false"), and a
     line for the log per "auto" one on CUDA.
 
-    ``compute.cuda_graph=auto`` is on on CUDA unless something it needs is missing (``config._check_cuda_graph``
-    lists them, as errors for an explicit true): bf16 or fp32 (no fp16 grad scaler), one micro-batch per step,
-    softmax centring, no torch.compile CUDA graphs, and one process (under torchrun an explicit true captures
-    the flat-gradient all-reduce, ``docs/distributed.md``; not yet run on several GPUs, so not a default). Then a
+    ``compute.cuda_graph=auto`` is on on CUDA unless something it needs is missing
+    (:func:`~fastdinov2.config.cuda_graph_conflicts`, errors for an explicit true: bf16 or fp32, one
+    micro-batch per step, softmax centring, no torch.compile CUDA graphs), and on one process (under torchrun an
+    explicit true captures the flat-gradient all-reduce, ``docs/distributed.md``; not yet run on several GPUs,
+    so not a default). Then a
     ``compute.masked_tokens_bucket`` of 0 becomes :data:`AUTO_MASKED_TOKENS_BUCKET` (one batch shape per stage).
     ``ibot.fused_loss=auto``: :func:`~fastdinov2.train.meta_arch.fused_loss_auto`."""
     out = copy.deepcopy(cfg)
     notes: list[str] = []
     c = out.compute
     if tristate(c.cuda_graph, "compute.cuda_graph") is None:
-        why_not = [
-            (device.type != "cuda", "not on CUDA"),
-            (resolve_precision(cfg, device) == torch.float16, "compute.precision=fp16"),
-            (cfg.train.grad_accum_steps != 1, "train.grad_accum_steps > 1"),
-            (cfg.dino.centering != "softmax", f"dino.centering={cfg.dino.centering}"),
-            (c.compile_backend == "cudagraphs" or c.compile_mode in ("reduce-overhead", "max-autotune"),
-             "torch.compile's own CUDA graphs"),
-            # the flat-gradient all-reduce that a graph needs under torchrun has run on one GPU and on CPUs only
-            (world_size > 1, f"{world_size} processes: set compute.cuda_graph=true to capture the all-reduce too"),
-        ]
-        reasons = [why for cond, why in why_not if cond]
+        reasons = [f"{key} {why}" for key, why in cuda_graph_conflicts(cfg)]
+        if device.type != "cuda":
+            reasons.insert(0, "not on CUDA")
+        if world_size > 1:  # the flat-gradient all-reduce a graph needs here has run on one GPU and on CPUs only
+            reasons.append(f"{world_size} processes: set compute.cuda_graph=true to capture the all-reduce too")
         c.cuda_graph = "false" if reasons else "true"
         if not reasons and c.masked_tokens_bucket == 0:
             c.masked_tokens_bucket = AUTO_MASKED_TOKENS_BUCKET
