@@ -12,7 +12,12 @@ one CUDA graph with ``compute.cuda_graph``). On an H100 the trainer's step was 1
   moving the batch and its colour augmentation (``Trainer._on_device``) and in the rest of ``train_step``;
 - ``same_batch``: the same number of ``train_step`` calls on one batch already taken from the loader (no
   loader work; the move and the colour augmentation still run);
-- ``on_device``: the batch moved and augmented once; ``train_step`` on it (what ``step.py`` times);
+- ``on_device``: the batch moved and augmented once; ``train_step`` on it (what ``step.py`` times; with
+  the CUDA graph a graph of its own, warmed up first).
+
+With ``compute.cuda_graph`` the colour augmentation is part of the replayed graph (``GraphedStep`` copies
+the uint8 crops and the parameters into its buffers): the host's ``move + colour`` time is then ~0, and
+``loader`` minus ``on_device`` is the augmentation's device time plus the host's copies.
 - with ``--profile N``: ``torch.profiler`` over N loader steps: the device's busy time per step (kernels
   summed), by kind of kernel, and the wall time it is busy (1 - busy / wall is the device idling).
 
@@ -93,8 +98,12 @@ def _loader_steps(trainer: Trainer, batches: Iterator[TrainBatch], first_step: i
     }
 
 
-def _repeat(trainer: Trainer, batch: TrainBatch, first_step: int, n: int) -> float:
-    """ms per ``train_step`` on the same batch, synchronised at the end only."""
+def _repeat(trainer: Trainer, batch: TrainBatch, first_step: int, n: int, warmup: int = 0) -> float:
+    """ms per ``train_step`` on the same batch, synchronised at the end only, after ``warmup`` untimed steps (a
+    batch of another kind, e.g. already augmented, is another CUDA graph: its eager steps and capture)."""
+    for i in range(warmup):
+        trainer.train_step([batch], first_step + i)
+    first_step += warmup
     _sync(trainer.device)
     t0 = time.perf_counter()
     for i in range(n):
@@ -168,7 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             held = next(batches)
             res["same_batch_ms_per_step"] = _repeat(trainer, held, step, args.steps)
             ready = trainer._on_device(held)
-            res["on_device_ms_per_step"] = _repeat(trainer, ready, step, args.steps)
+            res["on_device_ms_per_step"] = _repeat(trainer, ready, step, args.steps, warmup=args.warmup)
             stages.append(res)
             del batches
         return {

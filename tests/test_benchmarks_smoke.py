@@ -267,11 +267,25 @@ def test_end_to_end_stage_rates_and_implied_speedup(tmp_path: Path) -> None:
         {"step": 6, "stage": 1, "img_per_s": 7.0, "data_wait_frac": 0.0},
         {"step": 8, "stage": 1, "img_per_s": 20.0, "data_wait_frac": 0.25},
     ]
-    rates = e2e.stage_rates(history)
+    rates = e2e.stage_rates(history, warmup_steps=0)
     # stage 0: 4 steps over 2/100 + 2/50 = 0.06 -> 66.67; wait (0 * 0.02 + 0.5 * 0.04) / 0.06
     assert rates[0]["img_per_s"] == pytest.approx(4 / 0.06)
     assert rates[0]["data_wait_frac"] == pytest.approx(0.02 / 0.06)
     assert rates[1] == pytest.approx({"img_per_s": 20.0, "data_wait_frac": 0.25, "steps": 2})
+    # by default a stage's first 4 steps (graph warm-up and capture, compilation) are left out too: stage 0
+    # keeps the window of steps 5-6 only; stage 1 counts as begun at step 7, so the window 7-8 is left out
+    history = [
+        {"step": 0, "stage": 0, "img_per_s": 1.0, "data_wait_frac": 0.9},
+        {"step": 2, "stage": 0, "img_per_s": 5.0, "data_wait_frac": 0.0},  # steps 1-2
+        {"step": 4, "stage": 0, "img_per_s": 50.0, "data_wait_frac": 0.5},  # steps 3-4
+        {"step": 6, "stage": 0, "img_per_s": 60.0, "data_wait_frac": 0.0},  # steps 5-6
+        {"step": 8, "stage": 1, "img_per_s": 7.0, "data_wait_frac": 0.0},  # the switch
+        {"step": 10, "stage": 1, "img_per_s": 8.0, "data_wait_frac": 0.0},  # steps 9-10: 7-10 are warm-up
+        {"step": 12, "stage": 1, "img_per_s": 30.0, "data_wait_frac": 0.0},  # steps 11-12
+    ]
+    rates = e2e.stage_rates(history)
+    assert rates[0] == pytest.approx({"img_per_s": 60.0, "data_wait_frac": 0.0, "steps": 2})
+    assert rates[1] == pytest.approx({"img_per_s": 30.0, "data_wait_frac": 0.0, "steps": 2})
 
     from fastdinov2.config import load_config
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from fastdinov2.config import ConfigError, load_config
+from fastdinov2.data.photometric import blur_kernel_size
 from fastdinov2.data.synthetic import SyntheticSpec, write_synthetic_dataset
-from fastdinov2.train.cuda_graph import DeviceSchedules, GraphedStep, batch_key
+from fastdinov2.train.cuda_graph import DeviceSchedules, GraphedStep, batch_key, describe_key, step_inputs
 from fastdinov2.train.loop import Trainer, train
 from fastdinov2.train.optim import apply_optim_schedules
 
@@ -131,6 +133,57 @@ def test_graphed_step_keeps_one_set_of_static_buffers_per_shape(data_root: Path,
         trainer.train_step([batch], step)
     assert len(graphed.entries) == len(keys) >= 2  # both curriculum stages; masked rows padded to 16
     assert graphed.names == ["loss", "dino_loss", "ibot_loss", "koleo_loss", "grad_norm"]
+
+
+def test_the_colour_augmentation_runs_inside_the_static_step(data_root: Path, tmp_path: Path) -> None:
+    """data.photometric_on=device: the graph's buffers hold the uint8 crops and the per-crop parameters, the
+    step applies the augmentation (inside the graph on a GPU), and the run trains like the ordinary step."""
+    device_mode = ["data.photometric_on=device"]
+    eager = train(_cfg(data_root, *device_mode, "compute.masked_tokens_bucket=16"), tmp_path / "eager")
+    graph = train(_cfg(data_root, *device_mode, *GRAPH), tmp_path / "graph")
+    for a, b in zip(_history(eager), _history(graph), strict=True):
+        for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=2e-5), (a["step"], key)
+
+    trainer = Trainer(_cfg(data_root, *device_mode, *GRAPH), tmp_path / "t")
+    assert trainer._graphed is not None
+    applied: list[int] = []
+    on_device = trainer._on_device
+    trainer._on_device = lambda b: (applied.append(int(b.photometric_pending)), on_device(b))[1]  # type: ignore
+    loader = iter(trainer.make_loader(0, 2))
+    for step in range(2):
+        batch = next(loader)
+        assert batch.photometric_pending and batch.global_crops.dtype == torch.uint8
+        trainer.train_step([batch], step)
+    assert applied == [1, 1]  # the step itself received the batch with the augmentation still to apply
+    (entry,) = trainer._graphed.entries.values()
+    assert entry.batch.photometric_pending and entry.batch.local_crops.dtype == torch.uint8
+    for name, buffer in step_inputs(entry.batch).items():  # the second batch was copied into the buffers
+        source = step_inputs(batch)[name]
+        assert buffer is not source and torch.equal(buffer, source), name
+
+
+def test_batch_key_names_the_inputs_and_the_blur_kernel_size(data_root: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_cfg(data_root, "data.photometric_on=device", *GRAPH), tmp_path)
+    batch = next(iter(trainer.make_loader(0, 1)))
+    key = batch_key(batch)
+    names = [k[0] for k in key]
+    assert names[:5] == ["global_crops", "local_crops", "masks", "mask_indices", "masks_weight"]
+    assert "global_params.hue" in names and "local_params.jitter_order" in names
+    assert "global_params.blur_kernel_size" in names and "global_params.blur_kernel_size" not in step_inputs(batch)
+    ksize = blur_kernel_size(8 / 16)  # stage 0 renders the 16 px local crops at 8 px
+    assert params_key(key, "local_params.blur_kernel_size") == (ksize,)
+    other = replace(batch, local_params=replace(batch.local_params, blur_kernel_size=torch.full_like(
+        batch.local_params.blur_kernel_size, ksize + 2)))
+    assert batch_key(other) != key  # another blur kernel is another graph
+    worker = Trainer(_cfg(data_root, "data.photometric_on=worker", *GRAPH), tmp_path / "w")
+    wbatch = next(iter(worker.make_loader(0, 1)))
+    assert [k[0] for k in batch_key(wbatch)] == names[:5] and wbatch.global_crops.dtype == torch.float32
+    assert f"local_params.blur_kernel_size [{ksize}]" in describe_key(key) and "hue" not in describe_key(key)
+
+
+def params_key(key: tuple, name: str) -> tuple:  # type: ignore[type-arg]
+    return next(shape for n, shape, _ in key if n == name)
 
 
 def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch: pytest.MonkeyPatch,

@@ -9,7 +9,9 @@ docs/benchmarks.md). This module gives the trainer the same capture:
   as 0-d views of one device vector (fused AdamW takes a tensor ``lr``), and decoupled weight decay
   applied by the step itself (the fused kernel takes ``weight_decay`` only as a Python number, which a
   graph would freeze at its capture value). The host writes one number per step: the step index.
-- :class:`GraphedStep` — runs a step function on static input buffers, one set per batch shape: a few
+- :class:`GraphedStep` — runs a step function on static input buffers, one set per batch shape (the uint8
+  crops and the colour augmentation's per-crop parameters with ``data.photometric_on=device``, so the
+  augmentation is replayed with the step instead of ~250 eager kernels launched by the host): a few
   eager steps first (on a side stream, as PyTorch's whole-network capture recipe asks), then a capture,
   then a replay per step. Graphs share one memory pool (they never run concurrently); everything that
   lives from one step to the next (weights, AdamW moments, centres, the health record, the schedule
@@ -24,7 +26,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -37,6 +39,8 @@ from fastdinov2.train.plan import Schedules
 SCHEDULE_COLUMNS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr", "backbone_lr_scale")
 #: Batch tensors a step reads; their shapes (and dtypes) select the graph.
 STATIC_FIELDS = ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight")
+#: The pending colour augmentation's parameters (``data.photometric_on=device``), applied inside the step.
+PARAM_FIELDS = ("global_params", "local_params")
 
 
 class DeviceSchedules:
@@ -101,18 +105,50 @@ class DeviceSchedules:
             torch._foreach_mul_([p.detach() for p in params], factor[i])
 
 
-def batch_key(batch: TrainBatch) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
-    """Shapes and dtypes of the tensors a step reads: one graph per distinct key."""
-    return tuple((tuple(getattr(batch, f).shape), getattr(batch, f).dtype) for f in STATIC_FIELDS)
+def step_inputs(batch: TrainBatch) -> dict[str, Tensor]:
+    """The tensors a step reads, by name: the :data:`STATIC_FIELDS`, and while the colour augmentation is
+    pending (``data.photometric_on=device``) every field of the two :class:`PhotometricParams` but the blur
+    kernel size (``"global_params.brightness"``, ...), which stays on the host: it sets the blur's shape, so it
+    is part of the graph's key (:func:`batch_key`) instead."""
+    out = {f: getattr(batch, f) for f in STATIC_FIELDS}
+    for name in PARAM_FIELDS:
+        params = getattr(batch, name)
+        if params is not None:
+            out.update({f"{name}.{f.name}": getattr(params, f.name) for f in fields(params)
+                        if f.name != "blur_kernel_size"})
+    return out
 
 
-def describe_key(key: tuple[tuple[tuple[int, ...], torch.dtype], ...]) -> str:
-    return ", ".join(f"{f} {list(shape)}" for f, (shape, _) in zip(STATIC_FIELDS, key, strict=True))
+def _with_inputs(batch: TrainBatch, tensors: dict[str, Tensor]) -> TrainBatch:
+    """``batch`` with the tensors named as in :func:`step_inputs` replaced by ``tensors``."""
+    changes: dict[str, object] = {f: tensors[f] for f in STATIC_FIELDS}
+    for name in PARAM_FIELDS:
+        params = getattr(batch, name)
+        if params is not None:
+            changes[name] = replace(params, **{f.name: tensors[f"{name}.{f.name}"] for f in fields(params)
+                                               if f.name != "blur_kernel_size"})
+    return replace(batch, **changes)
+
+
+def batch_key(batch: TrainBatch) -> tuple[tuple[str, tuple[int, ...], object], ...]:
+    """Names, shapes and dtypes of the tensors a step reads (:func:`step_inputs`), and the blur kernel sizes
+    of a pending colour augmentation: one graph per distinct key."""
+    key = [(name, tuple(t.shape), t.dtype) for name, t in step_inputs(batch).items()]
+    for name in PARAM_FIELDS:
+        params = getattr(batch, name)
+        if params is not None:  # a CPU tensor (PhotometricParams.to keeps it there): no device read
+            key.append((f"{name}.blur_kernel_size", tuple(params.blur_kernel_size.cpu().unique().tolist()), None))
+    return tuple(key)
+
+
+def describe_key(key: tuple[tuple[str, tuple[int, ...], object], ...]) -> str:
+    shown = [(name, shape) for name, shape, _ in key if "." not in name or name.endswith("blur_kernel_size")]
+    return ", ".join(f"{name} {list(shape)}" for name, shape in shown)
 
 
 @dataclass
 class _Entry:
-    batch: TrainBatch  # the static input buffers (the fields of STATIC_FIELDS), on the device
+    batch: TrainBatch  # every tensor on the device; those of step_inputs are the static input buffers
     eager_steps: int = 0
     graph: torch.cuda.CUDAGraph | None = None
     output: Tensor | None = None  # the graph's stacked scalars, overwritten by every replay
@@ -124,7 +160,10 @@ class GraphedStep:
 
     ``step_fn`` must read its step-dependent inputs from device tensors only (:class:`DeviceSchedules`),
     issue no host synchronisation, keep state that outlives a step in tensors updated in place, and
-    depend on the batch only through the :data:`STATIC_FIELDS` tensors. The first shape runs
+    depend on the batch only through the tensors of :func:`step_inputs`. The batch may be on the host (the
+    loader's pinned tensors: each is copied straight into its device buffer, asynchronously) or on the device;
+    a batch whose colour augmentation is pending keeps it pending, so the step applies it inside the graph
+    (its parameters are inputs like the crops). The first shape runs
     ``warmup_steps`` eager steps (real training steps, on a side stream: lazy initialisation of handles and
     optimiser state happens there), every later shape one (its kernels' plans for the new shape); then the
     shape is captured. The capture itself runs nothing, so the first graphed step is the replay right after
@@ -165,11 +204,14 @@ class GraphedStep:
     def __call__(self, batch: TrainBatch) -> dict[str, Tensor]:
         key = batch_key(batch)
         entry = self.entries.get(key)
+        inputs = step_inputs(batch)
         if entry is None:
-            static = {f: torch.empty_like(getattr(batch, f), device=self.device) for f in STATIC_FIELDS}
-            entry = self.entries[key] = _Entry(replace(batch, **static))
-        for f in STATIC_FIELDS:
-            getattr(entry.batch, f).copy_(getattr(batch, f), non_blocking=True)
+            static = {name: torch.empty_like(t, device=self.device) for name, t in inputs.items()}
+            # the fields no step reads (labels, ...) moved once, so that nothing in the step moves them
+            entry = self.entries[key] = _Entry(_with_inputs(batch.to(self.device), static))
+        # straight from the loader's pinned host tensors into the graph's buffers: one copy per tensor
+        for name, buffer in step_inputs(entry.batch).items():
+            buffer.copy_(inputs[name], non_blocking=True)
         if not self.capture:
             return self._eager(entry.batch)
         warmup = self.warmup_steps if self.n_graphs == 0 else min(1, self.warmup_steps)

@@ -761,15 +761,15 @@ class Trainer:
         once (the legacy path); there ``None`` is returned for a skipped update.
 
         With ``compute.cuda_graph`` the step is :meth:`_static_step` run through :class:`GraphedStep`: the host
-        moves the batch (and applies the colour augmentation) on the device, writes the step index, and
-        replays the graph of the batch's shape.
+        copies the tensors the step reads (crops, masks and, with ``data.photometric_on=device``, the colour
+        augmentation's parameters) into the graph's buffers, writes the step index, and replays the graph of
+        the batch's shape; the colour augmentation runs inside it.
         """
         if self._graphed is not None:
             assert self._dsched is not None and len(micro_batches) == 1  # validated: grad_accum_steps == 1
-            batch = self._on_device(micro_batches[0])
             self._dsched.install(self.optimizer)
             self._dsched.step.fill_(step)  # the one step-dependent number the graph reads
-            return self._graphed(batch)
+            return self._graphed(micro_batches[0])
         sched = self.schedules.at(step)
         apply_optim_schedules(self.optimizer, sched["lr"], sched["wd"], sched["last_layer_lr"],
                               backbone_lr_scale=sched["backbone_lr_scale"])
@@ -853,7 +853,8 @@ class Trainer:
     def _static_step(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
         """The step :class:`GraphedStep` captures (``compute.cuda_graph``): the sync-free path of
         :meth:`train_step` for one on-device micro-batch, with every step-dependent value read from
-        :class:`DeviceSchedules` (the step index is in ``self._dsched.step``)."""
+        :class:`DeviceSchedules` (the step index is in ``self._dsched.step``). A pending colour augmentation
+        (``data.photometric_on=device``) is applied here, so the graph holds it too."""
         ds = self._dsched
         assert ds is not None
         sched = ds.row(ds.step)  # also writes the groups' lr
