@@ -121,6 +121,8 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
     # bf16 weight copies only: the bf16 residual stream (compute.half_residual) cost kNN accuracy on the CPU
     # (docs/benchmarks.md) and stays off whatever its speed
     half = ["compute.half_weights=true"]
+    # the teacher's forward on a second CUDA stream (no effect on the CPU of a smoke run)
+    overlap = ["compute.overlap_teacher=true"]
     aot = ["compute.compile_backend=aot_eager"] if smoke else []
     return [
         Job(
@@ -136,26 +138,18 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             json_out=False,
         ),
         # the eager step captured as one CUDA graph per stage (no compilation: launch overhead removed), ViT-S/16
-        # and ViT-B/16, with the iBOT cross-entropy as Triton row kernels over the bf16 logits (ibot.fused_loss=auto
-        # on CUDA: no fp32 [M, 65536] tensor), next to the same step with the reference iBOT loss, and next to it
-        # with bf16 weight copies (compute.half_weights: no per-use weight casts); ~20 s each
+        # and ViT-B/16 with the defaults (the Triton iBOT loss: ibot.fused_loss=auto on CUDA), next to the same
+        # step with the teacher's forward on a second stream (compute.overlap_teacher: two branches of the graph,
+        # new in session 7); ~20 s each
         *(
             []
             if smoke
             else [step(f"step_{m}_b64_cuda_graph{suffix}", cfg, "--cuda-graph", *extra, cap=60, min_s=20)
                   for m, cfg in (("vits16", s16), ("vitb16", b16))
-                  for suffix, extra in (("", []), ("_unfused", ["ibot.fused_loss=false"]),
-                                        ("_half", half))]
+                  for suffix, extra in (("", []), ("_overlap", overlap))]
         ),
-        # eager, with a profile: GPU time per kernel (top_kernels) and per kind of kernel (kernel_categories) is
-        # the GPU's own time, which the CUDA-graph step replays without launch gaps
-        step("step_vits16_b64", s16, "--profile", "3", "--count-ops"),
-        step("step_vitb16_b64", b16, "--profile", "3"),
-        # the trainer with compute.cuda_graph: 4 epochs, so that the eager warm-up steps and the capture of each
-        # stage's batch shape are a small part of the run
-        e2e("end_to_end_vits16_graph", *graph, epochs=4, cap=200, min_s=80),
-        # the trainer's step with its defaults, split between the loader, the host (batch move, colour
-        # augmentation) and the device, with a profile: why it is slower than step.py's
+        # the trainer's step with its defaults, split between the loader, the host and the device, with a
+        # profile: why it was slower than step.py's (since session 7 the colour augmentation is inside the graph)
         Job(
             "trainer_step_vits16",
             ["benchmarks/trainer_step.py", "--config", s16, "--steps", "1" if smoke else "20",
@@ -165,6 +159,37 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
              *(["train.batch_size_per_gpu=8", *tiny_model] if smoke else [])],
             150,
             45,
+        ),
+        # the trainer with compute.cuda_graph: 4 epochs, so that the eager warm-up steps and the capture of each
+        # stage's batch shape are a small part of the run
+        e2e("end_to_end_vits16_graph", *graph, epochs=4, cap=200, min_s=80),
+        # regional compilation (compute.compile=blocks: each block and head compiled, one graph per shape serves
+        # all blocks) with the step captured as one CUDA graph: fused elementwise work and no launch overhead;
+        # then with the teacher on its own stream, where the fused kernels leave the most gaps
+        step("step_vits16_b64_compile_blocks_cuda_graph", s16, "--compile-blocks",
+             *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
+        step("step_vits16_b64_compile_blocks_cuda_graph_overlap", s16, "--compile-blocks",
+             *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), *overlap, cap=180, min_s=60),
+        # ViT-B/16 with every option that shortened its step (fused iBOT loss, bf16 weight copies), and with the
+        # teacher on its own stream as well: the MFU candidates
+        step("step_vitb16_b64_compile_blocks_cuda_graph_best", b16, "--compile-blocks",
+             *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), "ibot.fused_loss=true", *half,
+             cap=180, min_s=60),
+        step("step_vitb16_b64_compile_blocks_cuda_graph_best_overlap", b16, "--compile-blocks",
+             *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), "ibot.fused_loss=true", *half,
+             *overlap, cap=180, min_s=60),
+        # eager, with a profile: GPU time per kernel (top_kernels) and per kind of kernel (kernel_categories) is
+        # the GPU's own time, which the CUDA-graph step replays without launch gaps
+        step("step_vits16_b64", s16, "--profile", "3", "--count-ops"),
+        step("step_vitb16_b64", b16, "--profile", "3"),
+        # the graph step with the reference iBOT loss, and with bf16 weight copies (compute.half_weights: no
+        # per-use weight casts); measured in session 6
+        *(
+            []
+            if smoke
+            else [step(f"step_{m}_b64_cuda_graph{suffix}", cfg, "--cuda-graph", *extra, cap=60, min_s=20)
+                  for m, cfg in (("vits16", s16), ("vitb16", b16))
+                  for suffix, extra in (("_unfused", ["ibot.fused_loss=false"]), ("_half", half))]
         ),
         # batched photometric augmentation: ours (dense, subset) vs kornia; ours only if kornia is missing (early:
         # the dense path, which the trainer runs before its graph, changed after the session-6 run)
@@ -176,10 +201,6 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             60,
             20,
         ),
-        # regional compilation (compute.compile=blocks: each block and head compiled, one graph per shape serves
-        # all blocks) with the step captured as one CUDA graph: fused elementwise work and no launch overhead
-        step("step_vits16_b64_compile_blocks_cuda_graph", s16, "--compile-blocks",
-             *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
         # the trainer's graph step with the fused iBOT loss and the bf16 weight copies
         e2e("end_to_end_vits16_graph_fused_half", *graph, "ibot.fused_loss=true", *half, epochs=4, cap=200,
             min_s=80),
@@ -192,10 +213,6 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         ),
         step("step_vitb16_b64_compile_blocks_cuda_graph", b16, "--compile-blocks",
              *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
-        # the same with the fused iBOT loss and the bf16 weight copies: every option that shortens the step
-        step("step_vitb16_b64_compile_blocks_cuda_graph_best", b16, "--compile-blocks",
-             *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), "ibot.fused_loss=true", *half,
-             cap=180, min_s=60),
         # the same run without graphs and with the reference iBOT loss (the eager trainer)
         e2e("end_to_end_vits16", "compute.cuda_graph=false", "ibot.fused_loss=false", epochs=4, cap=200, min_s=80),
         # the trainer's best candidate: regional compilation inside the CUDA-graph step

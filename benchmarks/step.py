@@ -222,6 +222,9 @@ class StepRunner:
                      if cfg.compute.half_weights and self.dtype != torch.float32 else None)
         # as the trainer: the teacher temperature is a 0-d device tensor, validity comes from masks_weight
         self.teacher_temp = torch.full((), self.sched["teacher_temp"], device=device)
+        # compute.overlap_teacher, as the trainer: the teacher's forward on a second CUDA stream
+        self.teacher_stream = (torch.cuda.Stream(device) if cfg.compute.overlap_teacher and device.type == "cuda"
+                               and not compile_step else None)
         self.timer = PhaseTimer(device)
         self.student: Callable[..., dict[str, Tensor]] = self.model.student
         self.compile_step = compile_step
@@ -334,13 +337,18 @@ class StepRunner:
                 self.half.refresh()
         with self.autocast():
             with self.swapped():
-                with timer("teacher"):
-                    t_cls, t_patch = self.model.teacher_targets(
-                        batch.global_crops, batch.mask_indices, batch.n_masked,
-                        self.teacher_temp.fill_(s["teacher_temp"]), batch.masks_weight,
-                    )
-                with timer("student_fwd"):
-                    s_out = self.student(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
+                temp = self.teacher_temp.fill_(s["teacher_temp"])
+                if self.teacher_stream is not None:  # compute.overlap_teacher: both forwards, timed as "teacher"
+                    with timer("teacher"):
+                        (t_cls, t_patch), s_out = self.model.targets_and_student(
+                            self.student, batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices,
+                            batch.n_masked, temp, batch.masks_weight, teacher_stream=self.teacher_stream)
+                else:
+                    with timer("teacher"):
+                        t_cls, t_patch = self.model.teacher_targets(
+                            batch.global_crops, batch.mask_indices, batch.n_masked, temp, batch.masks_weight)
+                    with timer("student_fwd"):
+                        s_out = self.student(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
                 with timer("losses"):
                     losses = self.model.compute_losses(
                         s_out, t_cls, t_patch, batch.masks, batch.masks_weight, batch.n_local
@@ -809,6 +817,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "skip": list(skip),
         "host_sync": args.host_sync,
         "cuda_graph": args.cuda_graph,
+        "overlap_teacher": runner.teacher_stream is not None,
         "cuda_graph_capture_failures": runner.capture_failures,
         "sdpa_cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
         "peak_tflops": peak,

@@ -309,15 +309,18 @@ def test_end_to_end_stage_rates_and_implied_speedup(tmp_path: Path) -> None:
 def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
     ga = _load("gpu_all")
     names = [j.name for j in ga.plan(tmp_path)]
-    # the GPU tests first, then the graph step of both models with and without the fused iBOT loss, then the
-    # trainer's CUDA-graph step end to end
-    graphs = [f"step_{m}_b64_cuda_graph{v}" for m in ("vits16", "vitb16") for v in ("", "_unfused", "_half")]
-    # ... then the eager step of both with a profile, then the trainer's CUDA-graph step end to end
-    assert names[:10] == ["pytest_gpu", *graphs, "step_vits16_b64", "step_vitb16_b64", "end_to_end_vits16_graph"]
+    # the GPU tests first, then the graph step of both models without and with the teacher on its own stream,
+    # then the trainer's step split up, the trainer end to end, and regional compilation without and with it
+    graphs = [f"step_{m}_b64_cuda_graph{v}" for m in ("vits16", "vitb16") for v in ("", "_overlap")]
+    blocks = [f"step_{m}_b64_compile_blocks_cuda_graph{v}" for m, v in (
+        ("vits16", ""), ("vits16", "_overlap"), ("vitb16", "_best"), ("vitb16", "_best_overlap"))]
+    assert names[:11] == ["pytest_gpu", *graphs, "trainer_step_vits16", "end_to_end_vits16_graph", *blocks]
+    later = [f"step_{m}_b64_cuda_graph{v}" for m in ("vits16", "vitb16") for v in ("_unfused", "_half")]
+    assert names[11:17] == ["step_vits16_b64", "step_vitb16_b64", *later]
     assert "torchrun_smoke_tiny" in names
     assert len(set(names)) == len(names)
     smoke_names = [j.name for j in ga.plan(tmp_path, smoke=True)]
-    assert set(smoke_names) == set(names) - {*graphs, "step_vits16_b64_cuda_graph_unpacked"}
+    assert set(smoke_names) == set(names) - {*graphs, *later, "step_vits16_b64_cuda_graph_unpacked"}
     assert all("--device" not in j.argv or "cuda" in j.argv for j in ga.plan(tmp_path))
     assert all(
         "cuda" not in j.argv and "compute.device=cuda" not in j.argv for j in ga.plan(tmp_path, smoke=True)

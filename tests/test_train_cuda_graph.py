@@ -310,10 +310,14 @@ def test_cuda_graph_run_matches_eager_on_the_gpu(data_root: Path, tmp_path: Path
     graph = train(_cfg(data_root, *common, *GRAPH), tmp_path / "graph")
     for a, b in zip(_history(eager), _history(graph), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2), a["step"]
-    trainer = Trainer(_cfg(data_root, *common, *GRAPH), tmp_path / "sync")
-    batches = iter(trainer.make_loader(0, 4))
-    first = next(batches)
-    for step in range(3):  # 2 eager warm-up steps, then the capture and its first replay
+    _replays_one_graph_without_sync(Trainer(_cfg(data_root, *common, *GRAPH), tmp_path / "sync"))
+
+
+def _replays_one_graph_without_sync(trainer: Trainer) -> None:
+    """2 eager warm-up steps on one batch, then the capture and its first replay: one graph (the capture held);
+    a further replay issues no host sync."""
+    first = next(iter(trainer.make_loader(0, 1)))
+    for step in range(3):
         trainer.train_step([first], step)
     assert trainer._graphed is not None and trainer._graphed.n_graphs == 1
     torch.cuda.synchronize()
@@ -349,3 +353,48 @@ def test_runs_saved_before_the_auto_defaults_continue(data_root: Path, tmp_path:
     assert check_run_dir(tmp_path, _cfg(data_root), allow_config_change=False)
     with pytest.raises(ConfigError, match="different config"):
         check_run_dir(tmp_path, _cfg(data_root, "optim.weight_decay=0.2"), allow_config_change=False)
+
+
+def test_overlap_teacher_is_refused_with_a_compiled_step_and_a_no_op_on_a_cpu(
+        data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match=r"compute\.overlap_teacher"):
+        load_config("fastdinov2_tiny", ["compute.overlap_teacher=true", "compute.compile=step"])
+    trainer = Trainer(_cfg(data_root, "compute.overlap_teacher=true"), tmp_path)
+    assert trainer._teacher_stream is None and "no effect" in capsys.readouterr().err
+    # MetaArch.targets_and_student without a stream: the teacher's targets, then the student's outputs
+    batch = trainer._on_device(next(iter(trainer.make_loader(0, 1))))
+    model, temp = trainer.model, torch.tensor(0.04)
+    args = (batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices, batch.n_masked_patches, temp,
+            batch.masks_weight)
+    centers = [c.clone() for c in trainer._centers()]
+    with torch.no_grad():
+        torch.manual_seed(0)  # the same stochastic-depth draws in both student calls
+        (t_cls, t_patch), s_out = model.targets_and_student(trainer.student, *args)
+        for c, saved in zip(trainer._centers(), centers, strict=True):
+            c.copy_(saved)  # the teacher's targets moved the centres: the reference starts where it started
+        ref_cls, ref_patch = model.teacher_targets(batch.global_crops, batch.mask_indices, batch.n_masked_patches,
+                                                   temp, batch.masks_weight)
+        torch.manual_seed(0)
+        ref_out = trainer.student(batch.global_crops, batch.local_crops, batch.masks, batch.mask_indices)
+    for a, b in zip([*t_cls, t_patch, *s_out.values()], [*ref_cls, ref_patch, *ref_out.values()], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_overlapped_teacher_trains_like_the_serial_step_eager_and_as_a_graph(data_root: Path, tmp_path: Path) -> None:
+    """compute.overlap_teacher: the same kernels on two streams, eager and captured as two graph branches."""
+    common = ["compute.device=cuda", "data.photometric_on=device", "student.drop_path_rate=0",
+              "compute.masked_tokens_bucket=16"]
+    runs = {}
+    for name, extra in {"serial": ["compute.cuda_graph=false"],
+                        "overlap": ["compute.cuda_graph=false", "compute.overlap_teacher=true"],
+                        "overlap_graph": ["compute.cuda_graph=true", "compute.overlap_teacher=true"]}.items():
+        runs[name] = _history(train(_cfg(data_root, *common, *extra), tmp_path / name))
+    for a, b, c in zip(runs["serial"], runs["overlap"], runs["overlap_graph"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), a["step"]
+        assert c["loss"] == pytest.approx(a["loss"], rel=2e-2), a["step"]
+    trainer = Trainer(_cfg(data_root, *common, "compute.cuda_graph=true", "compute.overlap_teacher=true"),
+                      tmp_path / "sync")
+    assert trainer._teacher_stream is not None
+    _replays_one_graph_without_sync(trainer)  # the two-stream capture held

@@ -240,6 +240,11 @@ class ComputeConfig:
     # autocast casting each weight at every use and each gradient back (~400 small kernels per ViT-S step);
     # bf16 only; under torchrun strategy=ddp (flat gradient all-reduce) (train/half_weights.py).
     half_weights: bool = False
+    # Queue the teacher's forward (backbone, heads, centring) on a second CUDA stream, so its kernels can run
+    # while the student's forward runs on the first: at low resolution many kernels are too small to fill the
+    # GPU, and two streams fill the gaps. The same kernels and results; captured as two branches of the CUDA
+    # graph with compute.cuda_graph. One process, CUDA only (no effect on a CPU), not with compute.compile=step.
+    overlap_teacher: bool = False
     threads: int | None = None
     strategy: str = "ddp"  # data parallelism under torchrun: "ddp" | "fsdp2" (shards params; for ViT-L/g)
 
@@ -552,6 +557,9 @@ def validate(cfg: Config) -> None:
     cfg.compute.compile = {"true": "modules", "false": "none"}.get(str(cfg.compute.compile).lower(),
                                                                    str(cfg.compute.compile))
     _choice(cfg.compute.compile, "compute.compile", COMPILE_MODES)
+    _check(not (cfg.compute.overlap_teacher and cfg.compute.compile == "step"), "compute.overlap_teacher",
+           "cannot be combined with compute.compile=step (one compiled function holds both forwards); use "
+           "compute.compile=blocks")
     _choice(cfg.compute.compile_mode, "compute.compile_mode", TORCH_COMPILE_MODES)
     _choice(cfg.compute.compile_backend, "compute.compile_backend", COMPILE_BACKENDS)
     if cfg.compute.compile_mode != "default" and cfg.compute.compile_backend != "inductor":

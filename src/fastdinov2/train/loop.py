@@ -442,6 +442,16 @@ class Trainer:
         self._health = DeviceHealth(self.device)
         self._bad_pending, self._last_bad = 0, ""  # bad files of this rank not yet summed across ranks
         self._forward_loss_fn = self._forward_loss
+        # compute.overlap_teacher: the teacher's forward on a stream of its own (MetaArch.targets_and_student)
+        self._teacher_stream: torch.cuda.Stream | None = None
+        if cfg.compute.overlap_teacher:
+            if self.world_size > 1:
+                raise ConfigError("compute.overlap_teacher=true is for one process: under torchrun the teacher's "
+                                  "centre update is a collective, which would run on the second stream")
+            if self.device.type == "cuda":
+                self._teacher_stream = torch.cuda.Stream(self.device)
+            elif self.is_main:
+                print("[fastdinov2] compute.overlap_teacher=true without CUDA: no effect", file=sys.stderr)
         # The teacher temperature goes in as one 0-d device tensor refilled every step (a fill kernel, no copy
         # from the host): compiled graphs and CUDA graphs then see the same input instead of a new constant.
         self._teacher_temp = torch.zeros((), device=self.device)
@@ -697,8 +707,9 @@ class Trainer:
         """Teacher targets (and centre updates) + student forward + all loss terms of one micro-batch: the
         function ``compute.compile=step`` compiles (its backward is compiled by AOTAutograd). Shapes as in
         :class:`~fastdinov2.data.collate.TrainBatch`; returns the scalar loss terms."""
-        t_cls, t_patch = self.model.teacher_targets(global_crops, mask_indices, n_masked, teacher_temp, masks_weight)
-        s_out = self.student(global_crops, local_crops, masks, mask_indices)
+        (t_cls, t_patch), s_out = self.model.targets_and_student(
+            self.student, global_crops, local_crops, masks, mask_indices, n_masked, teacher_temp, masks_weight,
+            teacher_stream=self._teacher_stream)
         return self.model.compute_losses(s_out, t_cls, t_patch, masks, masks_weight, n_local)
 
     def _on_device(self, batch: TrainBatch) -> TrainBatch:

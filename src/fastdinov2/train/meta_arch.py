@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -264,6 +265,32 @@ class MetaArch(nn.Module):
             patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
             self.ibot_loss.update_center(patch_logits, valid)  # every rank calls it: a cross-rank reduction
         return list(cls_probs.chunk(2)), patch_probs
+
+    def targets_and_student(
+        self, student: Callable[..., dict[str, Tensor]], global_crops: Tensor, local_crops: Tensor, masks: Tensor,
+        mask_indices: Tensor, n_masked: int, teacher_temp: float | Tensor, masks_weight: Tensor | None = None,
+        teacher_stream: torch.cuda.Stream | None = None,
+    ) -> tuple[tuple[list[Tensor], Tensor | IbotChunkTargets | IbotLogitTargets], dict[str, Tensor]]:
+        """:meth:`teacher_targets` and ``student(global_crops, local_crops, masks, mask_indices)`` of one
+        micro-batch (shapes as there): ``((teacher cls, teacher patches), student outputs)``.
+
+        With ``teacher_stream`` (``compute.overlap_teacher``) the teacher's work is queued on that CUDA stream
+        after everything already queued on the current one (the EMA update, the colour augmentation, the
+        schedules), the student's on the current stream, which then waits for the teacher before the losses.
+        Nothing else touches the teacher's tensors in between: its inputs live until the step ends, and its
+        outputs are only read after the wait, so no allocation of one stream can overwrite the other's data.
+        Under CUDA-graph capture the two streams become two branches of the graph.
+        """
+        if teacher_stream is None:
+            targets = self.teacher_targets(global_crops, mask_indices, n_masked, teacher_temp, masks_weight)
+            return targets, student(global_crops, local_crops, masks, mask_indices)
+        main = torch.cuda.current_stream(global_crops.device)
+        teacher_stream.wait_stream(main)
+        with torch.cuda.stream(teacher_stream):
+            targets = self.teacher_targets(global_crops, mask_indices, n_masked, teacher_temp, masks_weight)
+        out = student(global_crops, local_crops, masks, mask_indices)
+        main.wait_stream(teacher_stream)
+        return targets, out
 
     def _use_fused_loss(self, patch_logits: Tensor) -> bool:
         """``ibot.fused_loss`` and the Triton kernels can run on the logits' device (else, once, a warning);
