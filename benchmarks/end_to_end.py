@@ -86,12 +86,12 @@ def stage_rates(history: list[dict[str, Any]], warmup_steps: int = 4) -> dict[in
     switch, the first window (loader start-up), and windows holding any of a stage's first ``warmup_steps``
     steps are left out. Those steps carry one-off costs that a 200-epoch run pays once and a run of a few
     hundred steps pays in full: a new batch shape's eager warm-up steps and CUDA-graph capture
-    (``compute.cuda_graph``), compilation, cuDNN's algorithm search. A stage counts as begun right after the
-    last record of the stage before (its true start may be later, which only leaves out more).
+    (``compute.cuda_graph``), compilation, cuDNN's algorithm search. A stage counts as begun at its first
+    record (it began at or before it, so this leaves out at least its first ``warmup_steps`` steps).
     """
     begins: dict[int, int] = {}
-    for prev, rec in zip([None, *history], history):
-        begins.setdefault(rec["stage"], 0 if prev is None else prev["step"] + 1)
+    for rec in history:
+        begins.setdefault(rec["stage"], rec["step"])
     acc: dict[int, list[tuple[float, float, int]]] = {}
     for prev, rec in zip(history, history[1:]):
         if prev["stage"] != rec["stage"] or prev["step"] + 1 < begins[rec["stage"]] + warmup_steps:

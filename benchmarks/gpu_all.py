@@ -178,6 +178,11 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         step("step_vitb16_b64_compile_blocks_cuda_graph_best_overlap", b16, "--compile-blocks",
              *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), "ibot.fused_loss=true", *half,
              *overlap, cap=180, min_s=60),
+        # the MFU candidate's GPU time by kernel (regional compilation without the graph, so the profiler sees
+        # each kernel): what is left around the matmuls once the elementwise work is fused
+        step("step_vitb16_b64_compile_blocks_best_profile", b16, "--compile-blocks",
+             *(["--compile-backend", "aot_eager"] if smoke else []), "ibot.fused_loss=true", *half, "--profile", "3",
+             cap=180, min_s=60),
         # eager, with a profile: GPU time per kernel (top_kernels) and per kind of kernel (kernel_categories) is
         # the GPU's own time, which the CUDA-graph step replays without launch gaps
         step("step_vits16_b64", s16, "--profile", "3", "--count-ops"),

@@ -273,15 +273,17 @@ def test_end_to_end_stage_rates_and_implied_speedup(tmp_path: Path) -> None:
     assert rates[0]["data_wait_frac"] == pytest.approx(0.02 / 0.06)
     assert rates[1] == pytest.approx({"img_per_s": 20.0, "data_wait_frac": 0.25, "steps": 2})
     # by default a stage's first 4 steps (graph warm-up and capture, compilation) are left out too: stage 0
-    # keeps the window of steps 5-6 only; stage 1 counts as begun at step 7, so the window 7-8 is left out
+    # keeps the window of steps 5-6 only; stage 1 counts as begun at its first record (step 8), so the windows
+    # starting before step 12 are left out
     history = [
         {"step": 0, "stage": 0, "img_per_s": 1.0, "data_wait_frac": 0.9},
         {"step": 2, "stage": 0, "img_per_s": 5.0, "data_wait_frac": 0.0},  # steps 1-2
         {"step": 4, "stage": 0, "img_per_s": 50.0, "data_wait_frac": 0.5},  # steps 3-4
         {"step": 6, "stage": 0, "img_per_s": 60.0, "data_wait_frac": 0.0},  # steps 5-6
         {"step": 8, "stage": 1, "img_per_s": 7.0, "data_wait_frac": 0.0},  # the switch
-        {"step": 10, "stage": 1, "img_per_s": 8.0, "data_wait_frac": 0.0},  # steps 9-10: 7-10 are warm-up
-        {"step": 12, "stage": 1, "img_per_s": 30.0, "data_wait_frac": 0.0},  # steps 11-12
+        {"step": 10, "stage": 1, "img_per_s": 8.0, "data_wait_frac": 0.0},  # steps 9-10
+        {"step": 12, "stage": 1, "img_per_s": 9.0, "data_wait_frac": 0.0},  # steps 11-12
+        {"step": 14, "stage": 1, "img_per_s": 30.0, "data_wait_frac": 0.0},  # steps 13-14
     ]
     rates = e2e.stage_rates(history)
     assert rates[0] == pytest.approx({"img_per_s": 60.0, "data_wait_frac": 0.0, "steps": 2})
@@ -316,7 +318,8 @@ def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
         ("vits16", ""), ("vits16", "_overlap"), ("vitb16", "_best"), ("vitb16", "_best_overlap"))]
     assert names[:11] == ["pytest_gpu", *graphs, "trainer_step_vits16", "end_to_end_vits16_graph", *blocks]
     later = [f"step_{m}_b64_cuda_graph{v}" for m in ("vits16", "vitb16") for v in ("_unfused", "_half")]
-    assert names[11:17] == ["step_vits16_b64", "step_vitb16_b64", *later]
+    assert names[11:18] == ["step_vitb16_b64_compile_blocks_best_profile", "step_vits16_b64", "step_vitb16_b64",
+                            *later]
     assert "torchrun_smoke_tiny" in names
     assert len(set(names)) == len(names)
     smoke_names = [j.name for j in ga.plan(tmp_path, smoke=True)]
