@@ -197,6 +197,7 @@ class StepRunner:
         self.dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         torch.manual_seed(cfg.train.seed)
         self.model = MetaArch(cfg).to(device)
+        self.model.flatten_parameters()  # as the trainer on one process: the EMA is one lerp kernel
         groups = get_param_groups(
             self.model.student, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult
         )
