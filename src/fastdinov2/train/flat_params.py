@@ -48,13 +48,18 @@ class FlatParameters:
                 p.data = view
                 offset += p.numel()
         self._ptrs = [p.data_ptr() for p in params]
+        # where each parameter is registered: (owning module, attribute), in the order of module.parameters()
+        self._owners = []
+        for name, _ in module.named_parameters():
+            owner, _, attr = name.rpartition(".")
+            self._owners.append((module.get_submodule(owner) if owner else module, attr))
 
     def intact(self) -> bool:
         """The module still has these parameters, each still its view into :attr:`flat` (nothing replaced a
-        parameter or its ``.data`` since)."""
-        current = list(self.module.parameters())
-        return len(current) == len(self.params) and all(
-            a is b and a.data_ptr() == ptr for a, b, ptr in zip(current, self.params, self._ptrs, strict=True))
+        parameter or its ``.data`` since). A dict lookup and a pointer per parameter (~183 for ViT-B/16 with its
+        heads), no walk over the module tree."""
+        return all(owner._parameters.get(attr) is p and p.data_ptr() == ptr
+                   for (owner, attr), p, ptr in zip(self._owners, self.params, self._ptrs, strict=True))
 
     def same_layout(self, other: FlatParameters) -> bool:
         return self.shapes == other.shapes and self.flat.dtype == other.flat.dtype
