@@ -106,3 +106,21 @@ def test_the_trainer_lays_out_both_models_flat_and_keeps_them_so(tmp_path: Path)
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="differ"):
         flatten_pair(nn.Linear(2, 3), nn.Linear(3, 2))
+
+
+def test_the_ddp_wrapper_keeps_the_layout() -> None:
+    """DDP keeps the parameters (it broadcasts into them and reduces their gradients): the layout survives."""
+    import torch.distributed as dist
+
+    from .test_distributed import _free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        net = _net()
+        flat = FlatParameters(net)
+        ddp = nn.parallel.DistributedDataParallel(net)
+        ddp(torch.randn(3, 4)).sum().backward()
+        torch.optim.AdamW(net.parameters(), fused=True).step()
+        assert flat.intact() and all(p.grad is not None for p in net.parameters())
+    finally:
+        dist.destroy_process_group()

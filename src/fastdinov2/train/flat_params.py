@@ -13,8 +13,8 @@ buffer each, the update is ``teacher_flat.lerp_(student_flat, w)``: one kernel, 
 copied first; the ``Parameter`` objects, their names, ``requires_grad`` and every reference to them stay as
 they were, so optimizers, hooks and state dicts see no difference; a state dict holds views into the buffer,
 which ``torch.save`` stores once). Anything that later replaces a parameter's ``.data`` (``module.to()``,
-``load_state_dict(assign=True)``, FSDP's sharding) breaks the layout; :meth:`FlatParameters.intact` notices it
-and the EMA falls back to the multi-tensor passes.
+``load_state_dict(assign=True)``, FSDP's sharding; DDP's wrapper does not) breaks the layout;
+:meth:`FlatParameters.intact` notices it and the EMA falls back to the multi-tensor passes.
 """
 
 from __future__ import annotations

@@ -417,8 +417,8 @@ class Trainer:
             raise ConfigError("compute.cuda_graph=true on several processes needs ibot.mask_sampling=batch: every "
                               "rank must replay a graph of the same shape, and per-sample masks give each rank its "
                               "own masked-token count")
-        if strategy != "fsdp2" and (self.world_size == 1 or flat):
-            # one buffer per model: the EMA is one lerp kernel (no DDP wrapper or sharding replaces parameters)
+        if strategy != "fsdp2":
+            # one buffer per model: the EMA is one lerp kernel (DDP keeps the parameters; fsdp2 replaces them)
             self.model.flatten_parameters()
         self.student: nn.Module = (self.model.student if flat else
                                    dist_utils.wrap_student(self.model.student, strategy, self.device, fsdp_dtype))
