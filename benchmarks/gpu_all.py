@@ -183,6 +183,14 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         step("step_vitb16_b64_compile_blocks_best_profile", b16, "--compile-blocks",
              *(["--compile-backend", "aot_eager"] if smoke else []), "ibot.fused_loss=true", *half, "--profile", "3",
              cap=180, min_s=60),
+        # the graph step with one attention backend instead of PyTorch's choice (cuDNN on an H100): the 10-token
+        # local crops at 112/48 fill few of a fused kernel's row tiles
+        *(
+            []
+            if smoke
+            else [step(f"step_vits16_b64_cuda_graph_sdpa_{b}", s16, "--cuda-graph", "--sdpa", b, cap=60, min_s=20)
+                  for b in ("flash", "efficient")]
+        ),
         # eager, with a profile: GPU time per kernel (top_kernels) and per kind of kernel (kernel_categories) is
         # the GPU's own time, which the CUDA-graph step replays without launch gaps
         step("step_vits16_b64", s16, "--profile", "3", "--count-ops"),

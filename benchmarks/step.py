@@ -28,7 +28,8 @@ modules), ``--compile-blocks`` (each transformer block and head compiled in plac
 also compiles the backward, and a second one for clip + optimizer + EMA; ``--compile-mode reduce-overhead``
 adds CUDA graphs), ``--skip optimizer,ema,clip,finite_check`` (drop a part to measure its marginal cost),
 ``--cuda-graph`` (the eager step captured as one CUDA graph per stage and replayed: launch overhead
-removed, kernels unchanged, no compilation), ``--host-sync`` (add the three host reads of the trainer's
+removed, kernels unchanged, no compilation), ``--sdpa flash|efficient|cudnn|math`` (one attention backend
+only), ``--host-sync`` (add the three host reads of the trainer's
 earlier finiteness check, to measure their cost),
 ``--breakdown`` (per-phase times, synchronised between phases), ``--profile N`` (torch.profiler over N
 steps per stage: time per phase, top operators, and the share of wall time not spent inside operators),
@@ -694,6 +695,22 @@ def trainer_threads(cfg: Config, device: torch.device) -> int:
     return cores
 
 
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
+
+def select_sdpa_backend(name: str) -> None:
+    """``--sdpa``: leave only one of ``F.scaled_dot_product_attention``'s backends enabled (process-wide), or
+    all ("auto": PyTorch's choice, cuDNN first on an H100). The 10-token local crops at 112/48 fill few of a
+    flash kernel's 64- or 128-row tiles; which backend does best there is a GPU question."""
+    if name not in SDPA_BACKENDS:
+        raise SystemExit(f"--sdpa: {name!r} is not one of {', '.join(SDPA_BACKENDS)}")
+    on = {b: name in ("auto", b) for b in SDPA_BACKENDS[1:]}
+    torch.backends.cuda.enable_cudnn_sdp(on["cudnn"])
+    torch.backends.cuda.enable_flash_sdp(on["flash"])
+    torch.backends.cuda.enable_mem_efficient_sdp(on["efficient"])
+    torch.backends.cuda.enable_math_sdp(on["math"])
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     load_start = [round(x, 2) for x in os.getloadavg()]
     device = torch.device(args.device)
@@ -712,6 +729,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    select_sdpa_backend(args.sdpa)
     runner = StepRunner(
         cfg,
         device,
@@ -820,6 +838,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cuda_graph": args.cuda_graph,
         "overlap_teacher": runner.teacher_stream is not None,
         "cuda_graph_capture_failures": runner.capture_failures,
+        "sdpa": args.sdpa,
         "sdpa_cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
         "peak_tflops": peak,
         "steps": args.steps,
@@ -969,6 +988,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="capture the eager step as one CUDA graph per stage and replay it (CUDA only; no compilation)",
     )
     p.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(SKIPPABLE)}")
+    p.add_argument("--sdpa", default="auto",
+                   help=f"attention backend, one of {', '.join(SDPA_BACKENDS)} (a CPU has flash and math only)")
     p.add_argument(
         "--host-sync",
         action="store_true",

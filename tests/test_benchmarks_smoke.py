@@ -318,12 +318,13 @@ def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
         ("vits16", ""), ("vits16", "_overlap"), ("vitb16", "_best"), ("vitb16", "_best_overlap"))]
     assert names[:11] == ["pytest_gpu", *graphs, "trainer_step_vits16", "end_to_end_vits16_graph", *blocks]
     later = [f"step_{m}_b64_cuda_graph{v}" for m in ("vits16", "vitb16") for v in ("_unfused", "_half")]
-    assert names[11:18] == ["step_vitb16_b64_compile_blocks_best_profile", "step_vits16_b64", "step_vitb16_b64",
-                            *later]
+    sdpa = ["step_vits16_b64_cuda_graph_sdpa_flash", "step_vits16_b64_cuda_graph_sdpa_efficient"]
+    assert names[11:20] == ["step_vitb16_b64_compile_blocks_best_profile", *sdpa, "step_vits16_b64",
+                            "step_vitb16_b64", *later]
     assert "torchrun_smoke_tiny" in names
     assert len(set(names)) == len(names)
     smoke_names = [j.name for j in ga.plan(tmp_path, smoke=True)]
-    assert set(smoke_names) == set(names) - {*graphs, *later, "step_vits16_b64_cuda_graph_unpacked"}
+    assert set(smoke_names) == set(names) - {*graphs, *later, *sdpa, "step_vits16_b64_cuda_graph_unpacked"}
     assert all("--device" not in j.argv or "cuda" in j.argv for j in ga.plan(tmp_path))
     assert all(
         "cuda" not in j.argv and "compute.device=cuda" not in j.argv for j in ga.plan(tmp_path, smoke=True)
