@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastdinov2.train.flat_params import views_of_one_buffer
+
 Strategy = Literal["ddp", "fsdp2"]
 STRATEGIES: tuple[str, ...] = ("ddp", "fsdp2")
 
@@ -344,11 +346,10 @@ class FlatGradients:
             groups.setdefault((p.device, p.dtype), []).append(p)
         self.buffers: list[torch.Tensor] = []
         view_of: dict[int, torch.Tensor] = {}
-        for (device, dtype), group in groups.items():
-            flat = torch.zeros(sum(p.numel() for p in group), device=device, dtype=dtype)
-            self.buffers.append(flat)
-            for p, view in zip(group, flat.split([p.numel() for p in group]), strict=True):
-                view_of[id(p)] = view.view_as(p)
+        for group in groups.values():
+            flat, views = views_of_one_buffer(group)
+            self.buffers.append(flat.zero_())
+            view_of.update((id(p), view) for p, view in zip(group, views, strict=True))
         self.views = [view_of[id(p)] for p in self.params]  # in the order of self.params
         if is_enabled() and get_world_size() > 1:
             with torch.no_grad():

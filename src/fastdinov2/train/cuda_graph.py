@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from fastdinov2.data.collate import TrainBatch
+from fastdinov2.data.photometric import PhotometricParams
 from fastdinov2.train.plan import Schedules
 
 #: Columns of :attr:`DeviceSchedules.table`, in order.
@@ -41,6 +42,8 @@ SCHEDULE_COLUMNS = ("lr", "wd", "momentum", "teacher_temp", "last_layer_lr", "ba
 STATIC_FIELDS = ("global_crops", "local_crops", "masks", "mask_indices", "masks_weight")
 #: The pending colour augmentation's parameters (``data.photometric_on=device``), applied inside the step.
 PARAM_FIELDS = ("global_params", "local_params")
+#: the PhotometricParams fields a step reads on the device (all but the blur kernel size, a shape)
+_DEVICE_PARAM_FIELDS = tuple(f.name for f in fields(PhotometricParams) if f.name != "blur_kernel_size")
 
 
 class DeviceSchedules:
@@ -111,22 +114,21 @@ def step_inputs(batch: TrainBatch) -> dict[str, Tensor]:
     kernel size (``"global_params.brightness"``, ...), which stays on the host: it sets the blur's shape, so it
     is part of the graph's key (:func:`batch_key`) instead."""
     out = {f: getattr(batch, f) for f in STATIC_FIELDS}
-    for name in PARAM_FIELDS:
-        params = getattr(batch, name)
-        if params is not None:
-            out.update({f"{name}.{f.name}": getattr(params, f.name) for f in fields(params)
-                        if f.name != "blur_kernel_size"})
+    for name, params in _pending_params(batch):
+        out.update({f"{name}.{f}": getattr(params, f) for f in _DEVICE_PARAM_FIELDS})
     return out
+
+
+def _pending_params(batch: TrainBatch) -> list[tuple[str, PhotometricParams]]:
+    """``(field name, parameters)`` of the batch's pending colour augmentation (none once it is applied)."""
+    return [(name, getattr(batch, name)) for name in PARAM_FIELDS if getattr(batch, name) is not None]
 
 
 def _with_inputs(batch: TrainBatch, tensors: dict[str, Tensor]) -> TrainBatch:
     """``batch`` with the tensors named as in :func:`step_inputs` replaced by ``tensors``."""
     changes: dict[str, object] = {f: tensors[f] for f in STATIC_FIELDS}
-    for name in PARAM_FIELDS:
-        params = getattr(batch, name)
-        if params is not None:
-            changes[name] = replace(params, **{f.name: tensors[f"{name}.{f.name}"] for f in fields(params)
-                                               if f.name != "blur_kernel_size"})
+    for name, params in _pending_params(batch):
+        changes[name] = replace(params, **{f: tensors[f"{name}.{f}"] for f in _DEVICE_PARAM_FIELDS})
     return replace(batch, **changes)
 
 
@@ -134,10 +136,8 @@ def batch_key(batch: TrainBatch) -> tuple[tuple[str, tuple[int, ...], object], .
     """Names, shapes and dtypes of the tensors a step reads (:func:`step_inputs`), and the blur kernel sizes
     of a pending colour augmentation: one graph per distinct key."""
     key = [(name, tuple(t.shape), t.dtype) for name, t in step_inputs(batch).items()]
-    for name in PARAM_FIELDS:
-        params = getattr(batch, name)
-        if params is not None:  # a CPU tensor (PhotometricParams.to keeps it there): no device read
-            key.append((f"{name}.blur_kernel_size", tuple(params.blur_kernel_size.cpu().unique().tolist()), None))
+    for name, params in _pending_params(batch):  # a CPU tensor (PhotometricParams.to keeps it there): no device read
+        key.append((f"{name}.blur_kernel_size", tuple(params.blur_kernel_size.cpu().unique().tolist()), None))
     return tuple(key)
 
 

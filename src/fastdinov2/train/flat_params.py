@@ -19,8 +19,23 @@ which ``torch.save`` stores once). Anything that later replaces a parameter's ``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
+
+
+def views_of_one_buffer(like: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """A new uninitialised buffer ``[sum of numel]`` in ``like``'s dtype and device (one of each), and one
+    view of it per tensor of ``like``, shaped like it, end to end in order."""
+    if not like:
+        raise ValueError("a flat buffer needs at least one tensor")
+    dtypes, devices = {t.dtype for t in like}, {t.device for t in like}
+    if len(dtypes) != 1 or len(devices) != 1:
+        raise ValueError(f"a flat buffer needs one dtype and one device, got {sorted(map(str, dtypes))} on "
+                         f"{sorted(map(str, devices))}")
+    flat = torch.empty(sum(t.numel() for t in like), dtype=like[0].dtype, device=like[0].device)
+    return flat, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in like]), like, strict=True)]
 
 
 class FlatParameters:
@@ -28,26 +43,13 @@ class FlatParameters:
     ``module.parameters()``."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        params = list(module.parameters())
-        if not params:
-            raise ValueError("FlatParameters needs at least one parameter")
-        dtypes = {p.dtype for p in params}
-        devices = {p.device for p in params}
-        if len(dtypes) != 1 or len(devices) != 1:
-            raise ValueError(f"FlatParameters needs one dtype and one device, got {sorted(map(str, dtypes))} on "
-                             f"{sorted(map(str, devices))}")
-        self.params = params
-        self.shapes = [tuple(p.shape) for p in params]
-        self.flat = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
-        offset = 0
+        self.params = list(module.parameters())
+        self.flat, views = views_of_one_buffer(self.params)
         with torch.no_grad():
-            for p in params:
-                view = self.flat[offset:offset + p.numel()].view_as(p)
+            for p, view in zip(self.params, views, strict=True):
                 view.copy_(p)
                 p.data = view
-                offset += p.numel()
-        self._ptrs = [p.data_ptr() for p in params]
+        self._ptrs = [p.data_ptr() for p in self.params]
         # where each parameter is registered: (owning module, attribute), in the order of module.parameters()
         self._owners = []
         for name, _ in module.named_parameters():
@@ -61,20 +63,12 @@ class FlatParameters:
         return all(owner._parameters.get(attr) is p and p.data_ptr() == ptr
                    for (owner, attr), p, ptr in zip(self._owners, self.params, self._ptrs, strict=True))
 
-    def same_layout(self, other: FlatParameters) -> bool:
-        return self.shapes == other.shapes and self.flat.dtype == other.flat.dtype
-
 
 def flatten_pair(student: nn.Module, teacher: nn.Module) -> tuple[FlatParameters, FlatParameters]:
     """The student's and the teacher's parameters, each module in one buffer with the same layout (their
-    ``parameters()`` orders correspond, as the EMA pairs them)."""
+    ``parameters()`` orders correspond, as the EMA pairs them): then ``teacher.flat.lerp_(student.flat, w)``
+    is the EMA of every parameter in one kernel, ``w`` a number or a 0-d tensor on the device."""
     s, t = FlatParameters(student), FlatParameters(teacher)
-    if not s.same_layout(t):
+    if [p.shape for p in s.params] != [p.shape for p in t.params] or s.flat.dtype != t.flat.dtype:
         raise ValueError("the student's and the teacher's parameters differ in shape or order")
     return s, t
-
-
-def lerp_flat(teacher: FlatParameters, student: FlatParameters, weight: float | Tensor) -> None:
-    """``teacher += weight * (student - teacher)`` over every parameter in one kernel; ``weight`` may be a
-    0-d tensor on the parameters' device (read there, not on the host)."""
-    teacher.flat.lerp_(student.flat, weight)

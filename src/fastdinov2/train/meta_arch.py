@@ -36,7 +36,7 @@ from fastdinov2.losses.chunked import chunked_ibot_loss, teacher_logit_sum
 from fastdinov2.losses.fused import fused_ibot_loss, fused_loss_available, masked_column_sum
 from fastdinov2.models.heads import DINOHead
 from fastdinov2.models.vit import build_backbone
-from fastdinov2.train.flat_params import FlatParameters, flatten_pair, lerp_flat
+from fastdinov2.train.flat_params import FlatParameters, flatten_pair
 
 
 def _head(cfg_head: Any, in_dim: int) -> DINOHead:
@@ -411,20 +411,19 @@ class MetaArch(nn.Module):
         ``momentum`` may be a 0-d device tensor (the CUDA-graph step reads its schedules from the device).
         """
         src = student if student is not None else self.student
+        # a number, or a device tensor (0 when the step is skipped)
+        weight = (1.0 - momentum) if apply is None else apply.to(torch.float32) * (1.0 - momentum)
         if src is self.student and self._flat is not None and all(f.intact() for f in self._flat):
-            # one kernel over the two flat buffers (flatten_parameters), the weight read on the device
-            weight = (1.0 - momentum) if apply is None else apply.to(torch.float32) * (1.0 - momentum)
-            s_flat, t_flat = self._flat
-            lerp_flat(t_flat, s_flat, weight)
+            s_flat, t_flat = self._flat  # one kernel over the two flat buffers (flatten_parameters)
+            t_flat.flat.lerp_(s_flat.flat, weight)
             return
         t_params = [p for p in self.teacher.parameters()]
         s_params = [p.detach() for p in src.parameters()]
-        if apply is None and not isinstance(momentum, Tensor):
-            torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+        if not isinstance(weight, Tensor):
+            torch._foreach_lerp_(t_params, s_params, weight)
         else:
             # _foreach_lerp_ has no tensor-weight overload (a tensor would be read back as a Python number):
-            # teacher += weight * (student - teacher), with the weight a device tensor, 0 when skipped.
-            weight = (1.0 - momentum) if apply is None else apply.to(torch.float32) * (1.0 - momentum)
+            # teacher += weight * (student - teacher)
             delta = torch._foreach_sub(s_params, t_params)
             torch._foreach_mul_(delta, weight)
             torch._foreach_add_(t_params, delta)
