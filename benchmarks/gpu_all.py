@@ -123,6 +123,8 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
     half = ["compute.half_weights=true"]
     # the teacher's forward on a second CUDA stream (no effect on the CPU of a smoke run)
     overlap = ["compute.overlap_teacher=true"]
+    # the DINO cross-entropy as Triton row kernels (reference path with a warning on the CPU of a smoke run)
+    dino_fused = ["dino.fused_loss=true"]
     aot = ["compute.compile_backend=aot_eager"] if smoke else []
     return [
         Job(
@@ -140,13 +142,13 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         # the eager step captured as one CUDA graph per stage (no compilation: launch overhead removed), ViT-S/16
         # and ViT-B/16 with the defaults (the Triton iBOT loss: ibot.fused_loss=auto on CUDA), next to the same
         # step with the teacher's forward on a second stream (compute.overlap_teacher: two branches of the graph,
-        # new in session 7); ~20 s each
+        # new in session 7) and with the DINO term as Triton row kernels (dino.fused_loss, session 8); ~20 s each
         *(
             []
             if smoke
             else [step(f"step_{m}_b64_cuda_graph{suffix}", cfg, "--cuda-graph", *extra, cap=60, min_s=20)
                   for m, cfg in (("vits16", s16), ("vitb16", b16))
-                  for suffix, extra in (("", []), ("_overlap", overlap))]
+                  for suffix, extra in (("", []), ("_overlap", overlap), ("_dino_fused", dino_fused))]
         ),
         # the trainer's step with its defaults, split between the loader, the host and the device, with a
         # profile: why it was slower than step.py's (since session 7 the colour augmentation is inside the graph)

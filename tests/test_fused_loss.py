@@ -1,4 +1,5 @@
-"""ibot.fused_loss: the iBOT cross-entropy as Triton row kernels (losses/fused.py).
+"""ibot.fused_loss and dino.fused_loss: the iBOT and DINO cross-entropies as Triton row kernels
+(losses/fused.py).
 
 The kernels run on CUDA; on this CPU they are checked under Triton's interpreter in a subprocess
 (``tests/_fused_interpret.py``: values, gradients, padding rows, the centre, the meta-architecture and the
@@ -11,13 +12,20 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from fastdinov2.config import ConfigError, load_config
-from fastdinov2.losses.fused import _triton_importable, fused_loss_available, row_soft_cross_entropy
+from fastdinov2.losses.fused import (
+    _triton_importable,
+    cross_entropy_to_targets,
+    fused_dino_loss,
+    fused_loss_available,
+    row_soft_cross_entropy,
+)
 
 from .test_chunked_loss import _close, _meta_step
 
@@ -39,6 +47,27 @@ def test_config_key_defaults_to_auto_and_refuses_the_other_loss_paths() -> None:
         load_config("fastdinov2_tiny", ["ibot.fused_loss=true", "dino.centering=sinkhorn_knopp"])
 
 
+def test_dino_key_defaults_to_false_and_takes_auto() -> None:
+    assert load_config("fastdinov2_tiny").dino.fused_loss == "false"
+    assert load_config("fastdinov2_tiny", ["dino.fused_loss=auto"]).dino.fused_loss == "auto"
+    assert load_config("fastdinov2_tiny", ["dino.fused_loss=True"]).dino.fused_loss == "true"
+    # its targets are probabilities: Sinkhorn-Knopp and the chunked iBOT loss are fine
+    load_config("fastdinov2_tiny", ["dino.fused_loss=true", "dino.centering=sinkhorn_knopp", "ibot.loss_chunk_rows=8"])
+    with pytest.raises(ConfigError, match="dino.fused_loss: 'maybe' is not one of auto, true, false"):
+        load_config("fastdinov2_tiny", ["dino.fused_loss=maybe"])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter runs the kernels on CPU")
+def test_without_cuda_the_reference_dino_loss_runs_with_one_warning() -> None:
+    with pytest.raises(RuntimeError, match="fused DINO loss needs a CUDA device and Triton.*cpu"):
+        cross_entropy_to_targets(torch.zeros(2, 4), torch.zeros(1, 4), torch.zeros(2, dtype=torch.long), 0.1)
+    ref = _meta_step([], 9)
+    with pytest.warns(UserWarning, match="dino.fused_loss=true needs a CUDA device.*DINO loss uses the reference"):
+        got = _meta_step(["dino.fused_loss=true"], 9)
+    for key in ref[0]:
+        assert got[0][key].item() == ref[0][key].item(), key
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter runs the kernels on CPU")
 def test_without_cuda_the_reference_path_runs_with_one_warning() -> None:
     assert not fused_loss_available(torch.device("cpu"))
@@ -58,6 +87,20 @@ def test_bad_shapes_are_named() -> None:
         row_soft_cross_entropy(torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(5), 0.07, 0.1)
     with pytest.raises(ValueError, match="teacher_temp"):
         row_soft_cross_entropy(torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(4), 0.0, 0.1)
+
+
+def test_bad_dino_shapes_are_named() -> None:
+    idx = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"student logits \[R, K\] and targets \[U, K\]"):
+        cross_entropy_to_targets(torch.zeros(2, 4), torch.zeros(1, 5), idx, 0.1)
+    with pytest.raises(ValueError, match=r"index must be an integer tensor \[2\]"):
+        cross_entropy_to_targets(torch.zeros(2, 4), torch.zeros(1, 4), idx.float(), 0.1)
+    with pytest.raises(ValueError, match="student_temp"):
+        cross_entropy_to_targets(torch.zeros(2, 4), torch.zeros(1, 4), idx, -1.0)
+    with pytest.raises(ValueError, match=r"teacher_cls must be two \[B, K\] tensors"):
+        fused_dino_loss(torch.zeros(6, 4), [torch.zeros(2, 4)], student_temp=0.1)
+    with pytest.raises(ValueError, match="2B \\+ nL\\*B rows for B = 2 teacher rows, got 5"):
+        fused_dino_loss(torch.zeros(5, 4), [torch.zeros(2, 4), torch.zeros(2, 4)], student_temp=0.1)
 
 
 def _triton_version() -> tuple[int, ...]:
@@ -90,6 +133,12 @@ def test_kernels_compile_for_hopper_without_a_gpu(dtype: str) -> None:
                        [2048], 4),
         "col_sum": (["T", "W", "OUT", "M", "K", "stride_t", "BLOCK_M", "BLOCK_N"],
                     [p, "*fp32", "*fp32", "i32", "i32", "i32"], [64, 128], 8),
+        "target_ce_fwd": (["S", "P", "IDX", "CE", "LSE_S", "PSUM", "K", "stride_s", "stride_p", "inv_ts", "BLOCK_K"],
+                          [p, "*fp32", "*i64", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32", "fp32"], [2048], 8),
+        "target_ce_bwd": (["S", "P", "IDX", "LSE_S", "PSUM", "COEF", "G", "K", "stride_s", "stride_p", "stride_g",
+                           "inv_ts", "BLOCK_K"],
+                          [p, "*fp32", "*i64", "*fp32", "*fp32", "*fp32", p, "i32", "i32", "i32", "i32", "fp32"],
+                          [2048], 4),
     }
     for name, (args, types, consts, warps) in sigs.items():
         n_rt = len(types)
@@ -109,6 +158,27 @@ def test_kernels_match_the_reference_under_the_triton_interpreter() -> None:
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "fused loss: all checks passed" in proc.stdout
+
+
+def _captured(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor], s0: torch.Tensor
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+    """``loss_fn(s)`` and its backward captured in a CUDA graph (after a warm-up on a side stream, which compiles
+    the kernels) and replayed once: ``(graph, loss output, s)``, with ``s`` a copy of ``s0`` holding the gradient."""
+    static_s = s0.clone().requires_grad_(True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        loss_fn(static_s).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    static_s.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = loss_fn(static_s)
+        out.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph, out, static_s
 
 
 @pytest.mark.gpu
@@ -141,23 +211,45 @@ def test_fused_loss_matches_the_reference_and_replays_in_a_cuda_graph_on_the_gpu
     valid = (w > 0).float()
     _close(masked_column_sum(t, valid), valid @ t.float())
     # captured and replayed: same loss and gradient, new inputs are read
-    static_s = s0.clone().requires_grad_(True)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up (compiles the kernels) outside the capture
-        fused_ibot_loss(static_s, t, center, w, teacher_temp=temp, student_temp=0.1, n_images=n).backward()
-    torch.cuda.current_stream().wait_stream(stream)
-    static_s.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fused_ibot_loss(static_s, t, center, w, teacher_temp=temp, student_temp=0.1, n_images=n)
-        out.backward()
-    graph.replay()
-    torch.cuda.synchronize()
+    graph, out, static_s = _captured(
+        lambda x: fused_ibot_loss(x, t, center, w, teacher_temp=temp, student_temp=0.1, n_images=n), s0)
     _close(out, loss)
     assert static_s.grad is not None
     torch.testing.assert_close(static_s.grad, s.grad)
     temp.fill_(0.05)  # a device-side schedule value changes the replayed result
+    graph.replay()
+    torch.cuda.synchronize()
+    assert abs(out.item() - loss.item()) > 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_dino_loss_matches_the_reference_and_replays_in_a_cuda_graph_on_the_gpu() -> None:
+    from fastdinov2.losses import DINOLoss
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    b, n_local, k = 64, 8, 65536
+    s0 = (torch.randn((2 + n_local) * b, k, device=dev, generator=g) * 4).bfloat16()
+    ref_mod = DINOLoss(k).to(dev)
+    teacher = list(ref_mod.softmax_center_teacher(torch.randn(2 * b, k, device=dev, generator=g) * 4, 0.07).chunk(2))
+    s_ref = s0.clone().requires_grad_(True)
+    glob, loc = s_ref.split([2 * b, n_local * b])
+    ref = (ref_mod.cross_entropy_all_pairs(loc.view(n_local, b, k), torch.stack(teacher))
+           + ref_mod([glob], [torch.cat(teacher)]) * 2)
+    ref.backward()
+    s = s0.clone().requires_grad_(True)
+    loss = fused_dino_loss(s, teacher, student_temp=0.1)
+    loss.backward()
+    _close(loss, ref)
+    assert s.grad is not None and s_ref.grad is not None and s.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(s.grad.float(), s_ref.grad.float(), rtol=2e-2, atol=1e-2 * float(s_ref.grad.abs().max()))
+    # captured and replayed: same loss and gradient; new targets are read
+    graph, out, static_s = _captured(lambda x: fused_dino_loss(x, teacher, student_temp=0.1), s0)
+    _close(out, loss)
+    assert static_s.grad is not None
+    torch.testing.assert_close(static_s.grad, s.grad)
+    teacher[0].copy_(teacher[0].roll(1, dims=1))
     graph.replay()
     torch.cuda.synchronize()
     assert abs(out.item() - loss.item()) > 1e-3
@@ -196,3 +288,9 @@ def assert_like_reference(tmp_path: Path, option: str, keys: tuple[str, ...], re
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_trainer_with_the_fused_loss_trains_like_the_reference_on_the_gpu(tmp_path: Path) -> None:
     assert_like_reference(tmp_path, "ibot.fused_loss=true", ("ibot_loss", "loss"), rel=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trainer_with_the_fused_dino_loss_trains_like_the_reference_on_the_gpu(tmp_path: Path) -> None:
+    assert_like_reference(tmp_path, "dino.fused_loss=true", ("dino_loss", "loss"), rel=2e-2)

@@ -71,6 +71,11 @@ class DinoConfig:
     head_nlayers: int = 3
     koleo_loss_weight: float = 0.1
     centering: str = "softmax"
+    # true: the DINO cross-entropy of every (student crop, teacher crop) pair as Triton row kernels on CUDA over
+    # the [rows, K] class-token logits in the heads' dtype (no fp32 [rows, K] tensor; losses/fused.py); other
+    # devices, or no Triton: the reference path (with a warning). "auto": true on CUDA with Triton. Default false
+    # until it is measured on a GPU (docs/benchmarks.md, item 16).
+    fused_loss: str = "false"
 
 
 @dataclass
@@ -388,7 +393,8 @@ def diff_configs(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str
 
 
 def tristate(value: object, key: str) -> bool | None:
-    """An "auto" / true / false option (``compute.cuda_graph``, ``ibot.fused_loss``): ``None`` for "auto".
+    """An "auto" / true / false option (``compute.cuda_graph``, ``ibot.fused_loss``, ``dino.fused_loss``): ``None``
+    for "auto".
     YAML and ``key=value`` booleans arrive as "True"/"False" in the string field; both spellings are taken."""
     v = str(value).lower()
     if v == "auto":
@@ -470,6 +476,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= i.mask_ratio_min <= i.mask_ratio_max <= 1.0, "ibot.mask_ratio_min",
            "need 0 <= ibot.mask_ratio_min <= ibot.mask_ratio_max <= 1")
     _check(i.loss_chunk_rows >= 0, "ibot.loss_chunk_rows", "must be >= 0 (0: no chunked iBOT loss)")
+    cfg.dino.fused_loss = _tristate_text(cfg.dino.fused_loss, "dino.fused_loss")
     i.fused_loss = _tristate_text(i.fused_loss, "ibot.fused_loss")
     if i.fused_loss == "true":
         _check(i.loss_chunk_rows == 0, "ibot.fused_loss", "and ibot.loss_chunk_rows > 0 are two iBOT loss paths: "

@@ -92,6 +92,7 @@ RESUMABLE_KEYS = (
     # became "auto" continues under the new default
     "ibot.fused_loss",
     "ibot.loss_chunk_rows",
+    "dino.fused_loss",
 )
 
 
@@ -143,8 +144,8 @@ AUTO_MASKED_TOKENS_BUCKET = 64
 
 
 def resolve_auto_options(cfg: Config, device: torch.device, world_size: int) -> tuple[Config, list[str]]:
-    """A copy of ``cfg`` with ``compute.cuda_graph`` and ``ibot.fused_loss`` decided ("true"/"false"), and a
-    line for the log per "auto" one on CUDA.
+    """A copy of ``cfg`` with ``compute.cuda_graph``, ``ibot.fused_loss`` and ``dino.fused_loss`` decided
+    ("true"/"false"), and a line for the log per "auto" one on CUDA.
 
     ``compute.cuda_graph=auto`` is on on CUDA unless something it needs is missing
     (:func:`~fastdinov2.config.cuda_graph_conflicts`, errors for an explicit true: bf16 or fp32, one
@@ -152,7 +153,7 @@ def resolve_auto_options(cfg: Config, device: torch.device, world_size: int) -> 
     explicit true captures the flat-gradient all-reduce, ``docs/distributed.md``; not yet run on several GPUs,
     so not a default). Then a
     ``compute.masked_tokens_bucket`` of 0 becomes :data:`AUTO_MASKED_TOKENS_BUCKET` (one batch shape per stage).
-    ``ibot.fused_loss=auto``: :func:`~fastdinov2.train.meta_arch.fused_loss_auto`."""
+    ``ibot.fused_loss=auto`` and ``dino.fused_loss=auto``: :func:`~fastdinov2.train.meta_arch.fused_loss_auto`."""
     out = copy.deepcopy(cfg)
     notes: list[str] = []
     c = out.compute
@@ -175,6 +176,12 @@ def resolve_auto_options(cfg: Config, device: torch.device, world_size: int) -> 
         if device.type == "cuda":
             notes.append("ibot.fused_loss=auto: " + ("the iBOT loss as Triton row kernels" if fused else
                                                      "the reference iBOT loss"))
+    if tristate(out.dino.fused_loss, "dino.fused_loss") is None:
+        fused = fused_loss_auto(cfg, device, "dino.fused_loss")
+        out.dino.fused_loss = "true" if fused else "false"
+        if device.type == "cuda":
+            notes.append("dino.fused_loss=auto: " + ("the DINO loss as Triton row kernels" if fused else
+                                                     "the reference DINO loss"))
     return out, notes
 
 

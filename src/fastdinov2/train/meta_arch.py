@@ -17,7 +17,9 @@ formed; the student forward then returns ``masked_patch_features`` and ``ibot_pr
 
 With ``ibot.fused_loss=true`` on a CUDA device (with Triton) the iBOT term and its centre statistic come from
 the Triton row kernels of :mod:`fastdinov2.losses.fused`, which read the ``[M, K]`` logits in the heads' dtype;
-the teacher targets are then an :class:`IbotLogitTargets` (teacher logits + centre), not probabilities.
+the teacher targets are then an :class:`IbotLogitTargets` (teacher logits + centre), not probabilities. With
+``dino.fused_loss=true`` the DINO term is :func:`fastdinov2.losses.fused.fused_dino_loss` over the student's
+class-token logits of all crops at once (``cls_logits``), in the heads' dtype.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 from fastdinov2.config import Config, tristate
 from fastdinov2.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from fastdinov2.losses.chunked import chunked_ibot_loss, teacher_logit_sum
-from fastdinov2.losses.fused import fused_ibot_loss, fused_loss_available, masked_column_sum
+from fastdinov2.losses.fused import fused_dino_loss, fused_ibot_loss, fused_loss_available, masked_column_sum
 from fastdinov2.models.heads import DINOHead
 from fastdinov2.models.vit import build_backbone
 from fastdinov2.train.flat_params import FlatParameters, flatten_pair
@@ -144,7 +146,8 @@ class StudentTeacherModel(nn.Module):
             global_crops: [2B,3,G,G]; local_crops: [nL*B,3,L,L] (nL may be 0);
             masks: bool [2B,N] iBOT masks of the global crops; mask_indices: [M] flat indices into [2B*N].
         Returns:
-            ``global_cls`` [2B,D] backbone CLS tokens, ``global_logits`` [2B,K], ``local_logits`` [nL*B,K],
+            ``global_cls`` [2B,D] backbone CLS tokens, ``cls_logits`` [2B+nL*B,K] (global crops, then local), the
+            same split into ``global_logits`` [2B,K] and ``local_logits`` [nL*B,K],
             ``masked_patch_logits`` [M,K']; with the chunked iBOT loss (``ibot.loss_chunk_rows > 0``)
             instead of the last: ``masked_patch_features`` [M,D'] (normalised bottleneck) and
             ``ibot_prototypes`` [K',D'] (the effective prototype weight, with gradient).
@@ -166,6 +169,7 @@ class StudentTeacherModel(nn.Module):
             global_logits, local_logits = cls_logits.split([n_g, n_l])
             return {
                 "global_cls": cls_g,
+                "cls_logits": cls_logits,
                 "global_logits": global_logits,
                 "local_logits": local_logits,
                 "masked_patch_features": feats,
@@ -175,15 +179,19 @@ class StudentTeacherModel(nn.Module):
         global_logits, local_logits = cls_logits.split([n_g, n_l])
         return {
             "global_cls": cls_g,
+            "cls_logits": cls_logits,
             "global_logits": global_logits,
             "local_logits": local_logits,
             "masked_patch_logits": patch_logits,
         }
 
 
-def fused_loss_auto(cfg: Config, device: torch.device) -> bool:
+def fused_loss_auto(cfg: Config, device: torch.device, key: str = "ibot.fused_loss") -> bool:
     """What ``ibot.fused_loss=auto`` means on ``device``: the fused Triton loss on CUDA with Triton installed,
-    softmax centring and no chunked iBOT loss (``ibot.loss_chunk_rows=0``); the reference path elsewhere."""
+    softmax centring and no chunked iBOT loss (``ibot.loss_chunk_rows=0``); the reference path elsewhere.
+    ``key="dino.fused_loss"``: CUDA with Triton (its targets are probabilities, whatever the centring)."""
+    if key == "dino.fused_loss":
+        return device.type == "cuda" and fused_loss_available(device)
     return (device.type == "cuda" and cfg.dino.centering == "softmax" and cfg.ibot.loss_chunk_rows == 0
             and fused_loss_available(device))
 
@@ -202,7 +210,7 @@ class MetaArch(nn.Module):
         ibot_k = cfg.ibot.head_n_prototypes if cfg.ibot.separate_head else cfg.dino.head_n_prototypes
         self.ibot_loss = iBOTPatchLoss(ibot_k)
         self.koleo_loss = KoLeoLoss()
-        self._warned_fused_fallback = False
+        self._warned_fused_fallback: set[str] = set()  # keys warned about (fused loss asked, not possible)
         self._flat: tuple[FlatParameters, FlatParameters] | None = None  # (student, teacher): flatten_parameters
         if cfg.ibot.loss_chunk_rows > 0 and ibot_chunk_rows(cfg) == 0:
             warnings.warn("ibot.loss_chunk_rows is ignored with dino.centering=sinkhorn_knopp (its targets need "
@@ -269,7 +277,7 @@ class MetaArch(nn.Module):
         else:
             cls_probs = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
             self.dino_loss.update_center(cls_logits)
-            if self._use_fused_loss(patch_logits):
+            if self._use_fused("ibot.fused_loss", patch_logits.device):
                 return list(cls_probs.chunk(2)), self._fused_teacher_targets(patch_logits, valid, teacher_temp)
             patch_probs = self.ibot_loss.softmax_center_teacher(patch_logits, teacher_temp)
             self.ibot_loss.update_center(patch_logits, valid)  # every rank calls it: a cross-rank reduction
@@ -301,20 +309,22 @@ class MetaArch(nn.Module):
         main.wait_stream(teacher_stream)
         return targets, out
 
-    def _use_fused_loss(self, patch_logits: Tensor) -> bool:
-        """``ibot.fused_loss`` and the Triton kernels can run on the logits' device (else, once, a warning);
-        "auto": :func:`fused_loss_auto`."""
-        mode = tristate(self.cfg.ibot.fused_loss, "ibot.fused_loss")
+    def _use_fused(self, key: str, device: torch.device) -> bool:
+        """Whether ``key`` (``ibot.fused_loss`` or ``dino.fused_loss``) puts its loss term on the Triton kernels
+        for tensors on ``device``: "auto" decides by :func:`fused_loss_auto`; true needs the kernels to run on
+        ``device`` (else, once per key, a warning and the reference path)."""
+        mode = tristate(self.cfg.ibot.fused_loss if key == "ibot.fused_loss" else self.cfg.dino.fused_loss, key)
         if mode is None:
-            return fused_loss_auto(self.cfg, patch_logits.device)
+            return fused_loss_auto(self.cfg, device, key)
         if not mode:
             return False
-        if fused_loss_available(patch_logits.device):
+        if fused_loss_available(device):
             return True
-        if not self._warned_fused_fallback and patch_logits.device.type != "meta":
-            self._warned_fused_fallback = True
-            warnings.warn(f"ibot.fused_loss=true needs a CUDA device and Triton (logits on {patch_logits.device}); "
-                          "the iBOT loss uses the reference path", stacklevel=4)
+        if key not in self._warned_fused_fallback and device.type != "meta":
+            self._warned_fused_fallback.add(key)
+            term = key.split(".")[0].replace("ibot", "iBOT").replace("dino", "DINO")
+            warnings.warn(f"{key}=true needs a CUDA device and Triton (logits on {device}); the {term} loss uses "
+                          "the reference path", stacklevel=4)
         return False
 
     @torch.no_grad()
@@ -355,12 +365,17 @@ class MetaArch(nn.Module):
         cfg = self.cfg
         n_terms = 2 + 2 * n_local  # DINO crop pairs: 2 global-global + 2 per local crop
         local = student_out["local_logits"]
-        dino_local = (  # every local crop against both teacher crops; the local logits are crop-major
-            self.dino_loss.cross_entropy_all_pairs(local.view(n_local, -1, local.shape[-1]), torch.stack(teacher_cls))
-            if n_local > 0 else local.new_zeros(())
-        )
-        dino_global = self.dino_loss([student_out["global_logits"]], [torch.cat(teacher_cls)]) * 2
-        dino = (dino_local + dino_global) / n_terms
+        if "cls_logits" in student_out and self._use_fused("dino.fused_loss", local.device):
+            dino = fused_dino_loss(student_out["cls_logits"], teacher_cls,
+                                   student_temp=self.dino_loss.student_temp) / n_terms
+        else:
+            dino_local = (  # every local crop against both teacher crops; the local logits are crop-major
+                self.dino_loss.cross_entropy_all_pairs(local.view(n_local, -1, local.shape[-1]),
+                                                       torch.stack(teacher_cls))
+                if n_local > 0 else local.new_zeros(())
+            )
+            dino_global = self.dino_loss([student_out["global_logits"]], [torch.cat(teacher_cls)]) * 2
+            dino = (dino_local + dino_global) / n_terms
         patch_logits = student_out.get("masked_patch_logits")
         if isinstance(teacher_patch, IbotChunkTargets):
             ibot = self._chunked_ibot(student_out, teacher_patch, masks, masks_weight)
