@@ -13,11 +13,14 @@ import platform
 import statistics
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 #: Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device-name fragment, most specific first.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -30,6 +33,139 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("L40S", 362.0),
 )
 
+
+# aten ops that only make views or metadata (no kernel on a GPU); everything else counts as a launch.
+VIEW_OPS = frozenset(
+    f"aten::{n}"
+    for n in (
+        "view",
+        "_unsafe_view",
+        "reshape",
+        "t",
+        "transpose",
+        "permute",
+        "expand",
+        "expand_as",
+        "unsqueeze",
+        "squeeze",
+        "select",
+        "slice",
+        "as_strided",
+        "detach",
+        "detach_",
+        "alias",
+        "unbind",
+        "chunk",
+        "split",
+        "flatten",
+        "unflatten",
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "numpy_T",
+        "lift_fresh",
+        "resolve_conj",
+        "resolve_neg",
+        "narrow",
+        "view_as",
+        "split_with_sizes",
+        "_reshape_alias",
+        "set_",
+        "is_nonzero",
+    )
+)
+# ... and the calls that launch no kernel either: allocations, profiler markers, dtype no-ops
+NO_KERNEL_OPS = VIEW_OPS | frozenset(
+    f"aten::{n}" for n in ("new_empty", "new_empty_strided", "alias", "_to_copy_", "to", "_record_function_enter_new",
+                            "_record_function_exit", "scalar_tensor")
+)
+
+
+class KernelOpCounter(TorchDispatchMode):
+    """Counts the ATen calls made under it that launch a kernel (not in :data:`NO_KERNEL_OPS`), by name and by
+    phase (``phase()`` names the current one), and the memory traffic of those that are not matrix products,
+    attention or convolutions: the bytes of each call's tensor inputs, of the arguments it writes in place and
+    of its new outputs (an estimate: a kernel may read a broadcast input once, or fuse nothing away). Foreach and
+    fused optimizer ops count once (on a GPU they launch one kernel per chunk of tensors). Works on any device,
+    the meta device included. ``matmul_bytes=True`` counts the bytes of the matrix products too (for work where
+    they are memory-bound, e.g. a contraction to a scalar)."""
+
+    def __init__(self, phase: Callable[[], str] = lambda: "all", matmul_bytes: bool = False) -> None:
+        super().__init__()
+        self.phase = phase
+        self.matmul_bytes = matmul_bytes
+        self.counts: Counter[str] = Counter()
+        self.by_phase: Counter[str] = Counter()
+        self.bytes_by_phase: Counter[str] = Counter()
+        self.bytes_by_op: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = "aten::" + func.__name__.split(".")[0]
+        if name in NO_KERNEL_OPS:
+            return out
+        phase = self.phase()
+        self.counts[name] += 1
+        self.by_phase[phase] += 1
+        if self.matmul_bytes or not any(k in name for k in ("mm", "attention", "convolution", "linear")):
+            ins = _tensors((args, kwargs))
+            seen = {id(t) for t in ins}
+            # in-place and out= arguments are written as well as read
+            kw = kwargs or {}
+            written = [a for i, arg in enumerate(func._schema.arguments)
+                       if arg.alias_info is not None and arg.alias_info.is_write
+                       for a in _tensors(args[i] if i < len(args) else kw.get(arg.name))]
+            moved = sum(t.numel() * t.element_size() for t in ins + written)
+            moved += sum(t.numel() * t.element_size() for t in _tensors(out) if id(t) not in seen)
+            self.bytes_by_phase[phase] += moved
+            self.bytes_by_op[name] += moved
+        return out
+
+    def summary(self, top: int = 15) -> dict[str, Any]:
+        return {
+            "kernel_ops_per_step": sum(self.counts.values()),
+            "top_kernel_ops": dict(self.counts.most_common(top)),
+            "kernel_ops_by_phase": dict(self.by_phase),
+            "non_matmul_gb_per_step": sum(self.bytes_by_phase.values()) / 1e9,
+            "non_matmul_gb_by_phase": {k: v / 1e9 for k, v in self.bytes_by_phase.most_common()},
+        }
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+
+def time_interleaved(calls: dict[str, Callable[[], Any]], steps: int, warmup: int,
+                     device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each variant: ``warmup`` untimed rounds, then ``steps`` timed rounds, the variants
+    interleaved within each round (a change of machine load hits all alike); on CUDA synchronised before and
+    after each timed call."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(steps):
+        for name, call in calls.items():
+            sync()
+            t0 = time.perf_counter()
+            call()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def add_timing_args(p: argparse.ArgumentParser, steps: int, warmup: int) -> None:
+    """``--steps``, ``--warmup``, ``--threads`` and ``--json-out``, as the timing benchmarks take them."""
+    p.add_argument("--steps", type=int, default=steps, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed steps per variant first (after one check)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
 
 def set_threads(threads: int | None) -> int:
     """Pin the intra-op thread count (also exported as OMP_NUM_THREADS for child processes); returns it."""

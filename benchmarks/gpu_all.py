@@ -193,6 +193,15 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
             else [step(f"step_vits16_b64_cuda_graph_sdpa_{b}", s16, "--cuda-graph", "--sdpa", b, cap=60, min_s=20)
                   for b in ("flash", "efficient")]
         ),
+        # the DINO term alone, reference vs dino.fused_loss: ms, peak memory and the traffic count (session 8)
+        Job(
+            "dino_loss_b64_k65536",
+            ["benchmarks/dino_loss.py", "--device", dev,
+             *(["--b", "4", "--k", "512", "--traffic-b", "4", "--traffic-k", "512", "--steps", "1", "--warmup", "0"]
+               if smoke else ["--steps", "10", "--warmup", "2"])],
+            60,
+            15,
+        ),
         # eager, with a profile: GPU time per kernel (top_kernels) and per kind of kernel (kernel_categories) is
         # the GPU's own time, which the CUDA-graph step replays without launch gaps
         step("step_vits16_b64", s16, "--profile", "3", "--count-ops"),

@@ -43,7 +43,6 @@ import json
 import math
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, run_benchmark, set_threads, summarize_ms  # noqa: E402
+from common import (  # noqa: E402
+    add_timing_args,
+    machine_info,
+    run_benchmark,
+    set_threads,
+    summarize_ms,
+    time_interleaved,
+)
 from fastdinov2.data.collate import mask_index_weights  # noqa: E402
 from fastdinov2.losses import iBOTPatchLoss  # noqa: E402
 from fastdinov2.losses.chunked import chunked_ibot_loss, teacher_logit_sum  # noqa: E402
@@ -150,6 +156,37 @@ def cuda_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
+def measure_variants(calls: dict[str, Callable[[], Tensor]], args: argparse.Namespace,
+                     device: torch.device) -> dict[str, Any]:
+    """Each variant's loss (the first call, also a check), median time over ``args.steps`` interleaved steps
+    after ``args.warmup``, and peak memory; the first variant is the reference the others are compared with:
+    ``{"variants": [rows], "ratio_vs_reference": {...}, "max_rel_loss_diff": float}``."""
+    losses = {name: float(call()) for name, call in calls.items()}
+    times = time_interleaved(calls, args.steps, args.warmup, device)
+    peaks = {name: cuda_peak_bytes(call, device) if device.type == "cuda" else cpu_peak_bytes(call)
+             for name, call in calls.items()}
+    rows = [{"variant": name, **summarize_ms(times[name]), "peak_mib": peaks[name] / 2**20, "loss": losses[name]}
+            for name in calls]
+    ref, ref_loss = rows[0], rows[0]["loss"]
+    return {
+        "variants": rows,
+        "ratio_vs_reference": {
+            r["variant"]: {"ms": r["median_ms"] / ref["median_ms"],
+                           "peak": r["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] else None}
+            for r in rows[1:]
+        },
+        "max_rel_loss_diff": max(abs(v - ref_loss) / max(abs(ref_loss), 1e-30) for v in losses.values()),
+    }
+
+
+def print_variants(out: dict[str, Any], width: int, digits: int) -> None:
+    """The readable lines of :func:`measure_variants`' result."""
+    for r in out["variants"]:
+        print(f"  {r['variant']:<{width}} {r['median_ms']:9.{digits}f} ms (min {r['min_ms']:.{digits}f}, n={r['n']})  "
+              f"peak +{r['peak_mib']:9.1f} MiB  loss {r['loss']:.6f}")
+    print(f"  largest relative loss difference to the reference: {out['max_rel_loss_diff']:.2e}")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -178,31 +215,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return variants[name]()
 
     loadavg_start = machine_info()["loadavg_1_5_15"]
-    losses = {name: float(call(name)) for name in variants}
-    for _ in range(args.warmup):
-        for name in variants:
-            call(name)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.steps):
-        for name in variants:
-            pb.reset()
-            _sync(device)
-            t0 = time.perf_counter()
-            call(name)
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    peaks = {}
-    for name in variants:
-        pb.reset()
-        fn = functools.partial(call, name)
-        peaks[name] = cuda_peak_bytes(fn, device) if device.type == "cuda" else cpu_peak_bytes(fn)
-
-    rows: list[dict[str, Any]] = []
-    for name in variants:
-        rows.append({"variant": name, **summarize_ms(times[name]), "peak_mib": peaks[name] / 2**20,
-                     "loss": losses[name]})
-    ref = rows[0]
-    ref_loss = losses["reference"]
     return {
         "benchmark": "head_loss",
         "device": device.type,
@@ -211,13 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "m": m, "k": k, "d": dim, "n_images": args.n_images,
         "peak_method": "cuda.max_memory_allocated" if device.type == "cuda" else "profiler Total Allocated",
         "fused": "fused" in variants,
-        "variants": rows,
-        "ratio_vs_reference": {
-            r["variant"]: {"ms": r["median_ms"] / ref["median_ms"],
-                           "peak": r["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] else None}
-            for r in rows[1:]
-        },
-        "max_rel_loss_diff": max(abs(v - ref_loss) / max(abs(ref_loss), 1e-30) for v in losses.values()),
+        **measure_variants({name: functools.partial(call, name) for name in variants}, args, device),
         "loadavg_start": loadavg_start,
         "machine": machine_info(device),
     }
@@ -228,10 +234,7 @@ def print_readable(out: dict[str, Any]) -> None:
     dev = m.get("gpu_name") or f"{m['cpu_model']} ({out['threads']} threads)"
     print(f"iBOT head+loss: M={out['m']} K={out['k']} D={out['d']} {out['precision']} on {dev}, "
           f"load {out['loadavg_start']} -> {m['loadavg_1_5_15']}")
-    for r in out["variants"]:
-        print(f"  {r['variant']:<16} {r['median_ms']:9.1f} ms (min {r['min_ms']:.1f}, n={r['n']})  "
-              f"peak +{r['peak_mib']:9.1f} MiB  loss {r['loss']:.6f}")
-    print(f"  largest relative loss difference to the reference: {out['max_rel_loss_diff']:.2e}")
+    print_variants(out, width=16, digits=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,10 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype (default: bf16 on cuda, fp32 on cpu, as the trainer)")
     p.add_argument("--no-fused", action="store_true",
                    help="leave out the fused Triton variant (run by default where it can: CUDA with Triton)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (after one check)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
-    p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
+    add_timing_args(p, steps=5, warmup=1)
     return p
 
 

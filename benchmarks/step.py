@@ -58,7 +58,15 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, peak_tflops, run_benchmark, set_threads, summarize_ms  # noqa: E402
+from common import (  # noqa: E402
+    VIEW_OPS,
+    KernelOpCounter,
+    machine_info,
+    peak_tflops,
+    run_benchmark,
+    set_threads,
+    summarize_ms,
+)
 from fastdinov2.config import Config, load_config  # noqa: E402
 from fastdinov2.data.collate import mask_index_weights, pad_masked_tokens  # noqa: E402
 from fastdinov2.data.masking import BatchMaskSpec, sample_ibot_masks  # noqa: E402
@@ -452,107 +460,14 @@ def stage_specs(cfg: Config, args: argparse.Namespace) -> list[StageSpec]:
 
 
 def count_kernel_ops(runner: StepRunner, batch: SyntheticBatch, top: int = 15) -> dict[str, Any]:
-    """One eager step under a dispatch mode: ATen calls that launch a kernel (not in :data:`NO_KERNEL_OPS`),
-    in total, per phase and the most frequent by name. Foreach and fused optimizer ops count once (on a GPU
-    they launch one kernel per chunk of tensors).
-
-    Also the memory traffic of the calls that are not matrix products, attention or convolutions (the
-    elementwise, reduction, copy, optimizer and EMA work whose time on a GPU follows the bytes it moves):
-    the bytes of each call's tensor inputs and outputs, summed per step and per phase (an estimate: a kernel
-    may read a broadcast input once, or fuse nothing away)."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
+    """One eager step under :class:`~common.KernelOpCounter`: ATen calls that launch a kernel, in total, per
+    phase and the most frequent by name, and the memory traffic of the calls that are not matrix products,
+    attention or convolutions (the elementwise, reduction, copy, optimizer and EMA work whose time on a GPU
+    follows the bytes it moves), per step and per phase."""
     timer = runner.timer
-
-    def tensors(tree: Any) -> list[Tensor]:
-        return [t for t in tree_flatten(tree)[0] if isinstance(t, Tensor)]
-
-    class Counting(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.counts: Counter[str] = Counter()
-            self.by_phase: Counter[str] = Counter()
-            self.bytes_by_phase: Counter[str] = Counter()
-
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            out = func(*args, **(kwargs or {}))
-            name = "aten::" + func.__name__.split(".")[0]
-            if name in NO_KERNEL_OPS:
-                return out
-            self.counts[name] += 1
-            self.by_phase[timer.current] += 1
-            if not any(k in name for k in ("mm", "attention", "convolution", "linear")):
-                ins = tensors((args, kwargs))
-                seen = {id(t) for t in ins}
-                # in-place and out= arguments are written as well as read
-                kw = kwargs or {}
-                written = [a for i, arg in enumerate(func._schema.arguments)
-                           if arg.alias_info is not None and arg.alias_info.is_write
-                           for a in tensors(args[i] if i < len(args) else kw.get(arg.name))]
-                moved = sum(t.numel() * t.element_size() for t in ins + written)
-                moved += sum(t.numel() * t.element_size() for t in tensors(out) if id(t) not in seen)
-                self.bytes_by_phase[timer.current] += moved
-            return out
-
-    with Counting() as mode:
+    with KernelOpCounter(lambda: timer.current) as mode:
         runner._step_eager(batch)
-    return {
-        "kernel_ops_per_step": sum(mode.counts.values()),
-        "top_kernel_ops": dict(mode.counts.most_common(top)),
-        "kernel_ops_by_phase": dict(mode.by_phase),
-        "non_matmul_gb_per_step": sum(mode.bytes_by_phase.values()) / 1e9,
-        "non_matmul_gb_by_phase": {k: v / 1e9 for k, v in mode.bytes_by_phase.most_common()},
-    }
-
-
-# aten ops that only make views or metadata (no kernel on a GPU); everything else counts as a launch.
-VIEW_OPS = frozenset(
-    f"aten::{n}"
-    for n in (
-        "view",
-        "_unsafe_view",
-        "reshape",
-        "t",
-        "transpose",
-        "permute",
-        "expand",
-        "expand_as",
-        "unsqueeze",
-        "squeeze",
-        "select",
-        "slice",
-        "as_strided",
-        "detach",
-        "detach_",
-        "alias",
-        "unbind",
-        "chunk",
-        "split",
-        "flatten",
-        "unflatten",
-        "empty",
-        "empty_like",
-        "empty_strided",
-        "numpy_T",
-        "lift_fresh",
-        "resolve_conj",
-        "resolve_neg",
-        "narrow",
-        "view_as",
-        "split_with_sizes",
-        "_reshape_alias",
-        "set_",
-        "is_nonzero",
-    )
-)
-# ... and the calls that launch no kernel either: allocations, profiler markers, dtype no-ops
-NO_KERNEL_OPS = VIEW_OPS | frozenset(
-    f"aten::{n}" for n in ("new_empty", "new_empty_strided", "alias", "_to_copy_", "to", "_record_function_enter_new",
-                            "_record_function_exit", "scalar_tensor")
-)
+    return mode.summary(top)
 
 
 def top_level_ops(events: Any) -> dict[str, dict[str, int]]:

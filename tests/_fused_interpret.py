@@ -84,12 +84,9 @@ def check_function() -> None:
 
 
 def dino_reference(s: torch.Tensor, teacher: list[torch.Tensor], n_local: int) -> torch.Tensor:
-    """``dino_local + dino_global`` as ``MetaArch.compute_losses`` forms them on the reference path."""
+    """The crop pairs' DINO term as ``MetaArch.compute_losses`` forms it on the reference path."""
     b, k = teacher[0].shape
-    glob, loc = s.split([2 * b, n_local * b])
-    mod = DINOLoss(k)
-    local = mod.cross_entropy_all_pairs(loc.view(n_local, b, k), torch.stack(teacher)) if n_local else 0.0
-    return local + mod([glob], [torch.cat(teacher)]) * 2
+    return DINOLoss(k).crop_pairs(*s.split([2 * b, n_local * b]), teacher)
 
 
 def check_dino_function() -> None:

@@ -200,6 +200,20 @@ def test_head_loss_benchmark(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "h.json").read_text())["variants"] == out["variants"]
 
 
+def test_dino_loss_benchmark(tmp_path: Path) -> None:
+    dl = _load("dino_loss")
+    out = dl.main(["--device", "cpu", "--threads", "1", "--b", "3", "--n-local", "2", "--k", "64", "--traffic-b", "4",
+                   "--traffic-k", "1024", "--steps", "1", "--warmup", "0", "--json-out", str(tmp_path / "d.json")])
+    assert [r["variant"] for r in out["variants"]] == ["reference"]  # (the fused variant needs CUDA)
+    assert out["variants"][0]["peak_mib"] > 0 and out["variants"][0]["loss"] > 0
+    t = out["traffic"]
+    # the reference moves the fp32 [rows, K] log-probabilities several times; the fused kernels far less
+    rows_fp32_gb = (2 + 2) * 4 * 1024 * 4 / 1e9
+    assert t["reference_gb"] > 5 * rows_fp32_gb and 0 < t["fused_gb"] < t["reference_gb"] / 2
+    assert "aten::_log_softmax" in t["reference_gb_by_op"]
+    assert json.loads((tmp_path / "d.json").read_text())["traffic"] == t
+
+
 def test_data_pipeline_benchmark(tmp_path: Path) -> None:
     dp = _load("data_pipeline")
     a = dp.write_jpegs(tmp_path / "a", 2, 64, 48)
@@ -320,8 +334,8 @@ def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
     assert names[:13] == ["pytest_gpu", *graphs, "trainer_step_vits16", "end_to_end_vits16_graph", *blocks]
     later = [f"step_{m}_b64_cuda_graph{v}" for m in ("vits16", "vitb16") for v in ("_unfused", "_half")]
     sdpa = ["step_vits16_b64_cuda_graph_sdpa_flash", "step_vits16_b64_cuda_graph_sdpa_efficient"]
-    assert names[13:22] == ["step_vitb16_b64_compile_blocks_best_profile", *sdpa, "step_vits16_b64",
-                            "step_vitb16_b64", *later]
+    assert names[13:23] == ["step_vitb16_b64_compile_blocks_best_profile", *sdpa, "dino_loss_b64_k65536",
+                            "step_vits16_b64", "step_vitb16_b64", *later]
     assert "torchrun_smoke_tiny" in names
     assert len(set(names)) == len(names)
     smoke_names = [j.name for j in ga.plan(tmp_path, smoke=True)]

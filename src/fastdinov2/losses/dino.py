@@ -178,6 +178,27 @@ class DINOLoss(CenterEMA, nn.Module):
             t_sum = teacher.detach().float().sum(dim=0)  # [B, K]
             return -torch.einsum("sbk,bk->", log_p, t_sum) / student.shape[1]
 
+    def crop_pairs(self, global_logits: Tensor, local_logits: Tensor, teacher: Sequence[Tensor]) -> Tensor:
+        """DINOv2's pairing of one step's crops: ``sum over the pairs of mean_b CE``.
+
+        Args:
+            global_logits: the student's ``[2B, K]`` logits of the two global crops (crop-major).
+            local_logits: ``[nL*B, K]`` logits of the ``nL`` local crops (crop-major; ``nL`` may be 0).
+            teacher: the teacher's two ``[B, K]`` probabilities, already swapped (the first is matched with the
+                student's first global crop).
+
+        Returns:
+            scalar fp32: each global crop against its teacher crop, each local crop against both (the caller
+            divides by the number of pairs, ``2 + 2 * nL``).
+        """
+        b, k = teacher[0].shape
+        n_local = local_logits.shape[0] // b if b else 0
+        local = (  # every local crop against both teacher crops
+            self.cross_entropy_all_pairs(local_logits.view(n_local, b, k), torch.stack(list(teacher)))
+            if n_local > 0 else local_logits.new_zeros((), dtype=torch.float32)
+        )
+        return local + self([global_logits], [torch.cat(list(teacher))]) * 2
+
     @torch.no_grad()
     def update_center(self, teacher_logits: Tensor) -> None:
         """EMA update of ``center [1, K]`` with the mean of ``teacher_logits [N, K]`` over all ranks.

@@ -27,10 +27,11 @@ The DINO term (``dino.fused_loss=true``, :func:`fused_dino_loss`) uses a second 
 :func:`cross_entropy_to_targets`: each student class-token row ``s [R, K]`` against a row of precomputed target
 probabilities (the two teacher crops and their sum, ``[3B, K]`` fp32), ``ce = sum(p) * logsumexp(s / T) -
 sum_k p_k * s_k / T`` forward and ``(sum(p) * softmax(s / T) - p) / T`` backward, in place of the reference's
-~3.5 GB of fp32 ``[640, 65536]`` passes per step at batch 64. The kernels run on
-CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before this module is
-first used; the tests do that), see :func:`fused_loss_available`. Everything stays on the device (no host
-synchronisation, fixed launch shapes), so the loss can be captured in a CUDA graph.
+~2.8 GB of fp32 ``[640, 65536]`` passes per step at batch 64 (``benchmarks/dino_loss.py``).
+
+The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set
+before this module is first used; the tests do that), see :func:`fused_loss_available`. Everything stays on the
+device (no host synchronisation, fixed launch shapes), so the loss can be captured in a CUDA graph.
 """
 
 from __future__ import annotations

@@ -366,16 +366,10 @@ class MetaArch(nn.Module):
         n_terms = 2 + 2 * n_local  # DINO crop pairs: 2 global-global + 2 per local crop
         local = student_out["local_logits"]
         if "cls_logits" in student_out and self._use_fused("dino.fused_loss", local.device):
-            dino = fused_dino_loss(student_out["cls_logits"], teacher_cls,
-                                   student_temp=self.dino_loss.student_temp) / n_terms
+            pairs = fused_dino_loss(student_out["cls_logits"], teacher_cls, student_temp=self.dino_loss.student_temp)
         else:
-            dino_local = (  # every local crop against both teacher crops; the local logits are crop-major
-                self.dino_loss.cross_entropy_all_pairs(local.view(n_local, -1, local.shape[-1]),
-                                                       torch.stack(teacher_cls))
-                if n_local > 0 else local.new_zeros(())
-            )
-            dino_global = self.dino_loss([student_out["global_logits"]], [torch.cat(teacher_cls)]) * 2
-            dino = (dino_local + dino_global) / n_terms
+            pairs = self.dino_loss.crop_pairs(student_out["global_logits"], local, teacher_cls)
+        dino = pairs / n_terms
         patch_logits = student_out.get("masked_patch_logits")
         if isinstance(teacher_patch, IbotChunkTargets):
             ibot = self._chunked_ibot(student_out, teacher_patch, masks, masks_weight)
