@@ -192,18 +192,20 @@ def check_padding_and_trainer() -> None:
         real_dino = meta_arch.fused_dino_loss
         meta_arch.fused_dino_loss = lambda *a, **k: dino_calls.append(1) or real_dino(*a, **k)  # type: ignore[assignment]
         both = train(cfg, Path(tmp) / "run_both")["history"]
-        meta_arch.fused_dino_loss = real_dino
         assert len(dino_calls) == 8, dino_calls
-        # compute.compile=blocks compiles compute_losses: the fused loss is left out of the graph (a graph break)
+        # compute.compile=blocks compiles compute_losses: the fused losses are left out of the graph (graph breaks)
         for fused in (False, True):
             cfg = load_config("fastdinov2_tiny", [*TRAIN_TINY, f"data.root={root}", "train.max_steps=3",
                                                   "compute.masked_tokens_bucket=16", "compute.compile=blocks",
-                                                  "compute.compile_backend=aot_eager", f"ibot.fused_loss={fused}"])
+                                                  "compute.compile_backend=aot_eager", f"ibot.fused_loss={fused}",
+                                                  f"dino.fused_loss={fused}"])
             runs.append(train(cfg, Path(tmp) / f"compiled_{fused}")["history"])
         meta_arch.fused_ibot_loss = real
+        meta_arch.fused_dino_loss = real_dino
         assert len(calls) == 8 + 8 + 3, calls
+        assert len(dino_calls) == 8 + 3, dino_calls
         for a, b in zip(runs[2], runs[3], strict=True):
-            for key in ("loss", "ibot_loss"):
+            for key in ("loss", "ibot_loss", "dino_loss"):
                 assert abs(a[key] - b[key]) <= 1e-4 * abs(a[key]) + 1e-6, ("compiled", a["step"], key)
         runs = runs[:2]
         # (the fused runs took the fused path at every step)
