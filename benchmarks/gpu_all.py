@@ -465,6 +465,9 @@ def summary_lines(merged: dict[str, Any]) -> list[str]:
                 + (f", device idle {100 * s['profile']['device_idle_frac']:.0f}%"
                    if s.get("profile", {}).get("device_idle_frac") is not None else "")
                 for s in res["stages"]))
+        elif res.get("benchmark") in ("head_loss", "dino_loss"):
+            lines.append(f"{name}: " + ", ".join(f"{r['variant']} {r['median_ms']:.2f} ms (+{r['peak_mib']:.0f} MiB)"
+                                                 for r in res["variants"]))
         elif res.get("benchmark") == "end_to_end":
             lines.append(f"{name}: wall ratio {res.get('wall_clock_ratio') or float('nan'):.2f}x, per-stage rates "
                          f"{res.get('implied_speedup_from_stage_rates') or float('nan'):.2f}x")
