@@ -254,6 +254,8 @@ def test_auto_options_are_decided_per_device() -> None:
     cpu, notes = resolve_auto_options(cfg, torch.device("cpu"), 1)
     assert (cpu.compute.cuda_graph, cpu.ibot.fused_loss, cpu.compute.masked_tokens_bucket) == ("false", "false", 0)
     assert notes == [] and cfg.compute.cuda_graph == "auto"  # a copy: the given config stays as it was
+    auto_dino = load_config("fastdinov2_tiny", ["dino.fused_loss=auto"])
+    assert resolve_auto_options(auto_dino, torch.device("cpu"), 1)[0].dino.fused_loss == "false"
     # on CUDA (decided without one: a pure function of the config and the device), with Triton
     cuda = torch.device("cuda", 0)
     real = meta_arch.fused_loss_available
@@ -277,6 +279,12 @@ def test_auto_options_are_decided_per_device() -> None:
         explicit, notes = resolve_auto_options(
             load_config("fastdinov2_tiny", ["compute.cuda_graph=false", "ibot.fused_loss=false"]), cuda, 1)
         assert (explicit.compute.cuda_graph, explicit.ibot.fused_loss, notes) == ("false", "false", [])
+        # dino.fused_loss (default false) when set to auto: on with CUDA and Triton, whatever the centring
+        for extra in ([], ["dino.centering=sinkhorn_knopp"]):
+            dino_cfg = load_config("fastdinov2_tiny", ["dino.fused_loss=auto", *extra])
+            dino, notes = resolve_auto_options(dino_cfg, cuda, 1)
+            assert dino.dino.fused_loss == "true" and "dino.fused_loss=auto: the DINO loss as Triton" in notes[-1]
+        assert resolve_auto_options(cfg, cuda, 1)[0].dino.fused_loss == "false"
     finally:
         meta_arch.fused_loss_available = real  # type: ignore[assignment]
     with pytest.raises(ConfigError, match="compute.cuda_graph: 'maybe'"):
