@@ -183,7 +183,7 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         # the MFU candidate's GPU time by kernel (regional compilation without the graph, so the profiler sees
         # each kernel): what is left around the matmuls once the elementwise work is fused
         step("step_vitb16_b64_compile_blocks_best_profile", b16, "--compile-blocks",
-             *(["--compile-backend", "aot_eager"] if smoke else []), "ibot.fused_loss=true", *half, "--profile", "3",
+             *(["--compile-backend", "aot_eager"] if smoke else []), "--profile", "3", "ibot.fused_loss=true", *half,
              cap=180, min_s=60),
         # the graph step with one attention backend instead of PyTorch's choice (cuDNN on an H100): the 10-token
         # local crops at 112/48 fill few of a fused kernel's row tiles

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -344,6 +345,16 @@ def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
     assert all(
         "cuda" not in j.argv and "compute.device=cuda" not in j.argv for j in ga.plan(tmp_path, smoke=True)
     )
+    # every benchmark job's command line parses (argparse takes no option after the KEY=VALUE overrides when more
+    # overrides follow it, as the smoke plan's tiny-model ones do)
+    parsers: dict[str, Any] = {}
+    for job in [*ga.plan(tmp_path), *ga.plan(tmp_path, smoke=True)]:
+        script = Path(job.argv[0])
+        if script.parent.name == "benchmarks" and script.suffix == ".py":
+            if script.stem not in parsers:
+                parsers[script.stem] = _load(script.stem).build_parser()
+            parsers[script.stem].parse_args(job.argv[1:])
+    assert {"step", "end_to_end", "trainer_step", "dino_loss", "head_loss"} <= set(parsers)
     # no budget: every job is skipped, and the merged file says so
     rc = ga.main(["--smoke", "--no-preflight", "--out", str(tmp_path / "res"), "--budget-s", "0"])
     merged = json.loads((tmp_path / "res" / "cpu-smoke.json").read_text())
