@@ -167,19 +167,22 @@ def plan(cache_dir: Path, smoke: bool = False) -> list[Job]:
         e2e("end_to_end_vits16_graph", *graph, epochs=4, cap=200, min_s=80),
         # regional compilation (compute.compile=blocks: each block and head compiled, one graph per shape serves
         # all blocks) with the step captured as one CUDA graph: fused elementwise work and no launch overhead;
-        # then with the teacher on its own stream, where the fused kernels leave the most gaps
+        # then with the unmeasured options of sessions 7 and 8 on as well (`_new`: the teacher on its own stream,
+        # where the fused kernels leave the most gaps, and the fused DINO term): the candidates for the stage-ratio
+        # target (the plain graph jobs above tell each option's own effect)
         step("step_vits16_b64_compile_blocks_cuda_graph", s16, "--compile-blocks",
              *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), cap=180, min_s=60),
-        step("step_vits16_b64_compile_blocks_cuda_graph_overlap", s16, "--compile-blocks",
-             *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), *overlap, cap=180, min_s=60),
+        step("step_vits16_b64_compile_blocks_cuda_graph_new", s16, "--compile-blocks",
+             *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), *overlap, *dino_fused,
+             cap=180, min_s=60),
         # ViT-B/16 with every option that shortened its step (fused iBOT loss, bf16 weight copies), and with the
-        # teacher on its own stream as well: the MFU candidates
+        # new ones as well: the MFU candidates
         step("step_vitb16_b64_compile_blocks_cuda_graph_best", b16, "--compile-blocks",
              *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), "ibot.fused_loss=true", *half,
              cap=180, min_s=60),
-        step("step_vitb16_b64_compile_blocks_cuda_graph_best_overlap", b16, "--compile-blocks",
+        step("step_vitb16_b64_compile_blocks_cuda_graph_best_new", b16, "--compile-blocks",
              *(["--compile-backend", "aot_eager"] if smoke else ["--cuda-graph"]), "ibot.fused_loss=true", *half,
-             *overlap, cap=180, min_s=60),
+             *overlap, *dino_fused, cap=180, min_s=60),
         # the MFU candidate's GPU time by kernel (regional compilation without the graph, so the profiler sees
         # each kernel): what is left around the matmuls once the elementwise work is fused
         step("step_vitb16_b64_compile_blocks_best_profile", b16, "--compile-blocks",

@@ -328,10 +328,10 @@ def test_gpu_all_plan_and_budget(tmp_path: Path) -> None:
     names = [j.name for j in ga.plan(tmp_path)]
     # the GPU tests first, then the graph step of both models without and with the teacher on its own stream and
     # with the fused DINO loss, then the trainer's step split up, the trainer end to end, and regional compilation
-    # without and with the second stream
+    # without and with both (`_new`)
     graphs = [f"step_{m}_b64_cuda_graph{v}" for m in ("vits16", "vitb16") for v in ("", "_overlap", "_dino_fused")]
     blocks = [f"step_{m}_b64_compile_blocks_cuda_graph{v}" for m, v in (
-        ("vits16", ""), ("vits16", "_overlap"), ("vitb16", "_best"), ("vitb16", "_best_overlap"))]
+        ("vits16", ""), ("vits16", "_new"), ("vitb16", "_best"), ("vitb16", "_best_new"))]
     assert names[:13] == ["pytest_gpu", *graphs, "trainer_step_vits16", "end_to_end_vits16_graph", *blocks]
     later = [f"step_{m}_b64_cuda_graph{v}" for m in ("vits16", "vitb16") for v in ("_unfused", "_half")]
     sdpa = ["step_vits16_b64_cuda_graph_sdpa_flash", "step_vits16_b64_cuda_graph_sdpa_efficient"]
