@@ -379,11 +379,11 @@ def fused_dino_loss(cls_logits: Tensor, teacher_cls: Sequence[Tensor], *, studen
         student_temp: student temperature.
 
     Returns:
-        scalar fp32, equal to the reference's ``dino_local + dino_global`` (``MetaArch.compute_losses``):
-        ``sum over the pairs of mean_b CE``, each global crop against its teacher crop and each local crop
-        against both. A local crop's two targets are one target row ``t0 + t1`` (the cross-entropy is linear
-        in the target), so no fp32 ``[R, K]`` tensor is formed: ``[3B, K]`` fp32 targets and the logits are read,
-        the ``[R, K]`` gradient is written in the logits' dtype.
+        scalar fp32, equal to the reference's :meth:`DINOLoss.crop_pairs`: ``sum over the pairs of mean_b CE``,
+        each global crop against its teacher crop and each local crop against both. A local crop's two targets
+        are one target row ``t0 + t1`` (the cross-entropy is linear in the target), so no fp32 ``[R, K]`` tensor
+        is formed: ``[3B, K]`` fp32 targets and the logits are read, the ``[R, K]`` gradient is written in the
+        logits' dtype.
     """
     if len(teacher_cls) != 2 or teacher_cls[0].shape != teacher_cls[1].shape or teacher_cls[0].ndim != 2:
         raise ValueError(f"teacher_cls must be two [B, K] tensors, got {[tuple(t.shape) for t in teacher_cls]}")

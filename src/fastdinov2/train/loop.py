@@ -65,7 +65,7 @@ from fastdinov2.train.checkpoint import (
 from fastdinov2.train.cuda_graph import DeviceSchedules, GraphedStep
 from fastdinov2.train.half_weights import HalfWeights
 from fastdinov2.train.logging import MetricsLogger, read_metrics
-from fastdinov2.train.meta_arch import MetaArch, fused_loss_auto
+from fastdinov2.train.meta_arch import FUSED_LOSS_TERMS, MetaArch, fused_loss_auto
 from fastdinov2.train.optim import apply_optim_schedules, build_adamw, get_param_groups, reset_optimizer_state
 from fastdinov2.train.plan import build_schedules
 from fastdinov2.train.sampler import StepBatchSampler
@@ -170,18 +170,14 @@ def resolve_auto_options(cfg: Config, device: torch.device, world_size: int) -> 
             notes.append("compute.cuda_graph=auto: " + (
                 f"each step replayed as one CUDA graph (masked tokens padded to multiples of "
                 f"{c.masked_tokens_bucket})" if not reasons else f"eager step ({', '.join(reasons)})"))
-    if tristate(out.ibot.fused_loss, "ibot.fused_loss") is None:
-        fused = fused_loss_auto(cfg, device)
-        out.ibot.fused_loss = "true" if fused else "false"
-        if device.type == "cuda":
-            notes.append("ibot.fused_loss=auto: " + ("the iBOT loss as Triton row kernels" if fused else
-                                                     "the reference iBOT loss"))
-    if tristate(out.dino.fused_loss, "dino.fused_loss") is None:
-        fused = fused_loss_auto(cfg, device, "dino.fused_loss")
-        out.dino.fused_loss = "true" if fused else "false"
-        if device.type == "cuda":
-            notes.append("dino.fused_loss=auto: " + ("the DINO loss as Triton row kernels" if fused else
-                                                     "the reference DINO loss"))
+    for key, term in FUSED_LOSS_TERMS.items():
+        section = getattr(out, key.partition(".")[0])
+        if tristate(section.fused_loss, key) is None:
+            fused = fused_loss_auto(cfg, device, key)
+            section.fused_loss = "true" if fused else "false"
+            if device.type == "cuda":
+                notes.append(f"{key}=auto: " + (f"the {term} loss as Triton row kernels" if fused else
+                                                 f"the reference {term} loss"))
     return out, notes
 
 

@@ -186,6 +186,10 @@ class StudentTeacherModel(nn.Module):
         }
 
 
+#: the "auto" / true / false keys that put a loss term on the Triton kernels, and the term's name
+FUSED_LOSS_TERMS = {"ibot.fused_loss": "iBOT", "dino.fused_loss": "DINO"}
+
+
 def fused_loss_auto(cfg: Config, device: torch.device, key: str = "ibot.fused_loss") -> bool:
     """What ``ibot.fused_loss=auto`` means on ``device``: the fused Triton loss on CUDA with Triton installed,
     softmax centring and no chunked iBOT loss (``ibot.loss_chunk_rows=0``); the reference path elsewhere.
@@ -313,7 +317,8 @@ class MetaArch(nn.Module):
         """Whether ``key`` (``ibot.fused_loss`` or ``dino.fused_loss``) puts its loss term on the Triton kernels
         for tensors on ``device``: "auto" decides by :func:`fused_loss_auto`; true needs the kernels to run on
         ``device`` (else, once per key, a warning and the reference path)."""
-        mode = tristate(self.cfg.ibot.fused_loss if key == "ibot.fused_loss" else self.cfg.dino.fused_loss, key)
+        section, _, field = key.partition(".")
+        mode = tristate(getattr(getattr(self.cfg, section), field), key)
         if mode is None:
             return fused_loss_auto(self.cfg, device, key)
         if not mode:
@@ -322,9 +327,8 @@ class MetaArch(nn.Module):
             return True
         if key not in self._warned_fused_fallback and device.type != "meta":
             self._warned_fused_fallback.add(key)
-            term = key.split(".")[0].replace("ibot", "iBOT").replace("dino", "DINO")
-            warnings.warn(f"{key}=true needs a CUDA device and Triton (logits on {device}); the {term} loss uses "
-                          "the reference path", stacklevel=4)
+            warnings.warn(f"{key}=true needs a CUDA device and Triton (logits on {device}); the "
+                          f"{FUSED_LOSS_TERMS[key]} loss uses the reference path", stacklevel=4)
         return False
 
     @torch.no_grad()
@@ -365,7 +369,7 @@ class MetaArch(nn.Module):
         cfg = self.cfg
         n_terms = 2 + 2 * n_local  # DINO crop pairs: 2 global-global + 2 per local crop
         local = student_out["local_logits"]
-        if "cls_logits" in student_out and self._use_fused("dino.fused_loss", local.device):
+        if self._use_fused("dino.fused_loss", local.device):
             pairs = fused_dino_loss(student_out["cls_logits"], teacher_cls, student_temp=self.dino_loss.student_temp)
         else:
             pairs = self.dino_loss.crop_pairs(student_out["global_logits"], local, teacher_cls)
