@@ -33,6 +33,35 @@ def test_keep_last_deletes_old_only_after_commit(tmp_path: Path) -> None:
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [3, 4]
 
 
+def test_checkpoints_are_ordered_by_data_position_not_by_step_name(tmp_path: Path) -> None:
+    # One process wrote steps 12 and 16 (64 images per step); the run continued on two processes (128 per
+    # step) from step 16 = step 8 there, and saves steps 10 and 12: later in the data, smaller in name.
+    for step, pos in ((12, 768), (16, 1024)):
+        ck.save_checkpoint(tmp_path, step, *_states(float(step)), meta={"sample_position": pos})
+    ck.save_checkpoint(tmp_path, 10, *_states(10.0), meta={"sample_position": 1280})
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [16, 10]  # step 12 (768) pruned, not the new one
+    assert ck.find_latest_checkpoint(tmp_path) == tmp_path / "step_00000010"
+    # The same name again (step 12, now at 1536 images) replaces the old folder of that name, if any.
+    ck.save_checkpoint(tmp_path, 16, *_states(99.0), meta={"sample_position": 2048})
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [10, 16]
+    assert torch.equal(ck.load_checkpoint(tmp_path / "step_00000016")[0]["w"], torch.full((4,), 99.0))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_markers_without_a_data_position_sort_first_then_by_commit_time(tmp_path: Path) -> None:
+    for step in (9, 3):  # an older version's checkpoints: no data position; the later commit is newer
+        ck.save_checkpoint(tmp_path, step, *_states(float(step)), keep_last=5)
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [9, 3]
+    ck.save_checkpoint(tmp_path, 1, *_states(1.0), keep_last=5, meta={"sample_position": 8})
+    assert ck.find_latest_checkpoint(tmp_path) == tmp_path / "step_00000001"
+
+
+def test_a_checkpoint_root_that_is_a_file_is_a_checkpoint_error(tmp_path: Path) -> None:
+    (tmp_path / "checkpoints").write_text("not a folder")
+    with pytest.raises(ck.CheckpointError, match="could not save the checkpoint of step 1 to .*checkpoints"):
+        ck.save_checkpoint(tmp_path / "checkpoints", 1, *_states(1.0))
+
+
 def test_uncommitted_folders_are_ignored(tmp_path: Path) -> None:
     ck.save_checkpoint(tmp_path, 1, *_states(1.0))
     (tmp_path / "step_00000002").mkdir()  # a folder without the marker: not a checkpoint

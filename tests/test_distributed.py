@@ -297,6 +297,50 @@ def test_resume_step_carries_the_data_position_over(data_root: Path) -> None:
     assert [two.step_covering(p) for p in (0, 7, 8, 47, 48, 63)] == [0, 0, 1, 5, 6, 7]
 
 
+def test_metrics_follow_the_data_position_through_world_size_changes(data_root: Path, tmp_path: Path) -> None:
+    from fastdinov2.train.logging import MetricsLogger, read_metrics
+    from fastdinov2.train.loop import reconcile_metrics
+
+    cfg = load_config("fastdinov2_tiny", _overrides(data_root, B))
+    one, two = Curriculum(cfg, 32, world_size=1), Curriculum(cfg, 32, world_size=2)
+    with MetricsLogger(tmp_path, enabled=True, tensorboard=False) as log:  # a 2-process run, steps 0-5 logged
+        for step in range(6):
+            log.log({"step": step, "samples_seen": two.sample_position(step), "loss": float(step)})
+
+    def steps_and_losses() -> list[tuple[int, float]]:
+        return [(r["step"], r["loss"]) for r in read_metrics(tmp_path)]
+
+    # Continued on one process from the 2-process checkpoint at step 4 (32 images): step 8 there. It stops
+    # before its first checkpoint, so the file is left in the 1-process numbering...
+    assert reconcile_metrics(MetricsLogger(tmp_path, enabled=True, tensorboard=False), 32, 8, one) == 4
+    assert steps_and_losses() == [(0, 0.0), (2, 1.0), (4, 2.0), (6, 3.0)]
+    # ...and the same checkpoint continued on two processes again keeps all four records, in its numbering.
+    assert reconcile_metrics(MetricsLogger(tmp_path, enabled=True, tensorboard=False), 32, 4, two) == 4
+    assert steps_and_losses() == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)]
+    # A fresh start (no checkpoint) clears the file.
+    assert reconcile_metrics(MetricsLogger(tmp_path, enabled=True, tensorboard=False), 0, 0, two) == 0
+
+
+def _flag_worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=50))
+    try:
+        agreement = distributed.FlagAgreement()
+        # rank 1 raises its flag at the third boundary (index 2) only; rank 0 never does
+        seen = [agreement.poll(rank == 1 and i == 2) for i in range(5)]
+        agreement.close()
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_flag_agreement_reaches_every_rank_one_boundary_late(tmp_path: Path) -> None:
+    assert distributed.FlagAgreement().poll(True) is True  # one process: no lag, no collective
+    mp.spawn(_flag_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [False, False, False, True, False]
+
+
 def test_sampler_shards_cover_each_epoch_once(data_root: Path) -> None:
     cfg = load_config("fastdinov2_tiny", _overrides(data_root, B))
     cur = Curriculum(cfg, 32, world_size=2)
@@ -438,6 +482,28 @@ def test_world_change_with_fixed_per_process_batch_converts_the_step(
 
 
 # ---- fault tolerance ----------------------------------------------------------------------------------
+def test_sigterm_to_torchrun_saves_between_log_steps_with_loader_workers(data_root: Path, tmp_path: Path) -> None:
+    """torchrun forwards SIGTERM to each worker's whole process group, loader workers included (SLURM signals
+    every process of the step): the ranks agree at the next step boundary, not at the next log step
+    (``train.log_every`` is larger than the run), and save."""
+    run = tmp_path / "run"
+    overrides = _overrides(data_root, B, "optim.epochs=50", "curriculum.stages.0.fraction=0.9",
+                           "curriculum.stages.1.fraction=0.1", "train.log_every=1000",
+                           "train.checkpoint_every=1000", "data.num_workers=1")
+    agent = _start(run, overrides)
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():  # step 0 is logged
+        time.sleep(0.2)
+    time.sleep(1.0)
+    agent.send_signal(signal.SIGTERM)
+    _, err = _wait(agent, deadline)
+    # torchrun itself exits 1 (it raises SignalException); the ranks' own exit is the "preempted" line
+    assert "[fastdinov2] preempted: received signal 15; saved" in err, err[-4000:]
+    assert "is killed by signal" not in err, err[-4000:]
+    ckpts = list_checkpoints(run / "checkpoints")
+    assert len(ckpts) == 1 and 1 <= ckpts[0][0] < 200, err[-4000:]
+
+
 def test_killed_worker_is_restarted_from_the_last_checkpoint(fsdp_run: tuple[Path, str], reference: Path) -> None:
     run, stdout = fsdp_run
     # The first workers started from scratch; after the kill, torchrun's restart resumed from a checkpoint

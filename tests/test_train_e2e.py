@@ -202,16 +202,19 @@ def test_skipped_update_leaves_weights_unchanged(data_root: Path, tmp_path: Path
 
 
 def test_sigterm_saves_and_exits_75_then_continues(data_root: Path, tmp_path: Path) -> None:
+    # SIGTERM to the whole process group, loader worker included, as SLURM and torchrun send it: the worker
+    # must not die of it in the middle of a step (the main process saves at the next step boundary).
     args = [sys.executable, "-m", "fastdinov2", "train", "--output-dir", str(tmp_path / "run"),
             *TINY, f"data.root={data_root}", "optim.epochs=40", "curriculum.stages.0.fraction=0.9",
-            "curriculum.stages.1.fraction=0.1"]
+            "curriculum.stages.1.fraction=0.1", "data.num_workers=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err
     ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
@@ -224,6 +227,12 @@ def test_sigterm_saves_and_exits_75_then_continues(data_root: Path, tmp_path: Pa
     assert f"resuming from {ckpts[-1][1]}" in done.stdout
     assert torch.load(tmp_path / "run" / "checkpoints" / f"step_{saved_step + 2:08d}" / "optim.pt",
                       weights_only=True)["step"] == saved_step + 2
+
+
+def test_a_dataset_smaller_than_one_global_batch_is_refused(data_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"holds 32 training image\(s\), fewer than one global batch of stage 0 \(64"):
+        train(_cfg(data_root, "train.batch_size_per_gpu=64"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_fp16_overflow_is_left_to_the_grad_scaler(data_root: Path, tmp_path: Path) -> None:

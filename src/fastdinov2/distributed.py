@@ -98,6 +98,41 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+class FlagAgreement:
+    """Whether any rank has raised a host-side flag (a preemption signal), agreed one call late, without a
+    device synchronisation.
+
+    Every rank calls :meth:`poll` at the same points (each step boundary). A call starts an asynchronous MAX
+    all-reduce of a CPU scalar (gloo, also under ``cuda:nccl,cpu:gloo``) and returns the result of the
+    previous call's, which has long finished, so all ranks get the same answer at the same call. In a single
+    process the flag is returned as it is.
+    """
+
+    def __init__(self) -> None:
+        self._work: Any = None
+        self._value: torch.Tensor | None = None
+
+    def poll(self, flag: bool) -> bool:
+        if not (is_enabled() and get_world_size() > 1):
+            return flag
+        agreed = self._finish()
+        self._value = torch.tensor([1.0 if flag else 0.0])
+        self._work = dist.all_reduce(self._value, op=dist.ReduceOp.MAX, async_op=True)
+        return agreed
+
+    def _finish(self) -> bool:
+        if self._work is None or self._value is None:
+            return False
+        self._work.wait()
+        agreed = bool(self._value.item() > 0)
+        self._work = self._value = None
+        return agreed
+
+    def close(self) -> None:
+        """Wait for the outstanding all-reduce (every rank must call it at the same point)."""
+        self._finish()
+
+
 class _CPUArray:
     """A tensor in transit through an object collective (pickled as a numpy array)."""
 

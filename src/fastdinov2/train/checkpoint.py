@@ -8,6 +8,11 @@ and the parent directory fsynced. Loaders only ever see folders that carry the f
 marker, so a process killed mid-save leaves the previous checkpoint as the newest. Old checkpoints are
 deleted only after the new one is committed, keeping the newest ``keep_last``.
 
+"Newest" means furthest along the data stream: the marker records the data position (``sample_position``,
+images consumed) next to the step. The step number in a folder's name depends on the global batch, hence on
+the world size: a run continued on more processes writes smaller step numbers for later positions, so names
+are never used to order checkpoints.
+
 All loading goes through ``torch.load(weights_only=True)``: no arbitrary code runs from a checkpoint.
 """
 
@@ -56,15 +61,36 @@ def _save_file(obj: Any, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _progress_key(path: Path, step: int) -> tuple[int, float, int]:
+    """Sort key of a committed checkpoint: (data position, commit time, step).
+
+    A marker without a data position (written before it was recorded, or by :func:`save_checkpoint` without
+    one) sorts before every marker with one, then by commit time: a run continued by a newer version wrote
+    the later ones.
+    """
+    try:
+        info = json.loads((path / COMMITTED).read_text())
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict):
+        info = {}
+    position = info.get("sample_position")
+    stamp = info.get("time")
+    return (int(position) if isinstance(position, int) else -1,
+            float(stamp) if isinstance(stamp, int | float) else 0.0, step)
+
+
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """Committed checkpoints under ``root`` as (step, path), oldest first."""
-    out = []
+    """Committed checkpoints under ``root`` as (step, path), oldest first: ordered by data position, then
+    commit time (module docstring), not by the step in the name."""
+    found = []
     if root.is_dir():
         for p in root.iterdir():
             m = _STEP_DIR.match(p.name)
             if m and p.is_dir() and (p / COMMITTED).is_file():
-                out.append((int(m.group(1)), p))
-    return sorted(out)
+                step = int(m.group(1))
+                found.append((_progress_key(p, step), step, p))
+    return [(step, p) for _, step, p in sorted(found)]
 
 
 def find_latest_checkpoint(root: Path) -> Path | None:
@@ -93,15 +119,18 @@ def save_checkpoint(
 ) -> Path:
     """Atomically write the checkpoint of ``step`` under ``root`` and prune older ones.
 
+    ``meta`` goes into the ``COMMITTED`` marker; its ``sample_position`` (the data position) orders the
+    checkpoints (module docstring). The one just written is never pruned.
+
     On any failure (for example "no space left on device") the temporary folder is removed, the
     previously committed checkpoints stay untouched, and :class:`CheckpointError` explains what happened.
     """
-    root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
         tmp.mkdir()
         _save_file(model_state, tmp / "model.pt")
         _save_file(optim_state, tmp / "optim.pt")
@@ -111,10 +140,14 @@ def save_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
-            shutil.rmtree(final)
+        replaced = None
+        if final.exists():  # the same step name again (a resume on another world size): set the old one aside
+            replaced = root / f".tmp-replaced-{step_dir_name(step)}-{os.getpid()}"
+            os.replace(final, replaced)
         os.replace(tmp, final)
         _fsync_dir(root)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         prev = find_latest_checkpoint(root)
@@ -122,7 +155,8 @@ def save_checkpoint(
         reason = "no space left on device" if exc.errno == errno.ENOSPC else str(exc)
         raise CheckpointError(f"could not save the checkpoint of step {step} to {final}: {reason}; {kept}") from exc
     for _, old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -226,26 +226,30 @@ def _reseed(seed: int, rank: int, step: int) -> None:
     np.random.seed(s)
 
 
-def renumber_metrics(logger: MetricsLogger, saved_step: int, cur: Curriculum) -> int:
-    """After a resume that changed the step numbering: drop the records the earlier run logged at or after
-    its checkpoint ``saved_step`` (they are superseded), and move each kept record to the step of ``cur``
-    that covers its data position (``samples_seen``); when several old steps fall into one new step (the
-    world grew), only the first is kept. Records without ``samples_seen`` keep their step. Returns how many
-    records remain."""
-    logger.truncate_from(saved_step)
-    if not logger.path.is_file():
-        return 0
-    out, last = [], -1
-    for rec in read_metrics(logger.path):
-        if "samples_seen" in rec:
-            new = cur.step_covering(int(rec["samples_seen"]))
-            if new <= last:
-                continue
-            rec = {**rec, "step": new}
-            last = new
-        out.append(json.dumps(rec))
-    _write_text_atomic(logger.path, "".join(line + "\n" for line in out))
-    return len(out)
+def reconcile_metrics(logger: MetricsLogger, position: int, step: int, cur: Curriculum) -> int:
+    """Bring ``metrics.jsonl`` in line with a run that continues at ``step`` from a checkpoint at data position
+    ``position`` (0 for a fresh start); returns how many records remain.
+
+    Records are matched by their data position (``samples_seen``), never by their step, because the step
+    numbering depends on the world size and a file can still be in an earlier run's numbering (a resume on
+    another world size that stopped before its first checkpoint): records at or after ``position`` are
+    dropped (they are recomputed), and each kept record moves to the step of ``cur`` that covers its
+    position; when several fall into one step (the world grew), the first is kept. Records without
+    ``samples_seen`` (older files) keep their step and are dropped from ``step`` on.
+    """
+    if logger.enabled and logger.path.is_file():
+        out, last = [], -1
+        for rec in read_metrics(logger.path):
+            if "samples_seen" in rec:
+                seen = int(rec["samples_seen"])
+                new = cur.step_covering(seen)
+                if seen >= position or new <= last:
+                    continue
+                rec = {**rec, "step": new}
+                last = new
+            out.append(json.dumps(rec))
+        _write_text_atomic(logger.path, "".join(line + "\n" for line in out))
+    return logger.truncate_from(step)
 
 
 def check_run_dir(output_dir: Path, cfg: Config, allow_config_change: bool) -> bool:
@@ -294,6 +298,23 @@ class _PreemptionFlag:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def _ignore_preemption_in_loader_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of the training loader: preemption is the main process's to handle.
+
+    SLURM signals every process of a job step and torchrun its workers' whole process groups, so loader
+    workers get the SIGTERM (or SIGUSR1) too. Dying of it would make the main process fail in the middle of
+    a step ("DataLoader worker ... is killed by signal") before it reaches the step boundary where it saves.
+    A worker therefore ignores SIGUSR1 and its first SIGTERM and is stopped by the main process through the
+    loader as usual; a second SIGTERM (a shutdown that does not wait) ends it.
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _second_sigterm_ends_worker)
+
+
+def _second_sigterm_ends_worker(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _agree(flag: bool, device: torch.device) -> bool:
@@ -397,6 +418,15 @@ class Trainer:
         self.data_root = resolve_data_root(cfg)
         self.records, self.classes = discover_training_images(self.data_root)
         self.curriculum = Curriculum(cfg, len(self.records), self.world_size)
+        small = [st for st in self.curriculum.stages if st.global_batch > len(self.records)]
+        if small:
+            st = small[0]
+            raise DataError(
+                f"{self.data_root} holds {len(self.records)} training image(s), fewer than one global batch of "
+                f"stage {st.index} ({st.global_batch} = {self.world_size} process(es) x batch {st.batch_size_per_gpu}"
+                f" x train.grad_accum_steps {cfg.train.grad_accum_steps}): an epoch could not show each image "
+                "once; add images or lower the batch size"
+            )
         self.schedules = build_schedules(cfg, self.curriculum)
         self.continuing = check_run_dir(output_dir, self.user_cfg, allow_config_change)
 
@@ -493,7 +523,7 @@ class Trainer:
                       file=sys.stderr)
         self.ckpt_dir = output_dir / "checkpoints"
         self.logger: MetricsLogger | None = None
-        self.renumbered_from: int | None = None  # the checkpoint's own step, when resume_step changed it
+        self.resume_position = 0  # data position of the checkpoint this run continues from (0: a fresh start)
         # Each process seeds its own RNGs from (seed, rank): drop-path draws differ across ranks.
         torch.manual_seed(cfg.train.seed * 1000 + self.rank + 1)
         random.seed(cfg.train.seed * 1000 + self.rank)
@@ -564,7 +594,8 @@ class Trainer:
             return None
         return save_checkpoint(
             self.ckpt_dir, self.state.step, model_state, optim_state,
-            keep_last=self.cfg.train.keep_last_checkpoints, meta={"world_size": self.world_size},
+            keep_last=self.cfg.train.keep_last_checkpoints,
+            meta={"world_size": self.world_size, "sample_position": self.curriculum.sample_position(self.state.step)},
         )
 
     def restore(self) -> Path | None:
@@ -601,13 +632,12 @@ class Trainer:
                                   f"a data position; resume it on {saved_world} process(es)")
         step = self.curriculum.resume_step(position)
         self.state.step = step
+        self.resume_position = position
         rngs = optim_state["rng"] if isinstance(optim_state["rng"], list) else [optim_state["rng"]]
         if saved_world == self.world_size and step == saved_step and len(rngs) == self.world_size:
             _set_rng_state(rngs[self.rank], self.device)  # an exact continuation
             return path
         _reseed(self.cfg.train.seed, self.rank, step)
-        if step != saved_step:
-            self.renumbered_from = saved_step
         if self.is_main:
             new_position = self.curriculum.sample_position(step)
             skipped = new_position - position
@@ -621,6 +651,12 @@ class Trainer:
                 file=sys.stderr,
             )
         return path
+
+    def _augmentation_place(self) -> str:
+        if self.photometric_on == "device":
+            return "on the device"
+        n = self.cfg.data.num_workers
+        return f"on {n} loader worker(s)" if n > 0 else "in the loader, in this process (data.num_workers=0)"
 
     def teacher_backbone(self) -> DinoVisionTransformer:
         """The teacher backbone as a plain module on every rank (a collective under fsdp2, which rebuilds
@@ -648,6 +684,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers > 0 else None,
             persistent_workers=False,
+            worker_init_fn=_ignore_preemption_in_loader_worker if workers > 0 else None,
         )
 
     def _check_bad_samples(self, batch: TrainBatch) -> None:
@@ -945,14 +982,11 @@ class Trainer:
             for note in self._auto_notes:
                 print(f"[fastdinov2] {note}", file=sys.stderr)
             self.logger = MetricsLogger(self.output_dir, enabled=True)
-            if self.renumbered_from is None:
-                self.logger.truncate_from(self.state.step)
-            else:
-                renumber_metrics(self.logger, self.renumbered_from, cur)
+            reconcile_metrics(self.logger, self.resume_position, self.state.step, cur)
             where = f"resuming from {restored}" if restored else "starting"
             print(f"[fastdinov2] {where}: step {self.state.step} of {cur.total_steps} "
                   f"({len(self.records)} images in {self.data_root}, device {self.device}, world {self.world_size}, "
-                  f"colour augmentation on the {'device' if self.photometric_on == 'device' else 'loader workers'})")
+                  f"colour augmentation {self._augmentation_place()})")
             print(cur.describe())
         start = self.state.step
         self._health = DeviceHealth(self.device, self.state.consecutive_skips)
@@ -965,6 +999,7 @@ class Trainer:
 
             progress = tqdm(total=end_step, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
         window_t0, wait_time, window_imgs = time.perf_counter(), 0.0, 0
+        preemption = dist_utils.FlagAgreement()
         with _PreemptionFlag(self.state):
             t_wait = time.perf_counter()
             for step, micro in zip(range(start, end_step), self._batches(loader), strict=False):
@@ -1019,22 +1054,21 @@ class Trainer:
                     window_t0, wait_time, window_imgs = now, 0.0, 0
                 if progress is not None:
                     progress.update(1)
-                # One process: the signal flag is read on the host. Several: the ranks agree at sync points.
-                if self.world_size == 1:
-                    preempt = self.state.preempt_signal is not None
-                else:
-                    preempt = (is_log or is_ckpt) and _agree(self.state.preempt_signal is not None, self.device)
-                if preempt:
+                # One process: the signal flag is read on the host. Several: the ranks agree at every step
+                # boundary, one step late (an asynchronous all-reduce on the host; no device sync).
+                if preemption.poll(self.state.preempt_signal is not None):
                     self._sync_bad_samples()
                     self.sync_health(step)
                     path = self.save()
                     if progress is not None:
                         progress.close()
-                    raise Preempted(f"received signal {self.state.preempt_signal}; saved {path} at step "
-                                    f"{self.state.step}; run the same command again to continue")
+                    sig = self.state.preempt_signal
+                    raise Preempted(f"{f'received signal {sig}' if sig is not None else 'another rank was signalled'}"
+                                    f"; saved {path} at step {self.state.step}; run the same command again to continue")
                 if is_ckpt:
                     self.save()
                 t_wait = time.perf_counter()
+            preemption.close()
         if progress is not None:
             progress.close()
         if self.state.step < end_step:
