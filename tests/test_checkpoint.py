@@ -90,6 +90,32 @@ def test_no_space_left_keeps_previous_checkpoint(tmp_path: Path, monkeypatch: py
     assert torch.equal(model["w"], torch.full((4,), 1.0))
 
 
+def test_a_full_disk_reported_by_torch_save_as_runtime_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch.save's zip writer turns a failed write into "RuntimeError: [enforce fail at inline_container.cc]
+    # ... unexpected pos"; a nearly full disk makes that "no space left on device"
+    ck.save_checkpoint(tmp_path, 1, *_states(1.0))
+
+    def failing_save(obj, f, *a, **k):  # type: ignore[no-untyped-def]
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: shutil_usage(free=1024))
+    with pytest.raises(ck.CheckpointError, match="no space left on device.*step_00000001 is intact"):
+        ck.save_checkpoint(tmp_path, 2, *_states(2.0))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: shutil_usage(free=10 << 30))
+    with pytest.raises(ck.CheckpointError, match="writing .*model.pt failed: .*unexpected pos"):
+        ck.save_checkpoint(tmp_path, 2, *_states(2.0))
+    assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [1]
+
+
+def shutil_usage(free: int) -> object:
+    import shutil
+
+    return shutil._ntuple_diskusage(total=free * 4, used=free * 3, free=free)  # type: ignore[attr-defined]
+
+
 _SLOW_SAVER = r"""
 import sys, time, torch
 from pathlib import Path
@@ -132,6 +158,8 @@ def test_load_refuses_pickled_code(tmp_path: Path) -> None:
             return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
 
     torch.save({"x": Evil()}, path / "model.pt")
-    with pytest.raises(ck.CheckpointError, match="model.pt"):
+    with pytest.raises(ck.CheckpointError, match="model.pt") as info:
         ck.load_checkpoint(path)
+    assert "not a checkpoint written by fastdinov2" in str(info.value)
+    assert "weights_only" not in str(info.value)  # no advice to load it unsafely
     assert not (tmp_path / "pwned").exists()

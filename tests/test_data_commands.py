@@ -90,8 +90,14 @@ def test_synth_without_extras_and_conflict(tmp_path: Path, capsys: pytest.Captur
     assert _run(base) == 0
     assert not (out / "corrupted").exists() and not (out / "retrieval").exists()
     capsys.readouterr()
-    assert _run(base[:-6] + ["--size", "48", "--no-corrupted", "--no-retrieval", "--workers", "0"]) == 2
-    assert "image_size: 32 != 48" in capsys.readouterr().err
+    bigger = base[:-6] + ["--size", "48", "--no-corrupted", "--no-retrieval", "--workers", "0"]
+    assert _run(bigger) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "image_size: 32 != 48" in err
+    assert "pass --overwrite" in err  # names the flag, which exists and replaces the dataset:
+    assert _run(bigger + ["--overwrite"]) == 0
+    with Image.open(next((out / "train").rglob("*.jpg"))) as img:
+        assert img.size == (48, 48)
     assert _run(base + ["--classes", "0"]) == 2
     assert "num_classes=0" in capsys.readouterr().err
 

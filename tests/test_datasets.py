@@ -123,6 +123,46 @@ def test_discover_follows_symlinked_class_folders(tmp_path: Path) -> None:
     assert classes == ["n01"] and recs[0].path.resolve() == img.resolve()
 
 
+@pytest.mark.parametrize(("dirs", "split", "rename"), [
+    (["Train/n01", "val/n01"], "val/", "rename Train/ to train/"),
+    (["training/n01", "training/n02", "val/n01"], "val/", "rename training/ to train/"),
+    (["val/n01", "val/n02"], "val/", "rename the training folder to train/"),
+    (["cat", "dog", "Validation/cat"], "Validation/", "rename the training folder to train/"),
+    (["photos", "TEST"], "TEST/", "rename the training folder to train/"),
+])
+def test_discover_refuses_a_held_out_split_without_train(tmp_path: Path, dirs: list[str], split: str,
+                                                         rename: str) -> None:
+    for d in dirs:
+        _write(tmp_path / d / "a.jpg", fmt="JPEG")
+    _write(tmp_path / "loose.png")  # the unlabelled layout would read val too
+    if (tmp_path / "train").is_dir():
+        pytest.skip("case-insensitive file system: Train/ is train/ here")
+    with pytest.raises(DataError) as exc:
+        discover_training_images(tmp_path)
+    msg = str(exc.value)
+    assert f"{tmp_path} has no train/ folder" in msg
+    assert f"held-out split folder(s) {split}" in msg
+    assert f"{tmp_path}/train/<class>/<image>" in msg and rename in msg and "data.root" in msg
+
+
+def test_discover_lists_every_held_out_split_and_ignores_them_next_to_train(tmp_path: Path) -> None:
+    _write(tmp_path / "test" / "n01" / "a.jpg", fmt="JPEG")
+    _write(tmp_path / "valid" / "n01" / "b.jpg", fmt="JPEG")
+    with pytest.raises(DataError, match=r"split folder\(s\) test/, valid/;"):
+        discover_training_images(tmp_path)
+    t = _write(tmp_path / "train" / "n01" / "c.jpg", fmt="JPEG")
+    recs, classes = discover_training_images(tmp_path)
+    assert classes == ["n01"] and [r.path for r in recs] == [t]
+
+
+def test_discover_class_names_that_only_resemble_a_split_are_classes(tmp_path: Path) -> None:
+    _write(tmp_path / "valley" / "a.png")
+    _write(tmp_path / "testudo" / "b.png")
+    _write(tmp_path / ".val" / "c.png")  # hidden: skipped like everywhere else
+    recs, classes = discover_training_images(tmp_path)
+    assert classes == ["testudo", "valley"] and len(recs) == 2
+
+
 @pytest.mark.parametrize("fn", [scan_images, scan_class_folders, discover_training_images])
 def test_missing_folder_error_names_path(tmp_path: Path, fn) -> None:  # type: ignore[no-untyped-def]
     missing = tmp_path / "nope"

@@ -163,6 +163,68 @@ def test_cli_unknown_key_exits_2_naming_it(capsys: pytest.CaptureFixture[str], t
     assert not (tmp_path / "r").exists()
 
 
+def test_cli_takes_overrides_between_options(data_root: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["train", *TINY, f"data.root={data_root}", "--output-dir", str(tmp_path / "r"), "train.max_steps=1"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["step"] == 1
+    with pytest.raises(SystemExit):
+        main(["train", "--output-dir", str(tmp_path / "r"), "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_output_dir_that_is_a_file_is_refused(data_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="--output-dir .*afile is a file, not a folder"):
+        train(_cfg(data_root), tmp_path / "afile")
+
+
+def test_a_failed_start_does_not_block_a_corrected_one(data_root: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError):  # fails at step 0 after writing config.yaml: no checkpoint
+        _fail_at_step_0(data_root, run)
+    assert (run / "config.yaml").is_file() and not list_checkpoints(run / "checkpoints")
+    summary = train(_cfg(data_root, "optim.base_lr=0.001", "train.max_steps=1"), run)
+    assert summary["step"] == 1
+    err = capsys.readouterr().err
+    assert "committed no checkpoint; starting afresh with the new config (keys: optim.base_lr)" in err
+
+
+def _fail_at_step_0(data_root: Path, run: Path) -> None:
+    from fastdinov2.train.loop import Trainer
+
+    trainer = Trainer(_cfg(data_root, "train.max_steps=1"), run)
+
+    def boom(*a, **k):  # type: ignore[no-untyped-def]
+        raise TrainingError("a fault at step 0")
+
+    trainer.train_step = boom  # type: ignore[method-assign]
+    trainer.run()
+
+
+def test_an_architecture_change_on_resume_names_the_checkpoint(data_root: Path, tmp_path: Path) -> None:
+    from fastdinov2.train.checkpoint import CheckpointError
+
+    train(_cfg(data_root, "train.max_steps=2"), tmp_path)
+    with pytest.raises(CheckpointError, match=r"step_00000002 does not fit this run's model or optimizer .*"
+                                              r"cannot change when a run is continued"):
+        train(_cfg(data_root, "student.depth=3"), tmp_path, allow_config_change=True)
+
+
+def test_an_unreadable_newest_checkpoint_names_the_previous_one(data_root: Path, tmp_path: Path) -> None:
+    from fastdinov2.train.checkpoint import CheckpointError
+
+    train(_cfg(data_root, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_last_checkpoints=3"),
+          tmp_path)
+    (tmp_path / "checkpoints" / "step_00000004" / "optim.pt").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError) as info:
+        train(_cfg(data_root), tmp_path)
+    msg = str(info.value)
+    assert "step_00000004/optim.pt" in msg and "weights_only=False" not in msg and "weights_only" not in msg
+    assert "the previous committed checkpoint is " + str(tmp_path / "checkpoints" / "step_00000002") in msg
+
+
 def _nan_at(step: int, monkeypatch: pytest.MonkeyPatch, value: float = float("nan")) -> None:
     real = MetaArch.compute_losses
     calls = {"n": 0}

@@ -526,3 +526,22 @@ def test_pos_embed_matrices_are_made_for_training_and_kept_in_bounds(monkeypatch
     for rows in (2, 3, 4):
         interpolate_pos_embed(pos, (rows, 9))
     assert [k[1] for k in vit_mod._BICUBIC_MATRICES] == [2, 3, 4]
+
+
+def test_prepared_input_sizes_give_the_teacher_the_students_resampling_from_the_first_step() -> None:
+    # A training step runs the teacher (no grad) before the student; without the prepared matrices the
+    # teacher's first forward in a process resamples with F.interpolate and every later one with the matrix.
+    torch.manual_seed(0)
+    vit = DinoVisionTransformer(img_size=64, patch_size=8, embed_dim=16, depth=1, num_heads=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    def teacher_forward() -> torch.Tensor:
+        with torch.no_grad():
+            return vit.forward_features(x)["x_norm_clstoken"]
+
+    vit_mod._BICUBIC_MATRICES.clear()
+    vit.prepare_input_sizes([32, 64])  # 64 is the native grid: no matrix
+    assert list(vit_mod._BICUBIC_MATRICES) == [(8, 4, 4, "cpu", torch.float32)]
+    first = teacher_forward()
+    vit.forward_features(x)["x_norm_clstoken"].sum().backward()  # a student step
+    assert torch.equal(teacher_forward(), first)

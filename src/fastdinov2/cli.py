@@ -79,7 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fastdinov2.train.loop import TrainingError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may come between options (`train a=1 --output-dir X b=2`); argparse would stop the
+    # overrides list at the first option and refuse the rest, so those are appended here, in order.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if isinstance(getattr(args, "overrides", None), list) and all(
+                "=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError, EvalError, BackboneLoadError, UnsafePickleError, CheckpointError,

@@ -365,11 +365,6 @@ def _read_torch_file(path: Path, strict: bool) -> tuple[StateDict, dict[str, Any
     return _to_ours(sd, _detect_layout(sd), str(path), strict), config, str(path)
 
 
-def _step_of(d: Path) -> int | None:
-    m = re.fullmatch(r"step_(\d+)", d.name)
-    return int(m.group(1)) if m else None
-
-
 def _read_dir(d: Path, strict: bool) -> tuple[StateDict, dict[str, Any] | None, str]:
     if (d / "model.pt").is_file():
         if not (d / "COMMITTED").exists():
@@ -377,15 +372,12 @@ def _read_dir(d: Path, strict: bool) -> tuple[StateDict, dict[str, Any] | None, 
         return _read_torch_file(d / "model.pt", strict)
     if (d / "teacher_backbone.safetensors").is_file():
         return _read_safetensors(d / "teacher_backbone.safetensors", strict)
-    ckpt_root = d / "checkpoints"
-    steps = []
-    if ckpt_root.is_dir():
-        for sub in ckpt_root.iterdir():
-            step = _step_of(sub)
-            if step is not None and (sub / "COMMITTED").exists() and (sub / "model.pt").is_file():
-                steps.append((step, sub))
-    if steps:
-        return _read_torch_file(max(steps)[1] / "model.pt", strict)
+    from fastdinov2.train.checkpoint import list_checkpoints
+
+    # the newest by data position (a run continued on more processes names later checkpoints with smaller steps)
+    committed = [sub for _, sub in list_checkpoints(d / "checkpoints") if (sub / "model.pt").is_file()]
+    if committed:
+        return _read_torch_file(committed[-1] / "model.pt", strict)
     raise BackboneLoadError(f"{d}: not a run or checkpoint directory: found no teacher_backbone.safetensors, no "
                           "committed checkpoints/step_*/model.pt and no model.pt + COMMITTED")
 

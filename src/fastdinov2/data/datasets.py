@@ -6,6 +6,10 @@ Three layouts are understood (see :func:`discover_training_images`):
 * class folders: ``ROOT/<class>/**/<image>``;
 * unlabelled: any image anywhere below ``ROOT`` (label ``-1``).
 
+A ``ROOT`` without ``train/`` that holds a held-out split folder (``val``, ``valid``, ``validation``,
+``test``, ``testing``, any case) is refused rather than read as class folders or unlabelled images,
+which would train on the held-out images.
+
 Every listing is sorted, so the same tree always yields the same records in the same order. Hidden
 files and folders (name starting with ``.``) are skipped: they hold markers, AppleDouble ``._x.jpg``
 files and editor state, never data. Symbolic links to folders are followed (``fastdinov2 data
@@ -144,19 +148,51 @@ def scan_class_folders(
     return records, classes
 
 
+#: Names (compared case-insensitively) of sub-folders that hold a held-out split. A root without
+#: ``train/`` that holds one is refused by :func:`discover_training_images`.
+HELD_OUT_SPLIT_NAMES: tuple[str, ...] = ("val", "valid", "validation", "test", "testing")
+
+#: Names (case-insensitive) that look like a training split but are not the exact ``train``.
+_TRAIN_LOOKALIKES: tuple[str, ...] = ("train", "training")
+
+
+def _check_no_held_out_split(path: Path, dirs: list[Path]) -> None:
+    """Raise :class:`DataError` when ``path`` (which has no ``train/``) holds a held-out split folder."""
+    held_out = [d.name for d in dirs if d.name.lower() in HELD_OUT_SPLIT_NAMES]
+    if not held_out:
+        return
+    found = ", ".join(f"{n}/" for n in held_out)
+    lookalikes = [d.name for d in dirs if d.name.lower() in _TRAIN_LOOKALIKES]
+    renamed = " or ".join(f"{n}/" for n in lookalikes) if lookalikes else "the training folder"
+    raise DataError(
+        f"{path} has no train/ folder but holds the held-out split folder(s) {found}; reading {path} as class "
+        f"folders or as unlabelled images would train on them. Expected {path}/train/<class>/<image> (and "
+        f"{path}/val/<class>/<image> for evaluation; split names are exact and lower-case): rename {renamed} "
+        "to train/, or point data.root at a folder that holds only training images"
+    )
+
+
 def discover_training_images(root: str | os.PathLike[str]) -> tuple[list[ImageRecord], list[str]]:
     """The pre-training images of ``root``, whatever its layout.
 
-    * ``root/train`` exists: its class folders (ImageNet layout);
+    * ``root/train`` exists: its class folders (ImageNet layout); other sub-folders (``val/``, ...)
+      are not read;
+    * no ``root/train`` but a sub-folder named like a held-out split (:data:`HELD_OUT_SPLIT_NAMES`,
+      any case, e.g. ``val/`` next to ``Train/`` or ``training/``): :class:`DataError` naming ``root``
+      and the split folder(s), since either layout below would train on the held-out images;
     * ``root`` holds no loose image and at least one sub-folder with images: class folders (sub-folders
       without images are kept as empty classes so label indices stay stable);
     * otherwise: every image below ``root``, unlabelled (``classes == []``, labels ``-1``).
+
+    The split name is the exact ``train`` (as for evaluation, which reads ``root/train`` and
+    ``root/val``); ``Train/`` or ``training/`` is not taken for it.
     """
     path = _check_dir(root)
     train = path / "train"
     if train.is_dir():
         return scan_class_folders(train)
     dirs = _class_dirs(path)
+    _check_no_held_out_split(path, dirs)
     if not _loose_images(path) and any(_iter_image_files(d) for d in dirs):
         return scan_class_folders(path, allow_empty=True)
     return scan_images(path), []

@@ -575,8 +575,8 @@ def _atomic_build(root: Path, identity: dict[str, Any], build: Callable[[Path], 
                 if not overwrite:
                     diff = ", ".join(f"{k}: {stored[k]!r} != {identity[k]!r}" for k in identity
                                      if stored[k] != identity[k])
-                    raise DataError(f"{root} already holds a different {what} ({diff}); "
-                                    "choose another folder or overwrite it")
+                    raise DataError(f"{root} already holds a different {what} ({diff}); choose another "
+                                    "folder, or pass --overwrite (overwrite=True in Python) to replace it")
             elif any(root.iterdir()) and (meta is None or meta.get("generator") != GENERATOR):
                 raise DataError(f"{root} exists, is not empty and holds no {what} written by {GENERATOR}; "
                                 "refusing to replace it")

@@ -576,6 +576,23 @@ class DinoVisionTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def prepare_input_sizes(self, sizes: Sequence[int]) -> None:
+        """Make the cached resampling matrices of the position embeddings for square inputs of these sizes
+        now (:func:`_bicubic_matrix`; sizes on the native grid need none).
+
+        Training calls it with its crop sizes. Otherwise the first step of a process would resample the
+        teacher's embeddings (a no-grad forward, which makes no matrix) with ``F.interpolate`` and every later
+        step with the student's matrix: a rounding difference that made a resumed run differ from an
+        uninterrupted one in the last bit of its first step's losses.
+        """
+        side = math.isqrt(self.pos_embed.shape[1] - 1)
+        dtype = self.pos_embed.dtype if self.pos_embed.dtype in (torch.float32, torch.float64) else torch.float32
+        with torch.enable_grad():
+            for size in sorted(set(sizes)):
+                grid = size // self.patch_size
+                if grid != side:
+                    _bicubic_matrix(side, grid, grid, self.pos_embed.device, dtype)
+
     def interpolate_pos_encoding(self, grid: tuple[int, int]) -> Tensor:
         """Position embeddings for a ``(rows, cols)`` patch grid: ``[1, 1 + rows*cols, D]``."""
         return interpolate_pos_embed(self.pos_embed, grid)

@@ -54,9 +54,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+#: Free bytes below which a failed write is reported as a full disk.
+_FULL_DISK_BYTES = 64 << 20
+
+
 def _save_file(obj: Any, path: Path) -> None:
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as exc:
+            # torch.save's zip writer reports a failed write as a RuntimeError ("unexpected pos ..."), not as
+            # the OSError behind it: tell a full disk from other failures by the space left.
+            full = shutil.disk_usage(path.parent).free < _FULL_DISK_BYTES
+            raise OSError(errno.ENOSPC if full else errno.EIO, f"writing {path} failed: {exc}") from exc
         f.flush()
         os.fsync(f.fileno())
 
@@ -172,5 +182,17 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tup
         except FileNotFoundError as exc:
             raise CheckpointError(f"checkpoint file missing: {f}") from exc
         except Exception as exc:
-            raise CheckpointError(f"cannot read checkpoint file {f}: {exc}") from exc
+            raise CheckpointError(f"cannot read checkpoint file {f}: {_load_failure(exc)}") from exc
     return states[0], states[1]
+
+
+def _load_failure(exc: Exception) -> str:
+    """The reason a ``torch.load(weights_only=True)`` failed, without PyTorch's advice to load the file with
+    ``weights_only=False`` (which would run whatever code a tampered file holds)."""
+    text = str(exc).strip()
+    if text.startswith("Weights only load failed"):
+        text = text.replace("WeightsUnpickler error:", "\n")
+        kept = [ln.strip() for ln in text.splitlines()
+                if ln.strip() and not any(w in ln for w in ("weights_only", "Weights only", "file an issue"))]
+        return "not a checkpoint written by fastdinov2" + (f" ({' '.join(kept)})" if kept else "")
+    return text.splitlines()[0] if text else type(exc).__name__

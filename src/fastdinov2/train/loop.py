@@ -58,6 +58,7 @@ from fastdinov2.models.vit import DinoVisionTransformer, build_vit
 from fastdinov2.train.checkpoint import (
     CheckpointError,
     find_latest_checkpoint,
+    list_checkpoints,
     load_checkpoint,
     remove_stale_temporaries,
     save_checkpoint,
@@ -255,8 +256,12 @@ def reconcile_metrics(logger: MetricsLogger, position: int, step: int, cur: Curr
 def check_run_dir(output_dir: Path, cfg: Config, allow_config_change: bool) -> bool:
     """True when ``output_dir`` holds an earlier run of the same config (to be continued).
 
-    Raises :class:`ConfigError` when it holds a run of a different config, unless allowed.
+    Raises :class:`ConfigError` when it holds a run of a different config, unless allowed. A run that never
+    committed a checkpoint (a start that failed, e.g. on a bad data folder) has nothing to continue: a new
+    config may start afresh there.
     """
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output-dir {output_dir} is a file, not a folder; choose another --output-dir")
     saved = output_dir / "config.yaml"
     if not saved.is_file():
         return False
@@ -265,6 +270,11 @@ def check_run_dir(output_dir: Path, cfg: Config, allow_config_change: bool) -> b
     except ConfigError as exc:
         raise ConfigError(f"{saved}: the saved config of this run cannot be read: {exc}") from exc
     diffs = diff_configs(old, cfg, ignore=RESUMABLE_KEYS)
+    if diffs and not list_checkpoints(output_dir / "checkpoints"):
+        if dist_utils.is_main_process():
+            print(f"[fastdinov2] {output_dir} holds the config of a run that committed no checkpoint; starting "
+                  f"afresh with the new config (keys: {', '.join(diffs)})", file=sys.stderr)
+        return False
     if diffs and not allow_config_change:
         raise ConfigError(
             f"{output_dir} holds a run with a different config (keys: {', '.join(diffs)}); "
@@ -437,6 +447,9 @@ class Trainer:
 
             load_pretrained_into(self.model.student.backbone, cfg.student.pretrained)
             self.model.teacher.load_state_dict(self.model.student.state_dict())
+        # the same position-embedding resampling for the teacher and the student from the first step on
+        self.model.student.backbone.prepare_input_sizes(
+            [size for st in self.curriculum.stages for size in (st.global_size, st.local_size)])
         # Data parallelism is applied from outside the model. The optimizer is built afterwards: fsdp2
         # replaces the parameters by sharded ones. `self.student` is what the step calls (the DDP wrapper);
         # `self.model.student` stays the module whose parameters the optimizer and the EMA use.
@@ -606,13 +619,28 @@ class Trainer:
         path = dist_utils.broadcast_object(find_latest_checkpoint(self.ckpt_dir) if self.is_main else None)
         if path is None:
             return None
-        model_state, optim_state = load_checkpoint(path, map_location="cpu")
+        try:
+            model_state, optim_state = load_checkpoint(path, map_location="cpu")
+        except CheckpointError as exc:
+            earlier = [p for _, p in list_checkpoints(self.ckpt_dir) if p != path]
+            hint = (f"; the previous committed checkpoint is {earlier[-1]}: move {path} out of {self.ckpt_dir} to "
+                    "continue from it" if earlier else "; no earlier committed checkpoint exists")
+            raise CheckpointError(f"{exc}{hint}") from exc
         m = self.model
-        dist_utils.load_full_model_state_dict(m.student, model_state["student"])
-        dist_utils.load_full_model_state_dict(m.teacher, model_state["teacher"])
-        m.dino_loss.load_state_dict(model_state["dino_loss"])
-        m.ibot_loss.load_state_dict(model_state["ibot_loss"])
-        dist_utils.load_full_optimizer_state_dict(self.optimizer, optim_state["optimizer"])
+        try:
+            dist_utils.load_full_model_state_dict(m.student, model_state["student"])
+            dist_utils.load_full_model_state_dict(m.teacher, model_state["teacher"])
+            m.dino_loss.load_state_dict(model_state["dino_loss"])
+            m.ibot_loss.load_state_dict(model_state["ibot_loss"])
+            dist_utils.load_full_optimizer_state_dict(self.optimizer, optim_state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            reason = str(exc).strip().splitlines()
+            raise CheckpointError(
+                f"{path} does not fit this run's model or optimizer ({reason[0] if reason else type(exc).__name__}"
+                f"{' ...' if len(reason) > 1 else ''}): the architecture (student.*, dino/ibot head sizes) and "
+                "the optimizer's parameter groups cannot change when a run is continued, even with "
+                "--allow-config-change; start a new --output-dir (student.pretrained loads weights into a new run)"
+            ) from exc
         if self.scaler is not None and optim_state.get("scaler") is not None:
             self.scaler.load_state_dict(optim_state["scaler"])
         counters = optim_state.get("counters", {})
