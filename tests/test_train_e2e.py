@@ -437,3 +437,16 @@ def test_photometric_on_auto_is_the_device_on_cuda_and_the_workers_on_cpu() -> N
         assert {resolve_photometric_on(cfg, torch.device(d)) for d in ("cpu", "cuda")} == {mode}
     with pytest.raises(ConfigError, match="data.photometric_on"):
         load_config("fastdinov2_tiny", ["data.photometric_on=gpu"])
+
+
+def test_training_past_an_exported_end_removes_the_stale_export(data_root: Path, straight_run: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run)
+    assert (run / "teacher_backbone.safetensors").is_file()
+    summary = train(_cfg(data_root, "optim.epochs=3", "train.max_steps=9"), run, allow_config_change=True)
+    assert summary["step"] == 9 and not summary["finished"]
+    assert not (run / "teacher_backbone.safetensors").exists() and not (run / "teacher_backbone.json").exists()
+    assert "removed " + str(run / "teacher_backbone.safetensors") in capsys.readouterr().err

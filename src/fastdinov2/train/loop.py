@@ -1020,6 +1020,8 @@ class Trainer:
         self._health = DeviceHealth(self.device, self.state.consecutive_skips)
         if start >= end_step:
             return self._summary(end_step)
+        if self.is_main:
+            self._drop_stale_export()
         loader = self.make_loader(start, end_step)
         progress = None
         if self.is_main and cfg.train.progress:
@@ -1105,6 +1107,17 @@ class Trainer:
         self.sync_health(self.state.step - 1)
         self.save()
         return self._summary(end_step)
+
+    def _drop_stale_export(self) -> None:
+        """A run that trains on past an earlier end of its schedule (``--allow-config-change optim.epochs=...``)
+        makes that end's teacher export stale; it is removed, so that ``--checkpoint RUN`` finds the newest
+        checkpoint until this run ends and exports again."""
+        stale = [self.output_dir / f"teacher_backbone{suffix}" for suffix in (".safetensors", ".json")]
+        if any(f.is_file() for f in stale):
+            for f in stale:
+                f.unlink(missing_ok=True)
+            print(f"[fastdinov2] removed {stale[0]} (+ .json): the run continues past the end it was exported "
+                  "at; the teacher is exported again when this run ends", file=sys.stderr)
 
     def _summary(self, end_step: int) -> dict[str, Any]:
         done = self.state.step >= self.curriculum.total_steps
