@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from fastdinov2.config import ConfigError, diff_configs, list_presets, load_config, to_yaml
+from fastdinov2.config import MAX_SEED, ConfigError, diff_configs, list_presets, load_config, to_yaml
 
 
 @pytest.mark.parametrize("name", list_presets())
@@ -85,6 +86,116 @@ def test_yaml_roundtrip(tmp_path: Path) -> None:
 def test_bad_values_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config("fastdinov2_tiny", [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "shown"),
+    [
+        ("student.num_heads=0", "student.num_heads", "0"),
+        ("student.embed_dim=0", "student.embed_dim", "0"),
+        ("student.embed_dim=130", "student.embed_dim", "130"),  # the tiny presets have 4 heads
+        ("student.depth=0", "student.depth", "0"),
+        ("student.mlp_ratio=0", "student.mlp_ratio", "0.0"),
+        ("student.patch_size=-8", "student.patch_size", "-8"),
+        ("student.drop_path_rate=1", "student.drop_path_rate", "1.0"),
+        ("student.head_warmup_epochs=-1", "student.head_warmup_epochs", "-1.0"),
+        ("student.num_register_tokens=-1", "student.num_register_tokens", "-1"),
+        ("dino.loss_weight=-1", "dino.loss_weight", "-1.0"),
+        ("dino.koleo_loss_weight=-0.1", "dino.koleo_loss_weight", "-0.1"),
+        ("dino.head_n_prototypes=0", "dino.head_n_prototypes", "0"),
+        ("dino.head_bottleneck_dim=0", "dino.head_bottleneck_dim", "0"),
+        ("dino.head_hidden_dim=0", "dino.head_hidden_dim", "0"),
+        ("dino.head_nlayers=0", "dino.head_nlayers", "0"),
+        ("ibot.loss_weight=-1", "ibot.loss_weight", "-1.0"),
+        ("ibot.head_n_prototypes=0", "ibot.head_n_prototypes", "0"),
+        ("ibot.head_bottleneck_dim=0", "ibot.head_bottleneck_dim", "0"),
+        ("ibot.head_hidden_dim=-5", "ibot.head_hidden_dim", "-5"),
+        ("ibot.head_nlayers=0", "ibot.head_nlayers", "0"),
+        ("ibot.mask_sample_probability=1.5", "ibot.mask_sample_probability", "1.5"),
+        ("ibot.mask_ratio_max=2", "ibot.mask_ratio_max", "2.0"),
+        ("ibot.loss_chunk_rows=-1", "ibot.loss_chunk_rows", "-1"),
+        ("teacher.momentum_teacher=-0.1", "teacher.momentum_teacher", "-0.1"),
+        ("teacher.final_momentum_teacher=1.5", "teacher.final_momentum_teacher", "1.5"),
+        ("teacher.warmup_teacher_temp=0", "teacher.warmup_teacher_temp", "0.0"),
+        ("teacher.teacher_temp=-0.04", "teacher.teacher_temp", "-0.04"),
+        ("teacher.warmup_teacher_temp_epochs=-5", "teacher.warmup_teacher_temp_epochs", "-5.0"),
+        ("optim.epochs=0", "optim.epochs", "0"),
+        ("optim.base_lr=-0.004", "optim.base_lr", "-0.004"),
+        ("optim.base_lr=inf", "optim.base_lr", "inf"),
+        ("optim.min_lr=-1", "optim.min_lr", "-1.0"),
+        ("optim.min_lr=nan", "optim.min_lr", "nan"),
+        ("optim.warmup_epochs=-1", "optim.warmup_epochs", "-1.0"),
+        ("optim.lr_reference_batch=0", "optim.lr_reference_batch", "0"),
+        ("optim.weight_decay=-1", "optim.weight_decay", "-1.0"),
+        ("optim.weight_decay_end=-0.4", "optim.weight_decay_end", "-0.4"),
+        ("optim.clip_grad=-3", "optim.clip_grad", "-3.0"),
+        ("optim.layerwise_decay=0", "optim.layerwise_decay", "0.0"),
+        ("optim.patch_embed_lr_mult=-0.2", "optim.patch_embed_lr_mult", "-0.2"),
+        ("optim.freeze_last_layer_epochs=-1", "optim.freeze_last_layer_epochs", "-1.0"),
+        ("optim.adamw_beta1=1.5", "optim.adamw_beta1", "1.5"),
+        ("optim.adamw_beta1=-0.1", "optim.adamw_beta1", "-0.1"),
+        ("optim.adamw_beta2=1", "optim.adamw_beta2", "1.0"),
+        ("crops.global_crops_scale_min=0", "crops.global_crops_scale_min", "0.0"),
+        ("crops.global_crops_scale_max=1.5", "crops.global_crops_scale_max", "1.5"),
+        ("crops.local_crops_scale_min=0.5", "crops.local_crops_scale_min", "0.5"),  # above local max 0.32
+        ("crops.local_crops_number=-1", "crops.local_crops_number", "-1"),
+        ("curriculum.stages.1.noise.max_scale=-0.5", "curriculum.stages.1.noise.max_scale", "-0.5"),
+        ("curriculum.stages.1.noise.max_scale=nan", "curriculum.stages.1.noise.max_scale", "nan"),
+        ("curriculum.stages.1.noise.blur_sigma_min=0", "curriculum.stages.1.noise.blur_sigma_min", "0.0"),
+        ("curriculum.stages.1.noise.blur_sigma_max=0.05", "curriculum.stages.1.noise.blur_sigma_max", "0.05"),
+        ("curriculum.stages.0.batch_size_per_gpu=0", "curriculum.stages.0.batch_size_per_gpu", "0"),
+        ("data.num_workers=-1", "data.num_workers", "-1"),
+        ("data.max_bad_samples=-1", "data.max_bad_samples", "-1"),
+        ("train.seed=-1", "train.seed", "-1"),
+        (f"train.seed={MAX_SEED + 1}", "train.seed", str(MAX_SEED + 1)),
+        ("train.max_steps=0", "train.max_steps", "0"),
+        ("train.log_every=0", "train.log_every", "0"),
+        ("train.checkpoint_every=-1", "train.checkpoint_every", "-1"),
+        ("train.grad_accum_steps=0", "train.grad_accum_steps", "0"),
+        ("train.max_consecutive_skips=0", "train.max_consecutive_skips", "0"),
+        ("compute.threads=-1", "compute.threads", "-1"),
+        ("compute.masked_tokens_bucket=-1", "compute.masked_tokens_bucket", "-1"),
+    ],
+)
+def test_impossible_values_name_the_key_and_value(override: str, key: str, shown: str) -> None:
+    value = re.escape(shown)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: ({value} |.*, got {value}$)"):
+        load_config("fastdinov2_tiny", [override])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.seed=0", f"train.seed={MAX_SEED}", "compute.threads=0", "compute.threads=null", "compute.threads=2",
+     "optim.min_lr=0", "optim.weight_decay=0", "optim.weight_decay_end=0", "optim.clip_grad=0",
+     "optim.freeze_last_layer_epochs=0", "optim.patch_embed_lr_mult=0", "optim.adamw_beta1=0",
+     "teacher.warmup_teacher_temp_epochs=0", "teacher.warmup_teacher_temp_epochs=100",
+     "teacher.final_momentum_teacher=1", "dino.koleo_loss_weight=0", "ibot.loss_weight=0",
+     "ibot.mask_sample_probability=0", "student.layerscale=0", "student.layerscale=null",
+     "student.drop_path_rate=0", "crops.local_crops_number=0", "curriculum.stages.1.noise.max_scale=0",
+     "data.root=null", "student.pretrained=null", "data.cache_dir=null"],
+)
+def test_boundary_values_that_mean_something_are_accepted(override: str) -> None:
+    load_config("fastdinov2_tiny", [override])
+
+
+@pytest.mark.parametrize("override", ["data.root=", "data.root=  ", "train.max_steps=", "student.pretrained="])
+def test_empty_override_is_refused_not_read_as_null(override: str) -> None:
+    # A script's `data.root="$DATA"` with DATA unset must not silently train on the embedded dataset.
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: the value is empty.*{re.escape(key)}=null"):
+        load_config("fastdinov2_tiny", [override])
+
+
+@pytest.mark.parametrize("key", ["data.root", "data.cache_dir", "student.pretrained"])
+def test_blank_path_is_refused(key: str, tmp_path: Path) -> None:
+    # '' reaches the config from a YAML file or a quoted override; as a path it would be the current folder.
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: is empty \(''\).*{re.escape(key)}=null"):
+        load_config("fastdinov2_tiny", [f'{key}=""'])
+    section, name = key.split(".")
+    f = tmp_path / "c.yaml"
+    f.write_text(f"base: fastdinov2_tiny\n{section}:\n  {name}: ' '\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: is empty"):
+        load_config(str(f))
 
 
 def test_unknown_key_in_yaml_file(tmp_path: Path) -> None:

@@ -353,8 +353,10 @@ def test_defaults_on_one_gpu_replay_the_step_with_the_fused_loss(data_root: Path
 def test_runs_saved_before_the_auto_defaults_continue(data_root: Path, tmp_path: Path) -> None:
     # a config.yaml written when both options were booleans (false) continues under the "auto" defaults
     from fastdinov2.config import to_yaml
+    from fastdinov2.train.checkpoint import save_checkpoint
     from fastdinov2.train.loop import check_run_dir
 
+    save_checkpoint(tmp_path / "checkpoints", 1, {}, {"step": 1})  # a run with progress to continue
     old = _cfg(data_root, "compute.cuda_graph=false", "ibot.fused_loss=false")
     (tmp_path / "config.yaml").write_text(to_yaml(old).replace("cuda_graph: 'false'", "cuda_graph: false")
                                           .replace("fused_loss: 'false'", "fused_loss: false"))

@@ -10,6 +10,7 @@ Presets live in ``configs/<name>.yaml`` and are named by their file stem.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,6 +33,9 @@ COMPILE_MODES = ("none", "modules", "blocks", "step")
 TORCH_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager")
 FFN_LAYERS = ("auto", "mlp", "swiglu")
+# The trainer seeds numpy with ``train.seed * 1000 + rank`` (train/loop.py), which must fit numpy's 32-bit seed
+# (<= 2**32 - 1) for every rank up to 999.
+MAX_SEED = (2**32 - 1000) // 1000
 
 
 _MISSING = object()
@@ -250,7 +254,7 @@ class ComputeConfig:
     # GPU, and two streams fill the gaps. The same kernels and results; captured as two branches of the CUDA
     # graph with compute.cuda_graph. One process, CUDA only (no effect on a CPU), not with compute.compile=step.
     overlap_teacher: bool = False
-    threads: int | None = None
+    threads: int | None = None  # torch CPU threads; null or 0: automatic (train/loop.py)
     strategy: str = "ddp"  # data parallelism under torchrun: "ddp" | "fsdp2" (shards params; for ViT-L/g)
 
 
@@ -348,6 +352,11 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
                 parsed = OmegaConf.to_container(parsed)
             if OmegaConf.select(merged, key, default=_MISSING) is _MISSING:
                 raise ConfigError(f"override {key}: unknown key {key!r}")
+            if not value.strip():  # YAML reads an empty value as null: KEY="$UNSET" would silently mean KEY=null
+                none = ("data.root=null for the embedded synthetic dataset" if key == "data.root"
+                        else f"{key}=null where the key takes none")
+                raise ConfigError(f"override {key}: the value is empty (an unset shell variable?); "
+                                  f"give a value, or {none}")
             OmegaConf.update(merged, key, parsed, merge=True)
         except (OmegaConfBaseException, TypeError, ValueError) as exc:
             if isinstance(exc, ConfigError):
@@ -418,6 +427,39 @@ def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
 
 
+def _positive(value: float, key: str) -> None:
+    _check(value > 0, key, f"must be positive, got {value}")
+
+
+def _nonnegative(value: float, key: str, note: str = "") -> None:
+    _check(value >= 0, key, f"must be >= 0{note}, got {value}")
+
+
+def _in_unit(value: float, key: str, interval: str = "[0, 1]") -> None:
+    """``value`` in ``interval``: "[0, 1]", "[0, 1)" or "(0, 1]"."""
+    low = value > 0 if interval.startswith("(") else value >= 0
+    high = value < 1 if interval.endswith(")") else value <= 1
+    _check(low and high, key, f"must be in {interval}, got {value}")
+
+
+def _not_blank(value: str | None, key: str, null_means: str) -> None:
+    """A path option is null or a non-blank string (a blank one would be the current folder, or be ignored)."""
+    _check(value is None or value.strip() != "", key,
+           f"is empty ({value!r}); give a path, or {key}=null for {null_means}")
+
+
+def _check_finite(node: Any, key: str = "") -> None:
+    """Every float in the config is finite: ``nan`` and ``inf`` parse as floats, but no option takes them."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _check_finite(getattr(node, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(node, list):
+        for n, item in enumerate(node):
+            _check_finite(item, f"{key}.{n}")
+    elif isinstance(node, float):
+        _check(math.isfinite(node), key, f"must be a finite number, got {node}")
+
+
 def stage_epochs(cfg: Config) -> list[float]:
     """Length of each curriculum stage in epochs (validated to add up to ``optim.epochs``)."""
     out = []
@@ -455,27 +497,40 @@ def _check_cuda_graph(cfg: Config) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Reject impossible values; each error names the dotted key."""
+    """Reject impossible values; each error names the dotted key (and the value)."""
+    _check_finite(cfg)
     s = cfg.student
     _choice(s.arch, "student.arch", ARCHS)
     _choice(s.ffn_layer, "student.ffn_layer", FFN_LAYERS)
-    _check(s.patch_size > 0, "student.patch_size", "must be positive")
-    _check(s.num_register_tokens >= 0, "student.num_register_tokens", "must be >= 0")
-    _check(0.0 <= s.drop_path_rate < 1.0, "student.drop_path_rate", "must be in [0, 1)")
-    _check(s.head_warmup_epochs >= 0, "student.head_warmup_epochs", "must be >= 0")
+    _positive(s.patch_size, "student.patch_size")
+    _positive(s.embed_dim, "student.embed_dim")
+    _positive(s.depth, "student.depth")
+    _positive(s.num_heads, "student.num_heads")
+    _positive(s.mlp_ratio, "student.mlp_ratio")
+    _nonnegative(s.num_register_tokens, "student.num_register_tokens")
+    _in_unit(s.drop_path_rate, "student.drop_path_rate", "[0, 1)")
+    _not_blank(s.pretrained, "student.pretrained", "no pretrained weights")
+    _nonnegative(s.head_warmup_epochs, "student.head_warmup_epochs")
     if s.arch == "vit_custom":
-        _check(s.embed_dim % s.num_heads == 0, "student.embed_dim", "must be divisible by student.num_heads")
+        _check(s.embed_dim % s.num_heads == 0, "student.embed_dim",
+               f"{s.embed_dim} is not divisible by student.num_heads={s.num_heads}")
     _choice(cfg.dino.centering, "dino.centering", CENTERINGS)
     _choice(cfg.ibot.mask_sampling, "ibot.mask_sampling", ("batch", "sample"))
     for sec in ("dino", "ibot"):
         head = getattr(cfg, sec)
-        _check(head.head_n_prototypes > 0, f"{sec}.head_n_prototypes", "must be positive")
-        _check(head.head_nlayers >= 1, f"{sec}.head_nlayers", "must be >= 1")
+        _nonnegative(head.loss_weight, f"{sec}.loss_weight", " (0 turns the loss off)")
+        _positive(head.head_n_prototypes, f"{sec}.head_n_prototypes")
+        _positive(head.head_bottleneck_dim, f"{sec}.head_bottleneck_dim")
+        _positive(head.head_hidden_dim, f"{sec}.head_hidden_dim")
+        _check(head.head_nlayers >= 1, f"{sec}.head_nlayers", f"must be >= 1, got {head.head_nlayers}")
+    _nonnegative(cfg.dino.koleo_loss_weight, "dino.koleo_loss_weight", " (0 turns the KoLeo loss off)")
     i = cfg.ibot
-    _check(0.0 <= i.mask_sample_probability <= 1.0, "ibot.mask_sample_probability", "must be in [0, 1]")
-    _check(0.0 <= i.mask_ratio_min <= i.mask_ratio_max <= 1.0, "ibot.mask_ratio_min",
-           "need 0 <= ibot.mask_ratio_min <= ibot.mask_ratio_max <= 1")
-    _check(i.loss_chunk_rows >= 0, "ibot.loss_chunk_rows", "must be >= 0 (0: no chunked iBOT loss)")
+    _in_unit(i.mask_sample_probability, "ibot.mask_sample_probability")
+    _in_unit(i.mask_ratio_min, "ibot.mask_ratio_min")
+    _in_unit(i.mask_ratio_max, "ibot.mask_ratio_max")
+    _check(i.mask_ratio_min <= i.mask_ratio_max, "ibot.mask_ratio_min",
+           f"{i.mask_ratio_min} is larger than ibot.mask_ratio_max={i.mask_ratio_max}")
+    _nonnegative(i.loss_chunk_rows, "ibot.loss_chunk_rows", " (0: no chunked iBOT loss)")
     cfg.dino.fused_loss = _tristate_text(cfg.dino.fused_loss, "dino.fused_loss")
     i.fused_loss = _tristate_text(i.fused_loss, "ibot.fused_loss")
     if i.fused_loss == "true":
@@ -484,23 +539,35 @@ def validate(cfg: Config) -> None:
         _check(cfg.dino.centering == "softmax", "ibot.fused_loss", "needs dino.centering=softmax (Sinkhorn-Knopp "
                "targets need all [M, K] teacher logits at once)")
     t = cfg.teacher
-    _check(0.0 <= t.momentum_teacher <= t.final_momentum_teacher <= 1.0, "teacher.momentum_teacher",
-           "need 0 <= teacher.momentum_teacher <= teacher.final_momentum_teacher <= 1")
-    _check(t.warmup_teacher_temp > 0 and t.teacher_temp > 0, "teacher.teacher_temp", "must be positive")
+    _in_unit(t.momentum_teacher, "teacher.momentum_teacher")
+    _check(t.momentum_teacher <= t.final_momentum_teacher <= 1.0, "teacher.final_momentum_teacher",
+           f"must be in [teacher.momentum_teacher={t.momentum_teacher}, 1], got {t.final_momentum_teacher}")
+    _positive(t.warmup_teacher_temp, "teacher.warmup_teacher_temp")
+    _positive(t.teacher_temp, "teacher.teacher_temp")
+    _nonnegative(t.warmup_teacher_temp_epochs, "teacher.warmup_teacher_temp_epochs")
     o = cfg.optim
-    _check(o.epochs > 0, "optim.epochs", "must be positive")
-    _check(o.base_lr > 0, "optim.base_lr", "must be positive")
-    _check(o.lr_reference_batch > 0, "optim.lr_reference_batch", "must be positive")
+    _positive(o.epochs, "optim.epochs")
+    _positive(o.base_lr, "optim.base_lr")
+    _positive(o.lr_reference_batch, "optim.lr_reference_batch")
     _choice(o.scaling_rule, "optim.scaling_rule", ("sqrt", "linear", "none"))
-    _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs", "must be in [0, optim.epochs]")
-    _check(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
-    _check(0 < o.layerwise_decay <= 1.0, "optim.layerwise_decay", "must be in (0, 1]")
+    _nonnegative(o.min_lr, "optim.min_lr")
+    _check(0 <= o.warmup_epochs <= o.epochs, "optim.warmup_epochs",
+           f"must be in [0, optim.epochs={o.epochs}], got {o.warmup_epochs}")
+    _nonnegative(o.weight_decay, "optim.weight_decay")
+    _nonnegative(o.weight_decay_end, "optim.weight_decay_end")
+    _nonnegative(o.clip_grad, "optim.clip_grad", " (0 disables clipping)")
+    _in_unit(o.layerwise_decay, "optim.layerwise_decay", "(0, 1]")
+    _nonnegative(o.patch_embed_lr_mult, "optim.patch_embed_lr_mult")
+    _nonnegative(o.freeze_last_layer_epochs, "optim.freeze_last_layer_epochs", " (0: the last layer is never frozen)")
+    _in_unit(o.adamw_beta1, "optim.adamw_beta1", "[0, 1)")
+    _in_unit(o.adamw_beta2, "optim.adamw_beta2", "[0, 1)")
     c = cfg.crops
-    _check(0 < c.global_crops_scale_min <= c.global_crops_scale_max <= 1.0, "crops.global_crops_scale_min",
-           "need 0 < min <= max <= 1")
-    _check(0 < c.local_crops_scale_min <= c.local_crops_scale_max <= 1.0, "crops.local_crops_scale_min",
-           "need 0 < min <= max <= 1")
-    _check(c.local_crops_number >= 0, "crops.local_crops_number", "must be >= 0")
+    for kind in ("global", "local"):
+        lo, hi = getattr(c, f"{kind}_crops_scale_min"), getattr(c, f"{kind}_crops_scale_max")
+        _in_unit(lo, f"crops.{kind}_crops_scale_min", "(0, 1]")
+        _in_unit(hi, f"crops.{kind}_crops_scale_max", "(0, 1]")
+        _check(lo <= hi, f"crops.{kind}_crops_scale_min", f"{lo} is larger than crops.{kind}_crops_scale_max={hi}")
+    _nonnegative(c.local_crops_number, "crops.local_crops_number")
     _check(c.local_crops_size <= c.global_crops_size, "crops.local_crops_size",
            f"{c.local_crops_size} is larger than crops.global_crops_size={c.global_crops_size}")
     for key, size in (("crops.global_crops_size", c.global_crops_size), ("crops.local_crops_size", c.local_crops_size)):
@@ -515,7 +582,7 @@ def validate(cfg: Config) -> None:
                "set exactly one of epochs and fraction")
         length = st.epochs if st.epochs is not None else st.fraction
         assert length is not None
-        _check(length > 0, f"{k}.{'epochs' if st.epochs is not None else 'fraction'}", "must be positive")
+        _positive(length, f"{k}.{'epochs' if st.epochs is not None else 'fraction'}")
         for name, size in (("global_size", st.global_size), ("local_size", st.local_size)):
             _check(size > 0 and size % s.patch_size == 0, f"{k}.{name}",
                    f"{size} is not a positive multiple of student.patch_size={s.patch_size}")
@@ -526,35 +593,47 @@ def validate(cfg: Config) -> None:
         _check(st.local_size <= c.local_crops_size, f"{k}.local_size",
                f"{st.local_size} is larger than crops.local_crops_size={c.local_crops_size}")
         _choice(st.lowpass, f"{k}.lowpass", LOWPASS_METHODS)
-        _check(st.batch_size_per_gpu is None or st.batch_size_per_gpu > 0, f"{k}.batch_size_per_gpu",
-               "must be positive")
+        if st.batch_size_per_gpu is not None:
+            _positive(st.batch_size_per_gpu, f"{k}.batch_size_per_gpu")
         _choice(st.noise.kind, f"{k}.noise.kind", NOISE_KINDS)
-        _check(0.0 <= st.noise.p <= 1.0, f"{k}.noise.p", "must be in [0, 1]")
-        _check(st.noise.max_scale >= 0.0, f"{k}.noise.max_scale", "must be >= 0")
-        _check(0 < st.noise.blur_sigma_min <= st.noise.blur_sigma_max, f"{k}.noise.blur_sigma_min",
-               "need 0 < blur_sigma_min <= blur_sigma_max")
+        _in_unit(st.noise.p, f"{k}.noise.p")
+        _nonnegative(st.noise.max_scale, f"{k}.noise.max_scale")
+        _positive(st.noise.blur_sigma_min, f"{k}.noise.blur_sigma_min")
+        _check(st.noise.blur_sigma_min <= st.noise.blur_sigma_max, f"{k}.noise.blur_sigma_max",
+               f"{st.noise.blur_sigma_max} is smaller than blur_sigma_min={st.noise.blur_sigma_min}")
     total = sum(stage_epochs(cfg))
     _check(math.isclose(total, o.epochs, rel_tol=1e-6, abs_tol=1e-6), "curriculum.stages",
            f"stage lengths add up to {total:g} epochs, but optim.epochs={o.epochs}")
     d = cfg.data
-    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
-    _check(d.max_bad_samples >= 0, "data.max_bad_samples", "must be >= 0")
+    _not_blank(d.root, "data.root", "the embedded synthetic dataset")
+    _not_blank(d.cache_dir, "data.cache_dir", "the default cache ($FASTDINOV2_CACHE, else ~/.cache/fastdinov2)")
+    _nonnegative(d.num_workers, "data.num_workers")
+    _nonnegative(d.max_bad_samples, "data.max_bad_samples")
     _choice(d.on_bad_sample, "data.on_bad_sample", ("replace", "drop"))
     _choice(d.photometric_on, "data.photometric_on", ("auto", "worker", "device"))
     tr = cfg.train
-    _check(tr.batch_size_per_gpu > 0, "train.batch_size_per_gpu", "must be positive")
+    _positive(tr.batch_size_per_gpu, "train.batch_size_per_gpu")
     if cfg.dino.koleo_loss_weight > 0:  # KoLeo needs a nearest neighbour within each rank's batch
-        _check(tr.batch_size_per_gpu >= 2, "train.batch_size_per_gpu", "must be >= 2 when dino.koleo_loss_weight > 0")
+        _check(tr.batch_size_per_gpu >= 2, "train.batch_size_per_gpu",
+               f"must be >= 2 when dino.koleo_loss_weight > 0, got {tr.batch_size_per_gpu}")
         for n, st in enumerate(cur.stages):
             _check(st.batch_size_per_gpu is None or st.batch_size_per_gpu >= 2,
-                   f"curriculum.stages.{n}.batch_size_per_gpu", "must be >= 2 when dino.koleo_loss_weight > 0")
-    _check(tr.max_steps is None or tr.max_steps > 0, "train.max_steps", "must be positive")
-    _check(tr.log_every > 0, "train.log_every", "must be positive")
-    _check(tr.checkpoint_every > 0, "train.checkpoint_every", "must be positive")
-    _check(tr.keep_last_checkpoints >= 2, "train.keep_last_checkpoints", "must be >= 2")
-    _check(tr.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+                   f"curriculum.stages.{n}.batch_size_per_gpu",
+                   f"must be >= 2 when dino.koleo_loss_weight > 0, got {st.batch_size_per_gpu}")
+    _check(0 <= tr.seed <= MAX_SEED, "train.seed",
+           f"must be in [0, {MAX_SEED}] (numpy's 32-bit seed takes train.seed * 1000 + rank), got {tr.seed}")
+    if tr.max_steps is not None:
+        _positive(tr.max_steps, "train.max_steps")
+    _positive(tr.log_every, "train.log_every")
+    _positive(tr.checkpoint_every, "train.checkpoint_every")
+    _check(tr.keep_last_checkpoints >= 2, "train.keep_last_checkpoints",
+           f"must be >= 2, got {tr.keep_last_checkpoints}")
+    _check(tr.grad_accum_steps >= 1, "train.grad_accum_steps", f"must be >= 1, got {tr.grad_accum_steps}")
     _choice(tr.nan_policy, "train.nan_policy", NAN_POLICIES)
-    _check(tr.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
+    _check(tr.max_consecutive_skips >= 1, "train.max_consecutive_skips",
+           f"must be >= 1, got {tr.max_consecutive_skips}")
+    if cfg.compute.threads is not None:
+        _nonnegative(cfg.compute.threads, "compute.threads", " (0 or null: automatic)")
     _choice(cfg.compute.device, "compute.device", DEVICES)
     _choice(cfg.compute.precision, "compute.precision", PRECISIONS)
     _check(not (cfg.compute.half_weights and cfg.compute.precision in ("fp16", "fp32")), "compute.half_weights",
@@ -574,7 +653,7 @@ def validate(cfg: Config) -> None:
             f"compute.compile_mode={cfg.compute.compile_mode!r} is an inductor mode; "
             f"compute.compile_backend={cfg.compute.compile_backend!r} takes only 'default'"
         )
-    _check(cfg.compute.masked_tokens_bucket >= 0, "compute.masked_tokens_bucket", "must be >= 0 (0: no padding)")
+    _nonnegative(cfg.compute.masked_tokens_bucket, "compute.masked_tokens_bucket", " (0: no padding)")
     cfg.compute.cuda_graph = _tristate_text(cfg.compute.cuda_graph, "compute.cuda_graph")
     if cfg.compute.cuda_graph == "true":
         _check_cuda_graph(cfg)
