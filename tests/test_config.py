@@ -205,6 +205,26 @@ def test_unknown_key_in_yaml_file(tmp_path: Path) -> None:
         load_config(str(f))
 
 
+def test_unknown_key_in_a_stage_names_its_full_path(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("base: fastdinov2_tiny\ncurriculum:\n  stages:\n    - {name: a, fraction: 1.0, global_size: 64, "
+                 "local_size: 32, noise: {maxscale: 1}}\n")
+    with pytest.raises(ConfigError, match=r"'curriculum\.stages\.0\.noise\.maxscale'"):
+        load_config(str(f))
+
+
+def test_base_file_is_found_next_to_the_file_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "common.yaml").write_text("base: fastdinov2_tiny\ntrain:\n  seed: 3\n")
+    (tmp_path / "cfg" / "exp.yaml").write_text("base: common.yaml\ntrain:\n  log_every: 7\n")
+    (tmp_path / "cfg" / "broken.yaml").write_text("base: missing.yaml\n")
+    monkeypatch.chdir(tmp_path)  # not the folder of the files
+    cfg = load_config("cfg/exp.yaml")
+    assert (cfg.train.seed, cfg.train.log_every) == (3, 7)
+    with pytest.raises(ConfigError, match=r"config .*broken\.yaml: base: config file not found: missing\.yaml"):
+        load_config("cfg/broken.yaml")
+
+
 def test_unknown_preset_lists_presets() -> None:
     with pytest.raises(ConfigError, match="fastdinov2_tiny"):
         load_config("no_such_preset")

@@ -316,22 +316,54 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
         merged = OmegaConf.merge(base, other)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
+        key = _full_path(other, key.split(".")) or key
         raise ConfigError(f"{source}: invalid key or value {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}") from exc
     assert isinstance(merged, DictConfig)
     return merged
 
 
+def _full_path(node: Any, tail: list[str], prefix: str = "") -> str | None:
+    """The dotted path in ``node`` (a loaded YAML tree) that ends with the keys ``tail``: OmegaConf names a bad
+    key inside a list element relative to the element (``noise.maxscale`` for
+    ``curriculum.stages.0.noise.maxscale``)."""
+    items: list[tuple[str, Any]]
+    if isinstance(node, DictConfig | dict):
+        items = [(str(k), node[k]) for k in node]
+    elif isinstance(node, ListConfig | list):
+        items = [(str(i), v) for i, v in enumerate(node)]
+    else:
+        return None
+    want = ".".join(tail)
+    for k, v in items:
+        path = f"{prefix}.{k}" if prefix else k
+        if path == want or path.endswith("." + want):
+            return path
+        found = _full_path(v, tail, path)
+        if found is not None:
+            return found
+    return None
+
+
 def load_config(config: str | None = None, overrides: list[str] | None = None) -> Config:
     """Build a validated :class:`Config` from a preset name or YAML file plus ``key=value`` overrides.
 
-    A preset may name another with a top-level ``base: NAME`` key; it is applied first.
+    A preset may name another with a top-level ``base: NAME`` key; it is applied first. A relative file
+    name in ``base`` is found next to the file that names it (else in the current folder).
     """
     schema = OmegaConf.structured(Config)
     OmegaConf.set_struct(schema, True)
     layers: list[tuple[Path, DictConfig]] = []
     name: str | None = config or DEFAULT_PRESET
     while name is not None:
-        path = _resolve_config_file(name).resolve()
+        including = layers[-1][0] if layers else None
+        if including is not None and (including.parent / name).is_file():
+            name = str(including.parent / name)
+        try:
+            path = _resolve_config_file(name).resolve()
+        except ConfigError as exc:
+            if including is None:
+                raise
+            raise ConfigError(f"config {including}: base: {exc}") from exc
         if any(path == p for p, _ in layers):
             raise ConfigError(f"config {path}: 'base' chain loops back to itself")
         raw = _load_yaml(path)
