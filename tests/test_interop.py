@@ -327,7 +327,7 @@ def test_other_architecture_lists_keys(tmp_path: Path) -> None:
     resnet = {"conv1.weight": torch.zeros(8, 3, 7, 7), "bn1.weight": torch.zeros(8), "fc.weight": torch.zeros(2, 8)}
     path = tmp_path / "resnet.pth"
     torch.save(resnet, path)
-    with pytest.raises(BackboneLoadError, match=r"resnet.pth.*(conv1.weight|not .* names)"):
+    with pytest.raises(BackboneLoadError, match=r"no ViT backbone keys found in .*resnet.pth: .*conv1\.\* \(1 key\)"):
         load_backbone(path)
     # an export whose config does not match its tensors
     st = export_backbone(tiny(), tmp_path / "mixed")
@@ -350,3 +350,152 @@ def test_other_architecture_lists_keys(tmp_path: Path) -> None:
     assert torch.equal(features(loaded), features(model))
     with pytest.raises(BackboneLoadError, match=r"\(128, 2, 2\).*arch=vit_small"), pytest.warns(UserWarning):
         load_backbone(path, arch="vit_small", strict=False)
+
+
+# ------------------------------------------------ layouts that are neither official nor timm
+
+
+def test_files_without_backbone_keys_say_so(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pth"
+    torch.save({}, empty)
+    with pytest.raises(BackboneLoadError, match=r"no ViT backbone keys found in .*empty.pth: it holds no tensors"):
+        load_backbone(empty)
+    student = tiny()  # a DINOv2 training checkpoint that holds only the student
+    path = tmp_path / "student_only.pth"
+    torch.save({"model": {f"student.backbone.{k}": v for k, v in student.state_dict().items()}}, path)
+    with pytest.raises(BackboneLoadError) as err:
+        load_backbone(path)
+    msg = str(err.value)
+    n = len(student.state_dict())
+    assert msg.startswith(f"no ViT backbone keys found in {path}") and f"student.* ({n} keys)" in msg
+    assert "'student.backbone.'" in msg and "teacher" in msg and "timm" not in msg
+    teacher = tiny(seed=3)  # a DINOv2 training model's state dict saved without the {"model": ...} wrapper
+    path = tmp_path / "flat_training_model.pth"
+    torch.save({**{f"student.backbone.{k}": v for k, v in student.state_dict().items()},
+                **{f"teacher.backbone.{k}": v for k, v in teacher.state_dict().items()}}, path)
+    assert torch.equal(features(load_backbone(path)), features(teacher))
+
+
+def test_majority_backbone_prefix_is_stripped_before_dropping_heads(tmp_path: Path) -> None:
+    model = tiny(depth=3)
+    path = tmp_path / "with_head.pth"
+    torch.save({"model": {**{f"backbone.{k}": v for k, v in model.state_dict().items()},
+                          "head.weight": torch.zeros(10, 128)}}, path)
+    with pytest.raises(BackboneLoadError, match=r"with_head.pth: 1 keys are not official DINOv2 .*: head.weight$"):
+        load_backbone(path)
+    with pytest.warns(UserWarning, match=r"ignoring 1 non-backbone keys: head.weight$"):
+        loaded = load_backbone(path, strict=False)
+    assert_same_weights(loaded.state_dict(), model.state_dict())
+    # the same as a bare safetensors file
+    st = tmp_path / "with_head.safetensors"
+    save_file({**{f"backbone.{k}": v.contiguous() for k, v in model.state_dict().items()},
+               "head.weight": torch.zeros(10, 128)}, str(st))
+    with pytest.warns(UserWarning, match="head.weight"):
+        assert torch.equal(features(load_backbone(st, strict=False)), features(model))
+    # heads with more tensors than the backbone: the backbone names are under the prefix, none outside it
+    heads = {f"head.layer{i}.weight": torch.zeros(2) for i in range(len(model.state_dict()) + 5)}
+    path = tmp_path / "big_head.pth"
+    torch.save({**{f"backbone.{k}": v for k, v in model.state_dict().items()}, **heads}, path)
+    with pytest.warns(UserWarning, match=rf"ignoring {len(heads)} non-backbone keys: head.layer0.weight"):
+        assert torch.equal(features(load_backbone(path, strict=False)), features(model))
+
+
+@pytest.mark.parametrize("key", ["blocks.0.attn.qkv.bias", "blocks.0.ls1.gamma", "blocks.0.mlp.fc1.bias",
+                                 "blocks.1.mlp.fc1.weight"])
+def test_a_key_missing_from_one_block_is_reported_as_missing(tmp_path: Path, key: str) -> None:
+    sd = tiny(depth=3).state_dict()
+    del sd[key]
+    path = tmp_path / "holey.pth"
+    torch.save(sd, path)
+    with pytest.raises(BackboneLoadError) as err:
+        load_backbone(path)
+    msg = str(err.value)
+    assert "holey.pth: weights do not fit the backbone" in msg and f"1 missing keys: {key}" in msg
+    assert "unexpected" not in msg
+
+
+def test_legacy_pickle_with_code_names_the_global(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "legacy.pth"  # a plain pickle (protocol 4): torch refuses it before reaching the global
+    path.write_bytes(pickle.dumps({"teacher": {"backbone.cls_token": _Evil(str(marker))}}, protocol=4))
+    with pytest.raises(BackboneLoadError, match=rf"legacy.pth: .*refused .*{os.system.__module__}\.system"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note about the pickle protocol
+        load_backbone(path)
+    assert not marker.exists()
+    old = tmp_path / "old_torch.pth"  # torch's legacy (non-zip) format
+    torch.save({"teacher": {"backbone.cls_token": _Evil(str(marker))}}, old, _use_new_zipfile_serialization=False)
+    with pytest.raises(BackboneLoadError, match=rf"old_torch.pth: .*{os.system.__module__}\.system"):
+        load_backbone(old)
+    assert not marker.exists()
+
+
+def test_non_strict_load_warns_once(tmp_path: Path) -> None:
+    model = tiny()
+    sd = model.state_dict()
+    del sd["norm.weight"]
+    path = tmp_path / "no_norm.pth"
+    torch.save(sd, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_backbone(path, strict=False)
+    notes = [str(w.message) for w in caught if "loaded non-strictly" in str(w.message)]
+    assert len(notes) == 1 and "missing: norm.weight" in notes[0]
+    assert torch.equal(loaded.norm.bias, model.norm.bias) and torch.all(loaded.norm.weight == 1)
+
+
+def test_intermediate_layers_arguments_are_checked() -> None:
+    model = tiny()
+    x = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"n=\[\]: expected a positive int or a non-empty list of block indices"):
+        model.get_intermediate_layers(x, [])
+    with pytest.raises(ValueError, match=r"block indices \[2, -1\] are out of range 0..1 \(the model has 2 blocks"):
+        model.get_intermediate_layers(x, [0, 2, -1])
+    with pytest.raises(ValueError, match=r"n=0: .* must be 1..2"):
+        model.get_intermediate_layers(x, 0)
+    assert len(model.get_intermediate_layers(x, [1])) == 1
+
+
+def test_run_dir_prefers_a_checkpoint_newer_than_the_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    exported, continued = tiny(seed=1), tiny(seed=2)
+    run = tmp_path / "run"
+    _write_checkpoint(run / "checkpoints" / "step_00000010", exported)
+    st = export_backbone(exported, run / "teacher_backbone")
+    assert torch.equal(features(load_backbone(run)), features(exported))  # the final export of a finished run
+    assert capsys.readouterr().err == ""
+    # the run continued (--allow-config-change optim.epochs=2) and committed a checkpoint after the export
+    newer = run / "checkpoints" / "step_00000020"
+    _write_checkpoint(newer, continued)
+    (newer / "COMMITTED").write_text(json.dumps({"step": 20, "time": st.stat().st_mtime + 60,
+                                                 "sample_position": 640}))
+    assert torch.equal(features(load_backbone(run)), features(continued))
+    err = capsys.readouterr().err
+    assert str(newer) in err and str(st) in err and len(err.strip().splitlines()) == 1
+    # a checkpoint committed before the export (the end of a run) does not win over it
+    (newer / "COMMITTED").write_text(json.dumps({"step": 20, "time": st.stat().st_mtime - 60}))
+    assert torch.equal(features(load_backbone(run)), features(exported))
+
+
+def test_exports_are_readable_by_the_group_and_others(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        st = export_backbone(tiny(), tmp_path / "shared")
+        assert (st.stat().st_mode & 0o777, st.with_suffix(".json").stat().st_mode & 0o777) == (0o644, 0o644)
+        os.umask(0o007)
+        st = export_backbone(tiny(), tmp_path / "group")
+        assert (st.stat().st_mode & 0o777, st.with_suffix(".json").stat().st_mode & 0o777) == (0o660, 0o660)
+    finally:
+        os.umask(old)
+
+
+def test_torch_hub_accepts_pretrained(tmp_path: Path) -> None:
+    with torch.device("meta"):
+        bare = torch.hub.load(str(REPO), "vit_small", source="local", pretrained=False)
+    assert (bare.patch_size, bare.embed_dim) == (14, 384)
+    with pytest.raises(ValueError, match=r"vit_small: pretrained=True .* download nothing .* weights=PATH"):
+        torch.hub.load(str(REPO), "vit_small", source="local", pretrained=True)
+    ref = tiny(img_size=64, patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    st = export_backbone(ref, tmp_path / "tiny")
+    model = torch.hub.load(str(REPO), "vit_tiny", source="local", pretrained=True, weights=str(st))
+    assert torch.equal(features(model, (64, 64)), features(ref, (64, 64)))

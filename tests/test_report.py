@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from fastdinov2.config import load_config, to_yaml
 from fastdinov2.eval.results import write_result
-from fastdinov2.report import ReportError, add_report_command, build_report, load_run
+from fastdinov2.report import ReportError, _run_names, add_report_command, build_report, load_run
 
 KNN = {"ks": {"10": {"top1": 41.5, "top5": 80.0}, "20": {"top1": 40.0, "top5": 81.25}}, "top1": 41.5,
        "top5": 81.25}
@@ -125,12 +126,39 @@ def test_two_runs_side_by_side_with_difference_and_ratio(fast_run, tmp_path):
 
 
 def test_run_without_metrics_or_evals(tmp_path):
-    run = tmp_path / "empty"
+    run = tmp_path / "configured"
     run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(load_config("fastdinov2_tiny")))
     md = build_report([run], tmp_path / "out").read_text()
-    assert "no config.yaml" in md and "no metrics.jsonl" in md
+    assert "no metrics.jsonl" in md and "no config.yaml" not in md
     assert "No `eval/*.json` result files found." in md
     assert not list((tmp_path / "out").glob("*.png"))
+    only_evals = tmp_path / "evals"  # evaluation results alone (e.g. of an official backbone) are a report
+    write_result(only_evals / "eval" / "knn.json", "knn", None, {}, KNN)
+    md = build_report([only_evals], tmp_path / "out2").read_text()
+    assert "no config.yaml" in md and "no metrics.jsonl" in md and _table_row(md, "k=10 top-1") == ["41.50"]
+
+
+def test_a_folder_that_is_not_a_run_is_refused(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "eval").mkdir(parents=True)
+    (folder / "cat.jpg").write_bytes(b"")
+    with pytest.raises(ReportError, match=r"photos is not a run directory: .*no config.yaml, no metrics.jsonl"):
+        build_report([folder])
+    parser = argparse.ArgumentParser()
+    add_report_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["report", str(folder)])
+    assert args.func(args) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    assert not (folder / "report").exists()
+
+
+def test_run_names(fast_run, tmp_path):
+    assert _run_names([Path("/a/run"), Path("/run")]) == ["a/run", "/run"]  # no "//run"
+    assert _run_names([tmp_path / "x" / "run", tmp_path / "y" / "run"]) == ["x/run", "y/run"]
+    md = build_report([fast_run, fast_run], tmp_path / "same").read_text()  # the same run twice
+    assert "| metric | fast (1) | fast (2) | fast (1) − fast (2) | fast (1) / fast (2) |" in md
+    assert "//" not in md.split("## Runs")[1].split("\n")[2]
 
 
 def test_unknown_protocol_falls_back_to_numeric_leaves(fast_run):

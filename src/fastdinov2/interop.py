@@ -6,7 +6,8 @@ Every path to a backbone goes through :func:`load_backbone` (evaluation, the hub
 - our export ``X.safetensors`` with ``X.json`` beside it (``{"format": "fastdinov2-backbone", "layout",
   "config"}``); a bare ``.safetensors`` (e.g. timm's) is read with its layout and architecture inferred;
 - our checkpoint directory ``RUN/checkpoints/step_XXXXXXXX/`` (``model.pt`` + ``COMMITTED``), or a run
-  directory (``RUN/teacher_backbone.safetensors``, else its newest committed checkpoint);
+  directory (``RUN/teacher_backbone.safetensors``, unless its newest committed checkpoint was committed after
+  the export was written; else its newest committed checkpoint);
 - torch files read with ``torch.load(weights_only=True)`` only: the seed's ``teacher_checkpoint.pth``
   (``{"teacher": {"backbone.*", "dino_head.*"}}``), DINOv2-style training checkpoints
   (``{"model": {"teacher.backbone.*", ...}}``), official DINOv2 backbone state dicts, timm state dicts.
@@ -21,12 +22,18 @@ registers timm's model has no class position, so ``cls_token`` absorbs ``pos_emb
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import pickle
+import pickletools
 import re
+import sys
+import time
 import warnings
+import zipfile
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +91,23 @@ def _swiglu_mlp_ratio(embed_dim: int, hidden: int, source: str) -> float:
                           f"(hidden=int(dim*mlp_ratio), then (int(hidden*2/3)+7)//8*8) for dim {embed_dim}")
 
 
+def _hidden_width(sd: Mapping[str, Tensor], depth: int, swiglu: bool) -> int | None:
+    """The feed-forward hidden width from the first block that holds a feed-forward weight."""
+    for i in range(depth):
+        b = f"blocks.{i}.mlp."
+        if swiglu:
+            if f"{b}w3.weight" in sd:
+                return int(sd[f"{b}w3.weight"].shape[1])
+            if f"{b}w12.weight" in sd:
+                return int(sd[f"{b}w12.weight"].shape[0]) // 2
+        else:
+            if f"{b}fc1.weight" in sd:
+                return int(sd[f"{b}fc1.weight"].shape[0])
+            if f"{b}fc2.weight" in sd:
+                return int(sd[f"{b}fc2.weight"].shape[1])
+    return None
+
+
 def infer_vit_config(state_dict: Mapping[str, Tensor], source: str = "state dict") -> dict[str, Any]:
     """Constructor arguments of :class:`DinoVisionTransformer` that fit an official-layout state dict.
 
@@ -110,18 +134,28 @@ def infer_vit_config(state_dict: Mapping[str, Tensor], source: str = "state dict
     if not block_ids or block_ids != list(range(len(block_ids))):
         raise BackboneLoadError(f"{source}: block indices {block_ids[:_SHOW]} are not 0..depth-1")
     depth = len(block_ids)
-    try:
-        if "blocks.0.mlp.w12.weight" in state_dict:
-            ffn_layer = "swiglu"
-            mlp_ratio = _swiglu_mlp_ratio(embed_dim, int(state_dict["blocks.0.mlp.w3.weight"].shape[1]), source)
-        else:
-            ffn_layer = "mlp"
-            hidden = int(state_dict["blocks.0.mlp.fc1.weight"].shape[0])
-            mlp_ratio = hidden / embed_dim
-            if int(embed_dim * mlp_ratio) != hidden:
-                raise BackboneLoadError(f"{source}: MLP width {hidden} is not int({embed_dim} * ratio) for any ratio")
-    except KeyError as exc:
-        raise BackboneLoadError(f"{source}: block 0 has no feed-forward weights ({exc.args[0]} missing)") from exc
+
+    def count(part: str) -> int:
+        return sum(f"blocks.{i}.{part}" in state_dict for i in range(depth))
+
+    def most(part: str) -> bool:  # held by most blocks (ties count as held: the others then miss it)
+        n = count(part)
+        return n > 0 and 2 * n >= depth
+
+    # Every per-block feature is read from all blocks, not block 0 alone, so that a key missing from one
+    # block is reported as missing there (not as unexpected in every other block).
+    swiglu = count("mlp.w12.weight") + count("mlp.w3.weight") > count("mlp.fc1.weight") + count("mlp.fc2.weight")
+    ffn_layer = "swiglu" if swiglu else "mlp"
+    hidden = _hidden_width(state_dict, depth, swiglu)
+    if hidden is None:
+        raise BackboneLoadError(f"{source}: no block has feed-forward weights "
+                              f"(blocks.N.mlp.{'w12/w3' if swiglu else 'fc1/fc2'}.weight)")
+    if swiglu:
+        mlp_ratio = _swiglu_mlp_ratio(embed_dim, hidden, source)
+    else:
+        mlp_ratio = hidden / embed_dim
+        if int(embed_dim * mlp_ratio) != hidden:
+            raise BackboneLoadError(f"{source}: MLP width {hidden} is not int({embed_dim} * ratio) for any ratio")
     registers = state_dict.get("register_tokens")
     return dict(
         img_size=side * patch_size,
@@ -131,11 +165,11 @@ def infer_vit_config(state_dict: Mapping[str, Tensor], source: str = "state dict
         depth=depth,
         num_heads=_HEADS_BY_DIM.get(embed_dim, max(1, embed_dim // 64)),
         mlp_ratio=mlp_ratio,
-        qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
-        proj_bias="blocks.0.attn.proj.bias" in state_dict,
-        ffn_bias=f"blocks.0.mlp.{'w12' if ffn_layer == 'swiglu' else 'fc1'}.bias" in state_dict,
+        qkv_bias=most("attn.qkv.bias"),
+        proj_bias=most("attn.proj.bias"),
+        ffn_bias=most(f"mlp.{'w12' if swiglu else 'fc1'}.bias") or most(f"mlp.{'w3' if swiglu else 'fc2'}.bias"),
         drop_path_rate=0.0,
-        layerscale_init=1e-5 if "blocks.0.ls1.gamma" in state_dict else None,  # init value is not stored
+        layerscale_init=1e-5 if most("ls1.gamma") or most("ls2.gamma") else None,  # init value is not stored
         ffn_layer=ffn_layer,
         num_register_tokens=int(registers.shape[1]) if registers is not None else 0,
     )
@@ -229,9 +263,52 @@ def from_timm_state_dict(state_dict: Mapping[str, Tensor], source: str = "state 
     return out
 
 
-def _detect_layout(sd: Mapping[str, Tensor]) -> str:
-    """timm state dicts have no ``mask_token`` (official and seed ones always do)."""
-    return "timm" if "reg_token" in sd or "mask_token" not in sd else "official"
+def _is_backbone_name(key: str) -> bool:
+    """An official/ours or a timm ViT backbone parameter name (block-chunked names included)."""
+    key = _CHUNKED_BLOCK.sub(r"blocks.\1.", key)
+    return bool(_OFFICIAL_KEY.match(key) or _TIMM_KEY.match(key))
+
+
+def _no_backbone_keys(sd: Mapping[str, Any], source: str) -> BackboneLoadError:
+    """The error for a state dict without any ViT backbone name: the most common key prefixes, and what a
+    training checkpoint's ``student.``/``teacher.``/``backbone.`` prefixes mean."""
+    if not sd:
+        return BackboneLoadError(f"no ViT backbone keys found in {source}: it holds no tensors")
+    prefixes = Counter(str(k).split(".", 1)[0] for k in sd)
+    common = ", ".join(f"{p}.* ({n} key{'s' if n > 1 else ''})" for p, n in prefixes.most_common(3))
+    more = f" and {len(prefixes) - 3} more prefixes" if len(prefixes) > 3 else ""
+    hint = ""
+    n_student = sum(str(k).startswith("student.backbone.") for k in sd)
+    n_backbone = sum(".backbone." in f".{k}" for k in sd)
+    if n_student:
+        hint = (f"; {n_student} keys start with 'student.backbone.': a DINOv2 training checkpoint holding only the "
+                "student. The teacher (teacher.backbone.*) is what is loaded, and this file has none; to use the "
+                "student, save its keys without the 'student.backbone.' prefix with torch.save and load that file")
+    elif n_backbone:
+        hint = f"; {n_backbone} keys hold 'backbone.' in their names, but none under it is a ViT backbone name"
+    return BackboneLoadError(f"no ViT backbone keys found in {source}: its most common key prefixes are "
+                             f"{common}{more}{hint}")
+
+
+def _detect_layout(sd: Mapping[str, Tensor], source: str = "state dict") -> str:
+    """``"timm"`` for timm's names, else ``"official"``; raises when no key is a ViT backbone name.
+
+    timm has ``reg_token`` and never ``mask_token``/``register_tokens``/``mlp.w12``; a dict with none of these
+    markers is timm's only when it holds timm's tokens (``cls_token``, ``pos_embed``, ``patch_embed``) and
+    timm's block names (reading an official dict without ``mask_token`` as timm gives the same model).
+    A dict with some backbone names but neither marker set is read as official, so that the errors list what
+    is missing or extra."""
+    keys = {_CHUNKED_BLOCK.sub(r"blocks.\1.", str(k)) for k in sd}
+    if "reg_token" in keys:
+        return "timm"
+    if "mask_token" in keys or "register_tokens" in keys or any(".mlp.w12." in k or ".mlp.w3." in k for k in keys):
+        return "official"
+    timm_blocks = any(k.startswith("blocks.") and _TIMM_KEY.match(k) for k in keys)
+    if {"cls_token", "pos_embed", "patch_embed.proj.weight"} <= keys and timm_blocks:
+        return "timm"
+    if any(_is_backbone_name(k) for k in keys):
+        return "official"
+    raise _no_backbone_keys(sd, source)
 
 
 def _to_ours(sd: Mapping[str, Tensor], layout: str, source: str, strict: bool) -> StateDict:
@@ -260,7 +337,11 @@ def _torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Weights only load failed" in text:
-            reason = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), "unsupported content")
+            reason = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), None)
+            if reason is None:  # e.g. a plain pickle of protocol 4+, refused before its globals are reached
+                found = _unsafe_globals(path)
+                reason = (f"it imports {', '.join(found[:_SHOW])}" if found else
+                          next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln), "unsupported content"))
             raise BackboneLoadError(
                 f"{path}: torch.load(weights_only=True) refused this file ({reason}). It holds Python objects "
                 "besides tensors and plain containers, so it may not be a plain checkpoint; it is not loaded "
@@ -274,6 +355,60 @@ def _torch_load(path: Path) -> Any:
         ) from exc
 
 
+def _pickle_globals(data: bytes) -> list[str]:
+    """``module.name`` of every global that the pickle(s) in ``data`` import, read with :mod:`pickletools`
+    (which only parses opcodes: nothing is imported or run). Legacy torch files hold several pickles in a row."""
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        strings: list[str | None] = []  # what each opcode pushed: a string, or None for anything else
+        memo: dict[int, str | None] = {}
+        start = stream.tell()
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                name = op.name
+                if name in ("GLOBAL", "INST") and isinstance(arg, str):
+                    found.append(arg.replace(" ", "."))
+                elif name == "STACK_GLOBAL" and len(strings) >= 2 and strings[-2] and strings[-1]:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                if name in ("BINPUT", "LONG_BINPUT", "PUT") and isinstance(arg, int):
+                    memo[arg] = strings[-1] if strings else None
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = strings[-1] if strings else None
+                elif name in ("BINGET", "LONG_BINGET", "GET") and isinstance(arg, int):
+                    strings.append(memo.get(arg))
+                elif op.stack_after and name != "MARK":
+                    is_text = isinstance(arg, str) and name.endswith(("UNICODE", "UNICODE8", "STRING"))
+                    strings.append(arg if is_text else None)
+                if name == "STOP":
+                    break
+        except Exception:  # noqa: BLE001 (not a pickle past this point: report what was found)
+            break
+        if stream.tell() == start:
+            break
+    return list(dict.fromkeys(found))
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals a pickle at ``path`` imports that ``torch.load(weights_only=True)`` does not allow."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                names = [n for n in zf.namelist() if n.endswith("data.pkl")]
+                data = zf.read(names[0]) if names else b""
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile):
+        return []
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except (ImportError, AttributeError):  # a private helper: fall back to torch's own modules
+        return [g for g in _pickle_globals(data) if not g.startswith(("torch.", "collections.OrderedDict"))]
+    return [g for g in _pickle_globals(data) if g not in allowed]
+
+
 def _take_prefix(sd: Mapping[str, Any], prefix: str, source: str) -> dict[str, Any]:
     out = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     if not out:
@@ -282,15 +417,25 @@ def _take_prefix(sd: Mapping[str, Any], prefix: str, source: str) -> dict[str, A
 
 
 def _strip_wrappers(sd: dict[str, Any]) -> dict[str, Any]:
-    """Remove prefixes every key shares from DDP (``module.``), torch.compile (``_orig_mod.``) or a bare
-    ``backbone.`` (a meta-architecture's backbone saved without its parent)."""
+    """Remove the prefixes of DDP (``module.``), torch.compile (``_orig_mod.``) or a bare ``backbone.`` (a
+    meta-architecture's backbone saved with its heads, e.g. ``backbone.*`` + ``head.weight``).
+
+    A prefix is removed when every key has it, or when no other key is a backbone name (nor would collide
+    with a stripped one) and most keys have it or the backbone names are under it; the other keys keep their
+    names, so that ``strict=False`` drops them as non-backbone keys and ``strict=True`` reports them."""
     changed = True
     while changed and sd:
         changed = False
         for prefix in ("module.", "_orig_mod.", "backbone."):
-            if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
-                changed = True
+            inside = {str(k)[len(prefix):] for k in sd if str(k).startswith(prefix)}
+            outside = [str(k) for k in sd if not str(k).startswith(prefix)]
+            if not inside:
+                continue
+            if outside and (inside & set(outside) or any(_is_backbone_name(k) for k in outside)
+                            or (len(inside) <= len(outside) and not any(_is_backbone_name(k) for k in inside))):
+                continue
+            sd = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+            changed = True
     return sd
 
 
@@ -306,6 +451,8 @@ def _state_dict_from_object(obj: Any, source: str) -> tuple[dict[str, Any], dict
         sd = _take_prefix(obj["teacher"], "backbone.", f"{source} ['teacher']")
     elif isinstance(obj.get("model"), Mapping) and any(str(k).startswith("teacher.") for k in obj["model"]):
         sd = _take_prefix(obj["model"], "teacher.backbone.", f"{source} ['model']")  # DINOv2 training ckpt
+    elif any(str(k).startswith("teacher.backbone.") for k in obj):  # a DINOv2 training model's state dict
+        sd = _take_prefix(obj, "teacher.backbone.", source)
     elif isinstance(obj.get("model"), Mapping):
         sd = dict(obj["model"])
     elif isinstance(obj.get("state_dict"), Mapping):
@@ -356,13 +503,30 @@ def _read_safetensors(path: Path, strict: bool) -> tuple[StateDict, dict[str, An
     info = _read_export_info(path, metadata)
     if info is None:
         sd = _strip_wrappers(sd)
-        return _to_ours(sd, _detect_layout(sd), str(path), strict), None, str(path)
+        return _to_ours(sd, _detect_layout(sd, str(path)), str(path), strict), None, str(path)
     return _to_ours(sd, info["layout"], str(path), strict), dict(info["config"]), str(path)
 
 
 def _read_torch_file(path: Path, strict: bool) -> tuple[StateDict, dict[str, Any] | None, str]:
     sd, config = _state_dict_from_object(_torch_load(path), str(path))
-    return _to_ours(sd, _detect_layout(sd), str(path), strict), config, str(path)
+    return _to_ours(sd, _detect_layout(sd, str(path)), str(path), strict), config, str(path)
+
+
+def _commit_time(ckpt: Path) -> float:
+    """When a checkpoint was committed: its ``COMMITTED`` marker's ``"time"``, else the marker's mtime."""
+    marker = ckpt / "COMMITTED"
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        info = None
+    stamp = info.get("time") if isinstance(info, dict) else None
+    if isinstance(stamp, int | float) and not isinstance(stamp, bool) and math.isfinite(stamp):
+        return float(stamp)
+    return marker.stat().st_mtime
+
+
+def _when(stamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
 
 
 def _read_dir(d: Path, strict: bool) -> tuple[StateDict, dict[str, Any] | None, str]:
@@ -370,12 +534,20 @@ def _read_dir(d: Path, strict: bool) -> tuple[StateDict, dict[str, Any] | None, 
         if not (d / "COMMITTED").exists():
             raise BackboneLoadError(f"{d}: checkpoint has no COMMITTED marker, so it was not completely written")
         return _read_torch_file(d / "model.pt", strict)
-    if (d / "teacher_backbone.safetensors").is_file():
-        return _read_safetensors(d / "teacher_backbone.safetensors", strict)
     from fastdinov2.train.checkpoint import list_checkpoints
 
     # the newest by data position (a run continued on more processes names later checkpoints with smaller steps)
     committed = [sub for _, sub in list_checkpoints(d / "checkpoints") if (sub / "model.pt").is_file()]
+    export = d / "teacher_backbone.safetensors"
+    if export.is_file():
+        if committed:
+            stamp = _commit_time(committed[-1])
+            # a run continued past the end it was exported at (1 s: file times come from a coarser clock)
+            if stamp > export.stat().st_mtime + 1.0:
+                print(f"[fastdinov2] {committed[-1]} (committed {_when(stamp)}) is newer than {export} (written "
+                      f"{_when(export.stat().st_mtime)}): loading the checkpoint", file=sys.stderr)
+                return _read_torch_file(committed[-1] / "model.pt", strict)
+        return _read_safetensors(export, strict)
     if committed:
         return _read_torch_file(committed[-1] / "model.pt", strict)
     raise BackboneLoadError(f"{d}: not a run or checkpoint directory: found no teacher_backbone.safetensors, no "
@@ -489,9 +661,10 @@ def load_backbone(path: str | os.PathLike[str], device: str | torch.device = "cp
     if strict:
         sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
         model.load_state_dict(sd, strict=True, assign=True)
-    else:  # missing tensors keep a real initialisation
+    else:  # missing tensors keep a real initialisation; check_state_dict above has warned
         model = build_vit(**config)
-        load_state_dict_checked(model, sd, source, strict=False)
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
     return model.to(device).eval()
 
 
@@ -514,10 +687,26 @@ def load_pretrained_into(model: DinoVisionTransformer, path: str | os.PathLike[s
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file, then rename; the file gets the usual mode ``0o666 & ~umask`` (a
+    temporary file or safetensors would leave it 0600, unreadable to colleagues on a shared cluster)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

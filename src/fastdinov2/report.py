@@ -153,6 +153,10 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunData:
     path = Path(run_dir)
     if not path.is_dir():
         raise ReportError(f"run directory not found: {path}")
+    results = sorted((path / "eval").glob("*.json"))
+    if not (path / "config.yaml").is_file() and not (path / METRICS_FILE).is_file() and not results:
+        raise ReportError(f"{path} is not a run directory: it has no config.yaml, no {METRICS_FILE} and no "
+                          "eval/*.json result files")
     notes: list[str] = []
     config: dict[str, Any] = {}
     cfg_file = path / "config.yaml"
@@ -173,7 +177,7 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunData:
     else:
         notes.append(f"no {METRICS_FILE}")
     evals: list[EvalEntry] = []
-    for f in sorted((path / "eval").glob("*.json")):
+    for f in results:
         if f.with_suffix(".safetensors").is_file():
             continue  # the metadata of a saved head (e.g. linear_head.json), not a result
         obj = read_result(f)
@@ -189,14 +193,17 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunData:
 
 
 def _run_names(paths: Sequence[Path]) -> list[str]:
-    """Directory names, made unique with parent folders when two runs share a name."""
-    names = [p.resolve().name for p in paths]
-    depth = 1
-    while len(set(names)) < len(names) and depth < 6:
-        depth += 1
-        names = ["/".join(p.resolve().parts[-depth:]) for p in paths]
+    """Directory names, made unique with parent folders when two runs share a name (``a/run``, ``b/run``),
+    else (the same folder given twice) numbered: ``run (1)``, ``run (2)``."""
+    resolved = [p.resolve() for p in paths]
+    names = [r.name for r in resolved]
+    if len(set(resolved)) == len(resolved):
+        depth = 1
+        while len(set(names)) < len(names) and depth < 6:
+            depth += 1
+            names = [Path(*r.parts[-depth:]).as_posix() for r in resolved]  # parts[0] of an absolute path is "/"
     if len(set(names)) < len(names):
-        names = [f"{n} ({i + 1})" for i, n in enumerate(names)]
+        names = [f"{r.name} ({i + 1})" for i, r in enumerate(resolved)]
     return names
 
 

@@ -722,15 +722,20 @@ class DinoVisionTransformer(nn.Module):
         final LayerNorm to each output (as DINOv2).
         """
         depth = len(self.blocks)
-        if isinstance(n, int):
+        if isinstance(n, int) and not isinstance(n, bool):
             if not 1 <= n <= depth:
-                raise ValueError(f"n={n}: the model has {depth} blocks")
+                raise ValueError(f"get_intermediate_layers: n={n}: the number of last blocks must be 1..{depth} "
+                                 f"(the model has {depth} blocks)")
             take = list(range(depth - n, depth))
         else:
             take = list(n)
+            if not take or not all(isinstance(i, int) and not isinstance(i, bool) for i in take):
+                raise ValueError(f"get_intermediate_layers: n={n!r}: expected a positive int or a non-empty list "
+                                 f"of block indices in 0..{depth - 1}")
             bad = [i for i in take if not 0 <= i < depth]
             if bad:
-                raise ValueError(f"block indices {bad} out of range for a model with {depth} blocks")
+                raise ValueError(f"get_intermediate_layers: block indices {bad} are out of range 0..{depth - 1} "
+                                 f"(the model has {depth} blocks)")
         tokens = self._to_stream(self.prepare_tokens_with_masks(x))
         outputs: dict[int, Tensor] = {}
         for i, blk in enumerate(self.blocks):
