@@ -217,3 +217,6 @@ def test_generated_corruptions_end_to_end(tmp_path: Path) -> None:
         evaluate_corruption(model, head_file, progress=False)
     with pytest.raises(EvalError, match="unknown corruption"):
         evaluate_corruption(model, head_file, generate_from=val, corruptions=["rain"], progress=False)
+    # a negative corruption size was silently taken for 0 (corrupt at the eval size)
+    with pytest.raises(EvalError, match="corruption size must be 0 .* got -5"):
+        evaluate_corruption(model, head_file, generate_from=val, corruption_size=-5, progress=False)

@@ -132,6 +132,15 @@ def test_knn_rejects_bad_arguments() -> None:
         knn_classify(x, y, x, y, temperature=0.0)
 
 
+def test_evaluate_knn_checks_its_settings_before_extracting(tmp_path: Path) -> None:
+    # the folders do not even exist: the settings are refused first, before any feature is extracted
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(EvalError, match="temperature must be positive, got 0"):
+        evaluate_knn(_tiny_vit(), nowhere, nowhere, temperature=0.0, progress=False)
+    with pytest.raises(EvalError, match=r"every k must be >= 1, got \[10, 0\]"):
+        evaluate_knn(_tiny_vit(), nowhere, nowhere, ks=(10, 0), progress=False)
+
+
 # --------------------------------------------------------------------------------------- transforms
 def test_eval_transform_sizes() -> None:
     assert resize_size_for(224) == 256 and resize_size_for(64) == 73
@@ -234,3 +243,77 @@ def test_evaluate_knn_class_mismatch_names_the_folder(tmp_path: Path) -> None:
     val = _class_folders(tmp_path / "val", 2, classes=("a", "b", "zebra"))
     with pytest.raises(EvalError, match=r"val.*missing classes: c.*unexpected classes: zebra"):
         evaluate_knn(_tiny_vit(), train, val, image_size=32, progress=False)
+
+
+# ------------------------------------------------------------------ weights files and file permissions
+def _write_checkpoint(d: Path, model: torch.nn.Module, position: int) -> None:
+    import json
+
+    d.mkdir(parents=True)
+    sd = {f"backbone.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"teacher": sd, "student": sd, "backbone_config": model.config}, d / "model.pt")
+    (d / "COMMITTED").write_text(json.dumps({"sample_position": position}))
+
+
+def test_checkpoint_weight_files_follow_interop(tmp_path: Path) -> None:
+    from fastdinov2.eval.features import checkpoint_weight_files
+    from fastdinov2.interop import export_backbone, read_backbone_weights
+
+    def first(p: Path) -> Path:
+        files = checkpoint_weight_files(p)
+        assert files[0].resolve() == Path(read_backbone_weights(p)[2]).resolve()  # the file interop reads
+        return files[0]
+
+    model = _tiny_vit()
+    run = tmp_path / "run"
+    # a run continued on more processes: the later checkpoint (by data position) has the smaller step
+    _write_checkpoint(run / "checkpoints" / "step_00000200", model, position=100)
+    _write_checkpoint(run / "checkpoints" / "step_00000150", model, position=300)
+    (run / "checkpoints" / "step_00000900").mkdir()  # not committed: ignored
+    (run / "eval").mkdir()
+    (run / "eval" / "knn.json").write_text("{}")  # eval outputs are not weights
+    assert checkpoint_weight_files(run) == [run / "checkpoints" / "step_00000150" / "model.pt"]
+    first(run)
+    assert first(run / "checkpoints" / "step_00000200") == run / "checkpoints" / "step_00000200" / "model.pt"
+    stem = export_backbone(model, run / "teacher_backbone")  # the final export wins
+    assert checkpoint_weight_files(run) == [stem, stem.with_suffix(".json")]
+    first(run)
+    assert checkpoint_weight_files(stem.with_suffix(".json")) == [stem, stem.with_suffix(".json")]
+    pth = tmp_path / "official.pth"
+    torch.save(model.state_dict(), pth)
+    assert checkpoint_weight_files(pth) == [pth]
+    with pytest.raises(EvalError, match="not a run or checkpoint directory"):
+        checkpoint_weight_files(tmp_path / "run" / "eval")
+    # the cache key of a run dir ignores everything but the weights read
+    ds = open_class_folder(_class_folders(tmp_path / "d", 1), make_eval_transform(32))
+    key = feature_cache_key(run, ds, {}, "cls")
+    (run / "eval" / "knn.json").write_text('{"changed": true}')
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert feature_cache_key(run, ds, {}, "cls") == key
+    stem.with_suffix(".json").write_text(stem.with_suffix(".json").read_text() + " ")
+    assert feature_cache_key(run, ds, {}, "cls") != key
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_eval_files_get_the_permissions_of_a_new_file(tmp_path: Path, umask: int, mode: int) -> None:
+    import os
+
+    from fastdinov2.eval.features import save_cached_features
+    from fastdinov2.eval.linear import LinearHead
+    from fastdinov2.eval.results import current_umask, write_result
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        written = [
+            write_result(tmp_path / "r" / "knn.json", "knn", None, {}, {"top1": 1.0}),
+            save_cached_features(tmp_path / "c" / "f.safetensors", "k", torch.zeros(2, 3), torch.zeros(2)),
+        ]
+        head = LinearHead(torch.zeros(2, 4), torch.zeros(2), 1, False, 4, ["a", "b"], 32, {})
+        written += [head.save(tmp_path / "h" / "head.safetensors"), tmp_path / "h" / "head.json"]
+    finally:
+        os.umask(old)
+    for path in written:
+        assert path.stat().st_mode & 0o777 == mode, path
+    # no temp files are left behind
+    assert sorted(p.name for p in tmp_path.rglob(".*")) == []

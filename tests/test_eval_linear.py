@@ -185,3 +185,15 @@ def test_head_load_errors_name_the_file(tmp_path: Path) -> None:
     path.with_suffix(".json").write_text(json.dumps(info))
     with pytest.raises(EvalError, match=r"h\.safetensors.*3 classes"):
         LinearHead.load(path)
+
+
+def test_evaluate_linear_checks_its_settings_before_extracting(tmp_path: Path) -> None:
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(EvalError, match="batch size must be >= 1, got 0"):
+        evaluate_linear(_tiny_vit(), nowhere, nowhere, head_batch_size=0, progress=False)
+    with pytest.raises(EvalError, match="at least one iteration"):
+        evaluate_linear(_tiny_vit(), nowhere, nowhere, epochs=0, progress=False)
+    with pytest.raises(EvalError, match="block counts must be >= 1"):
+        evaluate_linear(_tiny_vit(), nowhere, nowhere, n_last_blocks_list=(0,), progress=False)
+    with pytest.raises(EvalError, match="learning rates must be positive"):
+        evaluate_linear(_tiny_vit(), nowhere, nowhere, learning_rates=(0.1, -1.0), progress=False)

@@ -687,26 +687,15 @@ def load_pretrained_into(model: DinoVisionTransformer, path: str | os.PathLike[s
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (``/proc/self/status``)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_write(path: Path, write: Any) -> None:
     """Write through a temporary file, then rename; the file gets the usual mode ``0o666 & ~umask`` (a
     temporary file or safetensors would leave it 0600, unreadable to colleagues on a shared cluster)."""
+    from fastdinov2.eval.results import share_like_a_new_file
+
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        share_like_a_new_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

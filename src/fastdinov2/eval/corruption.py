@@ -236,6 +236,8 @@ class GeneratedCorruptionDataset(Dataset):
         self.corruption = corruption
         self.severity = severity
         self.image_size = image_size
+        if corruption_size < 0:
+            raise EvalError(f"corruption size must be 0 (the eval size) or positive, got {corruption_size}")
         self.corruption_size = corruption_size if corruption_size > 0 else image_size
         if self.corruption_size < MIN_CORRUPTION_SIZE:
             raise EvalError(f"corruption size {self.corruption_size} is below the {MIN_CORRUPTION_SIZE} px "
@@ -390,6 +392,8 @@ def evaluate_corruption(
     if (corrupted_root is None) == (generate_from is None):
         raise EvalError("give exactly one of a corrupted root (--corrupted-root) and a val folder to corrupt "
                         "(--generate)")
+    if corruption_size < 0:
+        raise EvalError(f"corruption size must be 0 (the eval size) or positive, got {corruption_size}")
     head = LinearHead.load(head_file)
     head.check_model(model, head_file)
     size = image_size or head.image_size

@@ -14,17 +14,15 @@ In a process group (``fastdinov2.distributed.is_enabled()``) every rank extracts
 result in dataset order.
 
 Optional on-disk cache: a safetensors file holding ``features``/``labels`` and the cache key in its
-metadata; it is reused only when the key matches. Keys come from :func:`feature_cache_key` (checkpoint path
-and modification time, the dataset's file list, transform settings and feature kind) or, when not given,
-from a fingerprint of the model's weights.
+metadata; it is reused only when the key matches. Keys come from :func:`feature_cache_key` (path, size and
+modification time of the weights file(s) the checkpoint resolves to, the dataset's file list, transform
+settings and feature kind) or, when not given, from a fingerprint of the model's weights.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +33,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from fastdinov2 import distributed
-from fastdinov2.eval.results import EvalError
+from fastdinov2.eval.results import EvalError, write_atomic
 
 FeatureKind = Literal["cls", "patch_mean", "blocks"]
 FEATURE_KINDS: tuple[str, ...] = ("cls", "patch_mean", "blocks")
@@ -181,19 +179,60 @@ def dataset_file_list(dataset: Any) -> list[tuple[str, int]]:
     )
 
 
+def checkpoint_weight_files(checkpoint: str | Path) -> list[Path]:
+    """The file(s) :func:`fastdinov2.interop.read_backbone_weights` reads for ``checkpoint``, weights first.
+
+    Mirrors interop's resolution order: a directory with ``model.pt`` (a checkpoint directory) -> that file;
+    a run directory -> ``teacher_backbone.safetensors`` (+ its ``.json``), else the ``model.pt`` of its newest
+    committed checkpoint (by data position, :func:`fastdinov2.train.checkpoint.list_checkpoints`); an export
+    ``X.json`` or ``X.safetensors`` -> ``X.safetensors`` (+ ``X.json`` when present); any other file -> itself.
+    Everything else in a run directory (eval outputs, logs, older checkpoints) is not read, so it is not listed.
+    """
+    p = Path(checkpoint)
+    if not p.exists():
+        raise EvalError(f"checkpoint {p} does not exist")
+    if p.is_dir():
+        if (p / "model.pt").is_file():
+            return [p / "model.pt"]
+        if (p / "teacher_backbone.safetensors").is_file():
+            p = p / "teacher_backbone.safetensors"
+        else:
+            from fastdinov2.train.checkpoint import list_checkpoints
+
+            committed = [sub for _, sub in list_checkpoints(p / "checkpoints") if (sub / "model.pt").is_file()]
+            if not committed:
+                raise EvalError(f"checkpoint {p} is not a run or checkpoint directory: no "
+                                "teacher_backbone.safetensors, no committed checkpoints/step_*/model.pt")
+            return [committed[-1] / "model.pt"]
+    if p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    if p.suffix == ".safetensors":
+        sidecar = p.with_suffix(".json")
+        return [p, sidecar] if sidecar.is_file() else [p]
+    return [p]
+
+
+def checkpoint_identity(checkpoint: str | Path) -> dict[str, str | None]:
+    """What a result or linear head records about its backbone besides the path given:
+    ``checkpoint_resolved`` (the absolute path) and ``checkpoint_file`` (the absolute path of the weights file
+    it resolves to, :func:`checkpoint_weight_files`; None when it does not resolve)."""
+    p = Path(checkpoint)
+    try:
+        weights: str | None = str(checkpoint_weight_files(p)[0].resolve())
+    except (EvalError, OSError):
+        weights = None
+    return {"checkpoint_resolved": str(p.resolve()), "checkpoint_file": weights}
+
+
 def _path_stamp(path: Path) -> list:
-    """Path + size + mtime of a file, or of every file below a directory (a run dir changes as it trains)."""
-    if path.is_file():
-        st = path.stat()
-        return [[str(path.resolve()), st.st_size, st.st_mtime_ns]]
-    if path.is_dir():
-        out = []
-        for p in sorted(path.rglob("*")):
-            if p.is_file():
-                st = p.stat()
-                out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
-        return out
-    raise EvalError(f"checkpoint {path} does not exist")
+    """Resolved path + size + mtime of every file the backbone is read from (:func:`checkpoint_weight_files`)."""
+    out = []
+    for f in checkpoint_weight_files(path):
+        if not f.is_file():
+            raise EvalError(f"checkpoint {path}: {f} does not exist")
+        st = f.stat()
+        out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return out
 
 
 def feature_cache_key(
@@ -205,13 +244,11 @@ def feature_cache_key(
     extra: dict | None = None,
     model: nn.Module | None = None,
 ) -> str:
-    """Hex SHA-256 over (checkpoint path + size + mtime, or the model's weights when ``checkpoint`` is None),
+    """Hex SHA-256 over (path + size + mtime of the weights file(s) ``checkpoint`` resolves to, or the model's
+    weights when ``checkpoint`` is None),
     the dataset's ``(path, label)`` list, transform settings, feature kind, ``n_last_blocks`` and ``extra``."""
     if checkpoint is not None:
         source: Any = _path_stamp(Path(checkpoint))
-        ckpt_json = Path(checkpoint).with_suffix(".json")
-        if Path(checkpoint).is_file() and ckpt_json.is_file() and ckpt_json != Path(checkpoint):
-            source += _path_stamp(ckpt_json)
     elif model is not None:
         source = model_fingerprint(model)
     else:
@@ -249,18 +286,8 @@ def save_cached_features(cache_path: str | Path, key: str, feats: Tensor, labels
     """Write ``features``/``labels`` with ``key`` in the metadata, atomically."""
     from safetensors.torch import save_file
 
-    path = Path(cache_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"features": feats.contiguous(), "labels": labels.contiguous()}, tmp, metadata={"key": key})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    tensors = {"features": feats.contiguous(), "labels": labels.contiguous()}
+    return write_atomic(cache_path, lambda tmp: save_file(tensors, str(tmp), metadata={"key": key}))
 
 
 def _gather_rows(local: Tensor, local_rows: Tensor, n_total: int, device: torch.device) -> Tensor:

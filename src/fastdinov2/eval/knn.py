@@ -140,7 +140,13 @@ def evaluate_knn(
     weights). Returns :func:`knn_classify`'s dict plus ``"image_size"``.
     """
     from fastdinov2.eval.features import feature_cache_key
+    from fastdinov2.eval.results import EvalError
 
+    # checked before the features are extracted (knn_classify would refuse them only afterwards)
+    if not ks or any(int(k) < 1 for k in ks):
+        raise EvalError(f"kNN: every k must be >= 1, got {list(ks)}")
+    if not temperature > 0:
+        raise EvalError(f"kNN: the temperature must be positive, got {temperature}")
     dev = resolve_device(device)
     transform = make_eval_transform(image_size)
     settings = EvalTransformSettings.for_size(image_size).to_dict()

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from fastdinov2.eval.features import (
     check_same_classes,
+    checkpoint_identity,
     extract_features,
     feature_cache_key,
     linear_input_dim,
@@ -41,7 +42,7 @@ from fastdinov2.eval.features import (
     resolve_device,
     select_linear_input,
 )
-from fastdinov2.eval.results import EvalError, write_json_atomic
+from fastdinov2.eval.results import EvalError, write_atomic, write_json_atomic
 from fastdinov2.eval.transforms import EvalTransformSettings, make_eval_transform
 
 LEARNING_RATES: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
@@ -134,11 +135,8 @@ class LinearHead:
         path = Path(path)
         if path.suffix != ".safetensors":
             raise EvalError(f"head file {path} must end in .safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"weight": self.weight.detach().cpu().contiguous(), "bias": self.bias.detach().cpu().contiguous()},
-                  str(tmp))
-        tmp.replace(path)
+        tensors = {"weight": self.weight.detach().cpu().contiguous(), "bias": self.bias.detach().cpu().contiguous()}
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
         info = {
             "format": HEAD_FORMAT,
             "version": HEAD_FORMAT_VERSION,
@@ -259,6 +257,8 @@ def train_linear_heads(
     n = feats.shape[0]
     if n == 0:
         raise EvalError("no training samples for the linear probe")
+    if batch_size < 1:
+        raise EvalError(f"the linear heads' batch size must be >= 1, got {batch_size}")
     steps_per_epoch = math.ceil(n / batch_size)
     total = iterations if iterations is not None else epochs * steps_per_epoch
     if total < 1:
@@ -446,6 +446,14 @@ def evaluate_linear(
     dev = resolve_device(device)
     depth = _depth(model)
     embed_dim = int(getattr(model, "embed_dim", 0))
+    # bad settings fail here, not after the features are extracted
+    if head_batch_size < 1:
+        raise EvalError(f"the linear heads' batch size must be >= 1, got {head_batch_size}")
+    if (epochs if iterations is None else iterations) < 1:
+        raise EvalError(f"the linear probe needs at least one iteration (epochs={epochs}, iterations={iterations})")
+    if val_from_train and not 0.0 < val_fraction < 1.0:
+        raise EvalError(f"val fraction must be in (0, 1), got {val_fraction}")
+    head_grid(depth, learning_rates, n_last_blocks_list, poolings, head_batch_size)
     extracted = min(max(int(n) for n in n_last_blocks_list), depth)
     transform = make_eval_transform(image_size)
     settings = EvalTransformSettings.for_size(image_size).to_dict()
@@ -487,7 +495,9 @@ def evaluate_linear(
             "lr": spec.lr, "lr_scaled": spec.lr_scaled, "name": spec.name,
             "selection_top1": results["best"]["selection_top1"], "top1": results["best"]["top1"],
             "selection_split": results["selection_split"], "transform": settings,
-            "checkpoint": None if checkpoint is None else str(checkpoint), "train_dir": str(train_dir),
+            "checkpoint": None if checkpoint is None else str(checkpoint),
+            **(checkpoint_identity(checkpoint) if checkpoint is not None else {}),
+            "train_dir": str(train_dir),
         },
     )
     results["head_file"] = str(head.save(head_path)) if head_path is not None else None

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,21 +62,60 @@ def make_envelope(protocol: str, checkpoint: str | Path | None, config: dict, re
     }
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically (temp file + rename); creates parent dirs."""
+def current_umask() -> int:
+    """The process umask. Read from ``/proc/self/status`` (Linux) where possible; elsewhere set and restored
+    with ``os.umask``, which is racy against threads creating files at the same instant (acceptable here)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def share_like_a_new_file(path: str | Path) -> None:
+    """Give ``path`` the permissions a plain ``open(path, "w")`` would: ``0o666 & ~umask``.
+
+    ``tempfile.mkstemp`` creates files with mode 0600, so a result written through a temp file and renamed
+    would be unreadable by colleagues on a shared cluster."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` atomically: ``write(tmp)`` fills a temp file beside it, which gets the permissions of a
+    freshly created file (:func:`share_like_a_new_file`) and is renamed over ``path``. Creates parent dirs;
+    the temp file is removed when ``write`` fails. Every eval writer (results, linear heads, feature cache)
+    goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, allow_nan=False)
-            f.write("\n")
+        write(tmp)
+        share_like_a_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
         raise
     return path
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (temp file + rename, mode ``0o666 & ~umask``);
+    creates parent dirs."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+
+    def _write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    return write_atomic(path, _write)
 
 
 def write_result(

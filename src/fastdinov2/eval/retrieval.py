@@ -46,6 +46,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fastdinov2.eval.features import resolve_device
+from fastdinov2.eval.options import non_negative_int, positive_int
 from fastdinov2.eval.results import EvalError, write_result
 from fastdinov2.eval.transforms import normalize_batch
 from fastdinov2.safe_pickle import safe_load
@@ -456,13 +457,14 @@ def add_retrieval_command(eval_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="ROOT folder holding <dataset>/")
     p.add_argument("--dataset", required=True, help="dataset folder name, e.g. roxford5k or rparis6k")
     p.add_argument("--multiscale", action="store_true", help="average scales 1, 1/sqrt(2), 1/2")
-    p.add_argument("--image-size", type=int, default=224,
+    p.add_argument("--image-size", type=positive_int, default=224,
                    help="long side of the resized images, rounded to the patch size (default: 224)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
-    p.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default: 0)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--num-workers", type=non_negative_int, default=0,
+                   help="data-loader worker processes (default: 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.add_argument("--output", type=Path, default=None,
-                   help="result JSON (default: RUN/eval/retrieval_<dataset>.json for a run dir, "
+                   help="result JSON, must end in .json (default: RUN/eval/retrieval_<dataset>.json for a run dir, "
                         "else ./eval_retrieval_<dataset>.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run_retrieval_command)
@@ -472,9 +474,14 @@ def add_retrieval_command(eval_subparsers: Any) -> argparse.ArgumentParser:
 def run_retrieval_command(args: argparse.Namespace) -> int:
     """``fastdinov2 eval retrieval``: evaluate, print the table, write the JSON result."""
     from fastdinov2.eval.commands import default_output
+    from fastdinov2.eval.options import check_output_file, refuse_torchrun
     from fastdinov2.interop import load_backbone
 
+    explicit = args.output is not None
+    output = args.output if explicit else default_output(args.checkpoint, f"retrieval_{args.dataset}")
     try:
+        refuse_torchrun("retrieval")
+        check_output_file(output, "--output" if explicit else "output file (the default of --output)", ".json")
         device = resolve_device(args.device)
         model = load_backbone(args.checkpoint, device=device)
         results = evaluate_retrieval(
@@ -488,9 +495,8 @@ def run_retrieval_command(args: argparse.Namespace) -> int:
     config = {
         "data": str(args.data), "dataset": args.dataset, "image_size": args.image_size,
         "multiscale": args.multiscale, "scales": results["scales"], "batch_size": args.batch_size,
-        "device": str(args.device), "descriptor": "L2-normalised CLS token",
+        "device": str(device), "descriptor": "L2-normalised CLS token",
     }
-    output = args.output if args.output is not None else default_output(args.checkpoint, f"retrieval_{args.dataset}")
     path = write_result(output, "retrieval", args.checkpoint, config, results)
     print(f"wrote {path}")
     return 0
