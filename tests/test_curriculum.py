@@ -29,11 +29,20 @@ def test_stage_boundaries_are_a_pure_function_of_step() -> None:
 
 def test_per_stage_batch_size_changes_steps_and_positions() -> None:
     cfg = _cfg("optim.epochs=8", "train.batch_size_per_gpu=10", "curriculum.stages.0.batch_size_per_gpu=20")
-    cur = Curriculum(cfg, dataset_len=100, world_size=2)  # stage 0: global 40 -> 2 steps/ep; stage 1: 20 -> 5
-    assert [(s.start_step, s.end_step) for s in cur.stages] == [(0, 12), (12, 22)]
-    assert cur.sample_position(12) == 12 * 40
-    assert cur.sample_position(13) == 12 * 40 + 20
-    assert cur.steps_for_epochs(7) == 12 + 5
+    cur = Curriculum(cfg, dataset_len=100, world_size=2)  # stage 0: global 40 -> 2.5 steps/ep; stage 1: 20 -> 5
+    assert [(s.start_step, s.end_step) for s in cur.stages] == [(0, 15), (15, 25)]
+    assert cur.sample_position(15) == 15 * 40 == 6 * 100  # 6 epochs are 6 x 100 images, none dropped
+    assert cur.sample_position(16) == 15 * 40 + 20
+    assert cur.steps_for_epochs(7) == 15 + 5
+    assert cur.epoch_at(5) == pytest.approx(2.0)
+
+
+def test_a_stage_of_e_epochs_takes_e_times_the_dataset() -> None:
+    # a global batch that does not divide the dataset: no image of an epoch is dropped (within one step)
+    cfg = _cfg("optim.epochs=8", "curriculum.stages.0.batch_size_per_gpu=1024")
+    cur = Curriculum(cfg, dataset_len=3000)
+    for st in cur.stages:
+        assert abs(st.num_steps * st.global_batch - st.epochs * 3000) <= st.global_batch / 2
 
 
 def test_continuous_schedule_spans_the_run() -> None:

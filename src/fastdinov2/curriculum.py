@@ -31,7 +31,7 @@ class StagePlan:
     epochs: float
     batch_size_per_gpu: int
     global_batch: int  # batch_size_per_gpu * world_size * grad_accum_steps: images per optimizer step
-    steps_per_epoch: int
+    steps_per_epoch: float  # dataset_len / global_batch: the stream is continuous, no image is dropped per epoch
     global_size: int
     local_size: int
     lowpass: str
@@ -57,7 +57,9 @@ class Curriculum:
         for i, (st, n_epochs) in enumerate(zip(cfg.curriculum.stages, stage_epochs(cfg), strict=True)):
             per_gpu = st.batch_size_per_gpu or cfg.train.batch_size_per_gpu
             global_batch = per_gpu * world_size * cfg.train.grad_accum_steps
-            steps_per_epoch = max(1, dataset_len // global_batch)
+            # A stage of E epochs takes E * N images of the stream (rounded to whole steps); an epoch is not
+            # cut to a multiple of the global batch, which would drop N % global_batch images per epoch.
+            steps_per_epoch = dataset_len / global_batch
             n_steps = max(1, round(n_epochs * steps_per_epoch))
             plans.append(
                 StagePlan(
