@@ -166,6 +166,19 @@ def test_imagenet100_copy(tmp_path: Path) -> None:
         build_imagenet100(src, linked, copy=True, wnids=wnids, log=lambda _: None)
 
 
+def test_imagenet100_out_inside_imagenet_or_uncreatable_is_refused(tmp_path: Path) -> None:
+    wnids = ["n00000001"]
+    src = tmp_path / "in1k"
+    _fake_imagenet(src, wnids)
+    for out in (src / "train" / "in100", src):  # ImageNet-1K's train/ would then hold the subset's val images
+        with pytest.raises(DataError, match="is inside the ImageNet folder"):
+            build_imagenet100(src, out, wnids=wnids, log=lambda _: None)
+    assert sorted(os.listdir(src / "train")) == ["n00000001", "n99999999"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DataError, match="cannot build ImageNet-100 at .*afile: .*Not a directory"):
+        build_imagenet100(src, tmp_path / "afile", wnids=wnids, log=lambda _: None)
+
+
 def test_imagenet100_missing_class_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     wnids = list(IMAGENET100_WNIDS)
     src, out = tmp_path / "in1k", tmp_path / "in100"

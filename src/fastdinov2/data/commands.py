@@ -92,6 +92,18 @@ def build_imagenet100(
         listed = "\n  ".join(str(p) for p in missing)
         raise DataError(f"{len(missing)} ImageNet class folder(s) missing (val must be sorted into class "
                         f"folders too):\n  {listed}")
+    src_abs, dst_abs = src_root.resolve(), dst_root.resolve()
+    if dst_abs == src_abs or src_abs in dst_abs.parents:
+        raise DataError(f"--out {dst_root} is inside the ImageNet folder {src_root}: ImageNet-1K's training data would "
+                        "then hold the subset's val images too; choose a folder outside it")
+    try:
+        return _link_classes(src_root, dst_root, wnids, splits, copy, log)
+    except (OSError, shutil.Error) as exc:
+        raise DataError(f"cannot build ImageNet-100 at {dst_root}: {exc}") from exc
+
+
+def _link_classes(src_root: Path, dst_root: Path, wnids: Sequence[str], splits: Sequence[str], copy: bool,
+                  log: Log) -> dict[str, int]:
     created = existing = 0
     for split in splits:
         (dst_root / split).mkdir(parents=True, exist_ok=True)

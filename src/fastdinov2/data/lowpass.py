@@ -11,11 +11,12 @@ uint8 crops ``[n, 3, S, S]`` at the stage size ``S``:
   are preserved, and clamped to [0, 255]. An ideal (brick-wall) low-pass: exactly the frequencies below
   ``S / 2`` cycles per crop pass, unchanged; sharp edges ring (Gibbs), hence the clamp.
 * ``jpeg_draft``: the JPEG is decoded at reduced scale in the DCT domain (Pillow ``draft``, 1/2, 1/4 or
-  1/8): the largest power-of-two reduction ``1/2^k`` that is still >= ``S / F`` (so the drafted image
-  still has at least the resolution the crop needs). The box is mapped to the drafted image and resized
-  bicubically to ``S``. Decoding is the cheapest of the three; the DCT-domain downscale is a slightly
-  different filter than bicubic. Non-JPEG files (PNG, WebP, ...) are decoded at full size and then
-  behave exactly like ``resize``.
+  1/8): the largest power-of-two reduction ``1/2^k`` that is still >= ``S / F`` (so a crop box spanning at
+  least ``F`` original pixels, as every box of an ImageNet-size image does, still has ``S`` drafted pixels; a
+  smaller box, on a small image, is upsampled: a stronger low-pass than ``resize``). The box is mapped to the
+  drafted image and resized bicubically to ``S``. Decoding is the cheapest of the three; the DCT-domain
+  downscale is a slightly different filter than bicubic. Non-JPEG files (PNG, WebP, ...) are decoded at
+  full size and then behave exactly like ``resize``.
 
 Decoding: a JPEG decoded at full size (``resize``, ``fourier``, and ``jpeg_draft`` when no reduction applies)
 goes through torchcodec's libjpeg-turbo decoder straight into a uint8 tensor, pixel-identical to Pillow and
