@@ -236,3 +236,8 @@ def test_stage_needs_exactly_one_length(tmp_path: Path) -> None:
                  "local_size: 32}\n")
     with pytest.raises(ConfigError, match=r"curriculum\.stages\.0\.epochs"):
         load_config(str(f))
+
+
+def test_an_override_past_the_end_of_the_stage_list_says_how_many_there_are() -> None:
+    with pytest.raises(ConfigError, match=r"curriculum\.stages has 2 entries \(0-1\); an override cannot add one"):
+        load_config("fastdinov2_tiny", ["curriculum.stages.2.global_size=64"])

@@ -107,3 +107,9 @@ def test_sampler_resumes_mid_run_with_identical_requests() -> None:
         resumed = list(StepBatchSampler(cur, seed=0, start_step=start, end_step=cur.total_steps))
         assert resumed == full[start:]
     assert {r[2] for r in full[k]} == {1} and {r[2] for r in full[k - 1]} == {0}
+
+
+def test_describe_and_logged_noise_name_what_each_kind_uses() -> None:
+    cfg = _cfg("curriculum.stages.0.noise.kind=blur", "curriculum.stages.1.noise.p=0.5")
+    text = Curriculum(cfg, dataset_len=100).describe()
+    assert "noise blur sigma 0.1-2" in text and "gaussian max 0.5 (p 0.5)" in text

@@ -322,6 +322,18 @@ def _merge(base: DictConfig, other: Any, source: str) -> DictConfig:
     return merged
 
 
+def _list_hint(merged: DictConfig, key: str) -> str:
+    """For ``a.b.N.rest`` past the end of the list ``a.b``: how many entries it has, and how to add one."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[1:], start=1):
+        if part.isdigit():
+            node = OmegaConf.select(merged, ".".join(parts[:i]), default=None)
+            if isinstance(node, ListConfig) and int(part) >= len(node):
+                return (f": {'.'.join(parts[:i])} has {len(node)} entries (0-{len(node) - 1}); an override cannot "
+                        "add one, give the whole list in a YAML file (base: PRESET)")
+    return ""
+
+
 def _full_path(node: Any, tail: list[str], prefix: str = "") -> str | None:
     """The dotted path in ``node`` (a loaded YAML tree) that ends with the keys ``tail``: OmegaConf names a bad
     key inside a list element relative to the element (``noise.maxscale`` for
@@ -383,7 +395,7 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
             if isinstance(parsed, DictConfig | ListConfig):
                 parsed = OmegaConf.to_container(parsed)
             if OmegaConf.select(merged, key, default=_MISSING) is _MISSING:
-                raise ConfigError(f"override {key}: unknown key {key!r}")
+                raise ConfigError(f"override {key}: unknown key {key!r}{_list_hint(merged, key)}")
             if not value.strip():  # YAML reads an empty value as null: KEY="$UNSET" would silently mean KEY=null
                 none = ("data.root=null for the embedded synthetic dataset" if key == "data.root"
                         else f"{key}=null where the key takes none")

@@ -134,7 +134,11 @@ class Curriculum:
     def describe(self) -> str:
         lines = []
         for st in self.stages:
-            noise = "off" if st.noise.kind == "none" else f"{st.noise.kind} max {st.noise.max_scale:g}"
+            n = st.noise
+            noise = {"none": "off", "gaussian": f"gaussian max {n.max_scale:g}",
+                     "blur": f"blur sigma {n.blur_sigma_min:g}-{n.blur_sigma_max:g}"}.get(n.kind, n.kind)
+            if n.kind != "none" and n.p != 1.0:
+                noise += f" (p {n.p:g})"
             lines.append(
                 f"stage {st.index} '{st.name}': steps {st.start_step}-{st.end_step - 1} "
                 f"({st.epochs:g} ep), crops {st.global_size}/{st.local_size} ({st.lowpass}), "

@@ -28,6 +28,7 @@ from fastdinov2.data.synthetic import (
     write_retrieval_set,
     write_synthetic_dataset,
 )
+from fastdinov2.eval.options import non_negative_int
 
 # The ImageNet-100 class list of Tian et al., "Contrastive Multiview Coding" (CMC, 2019): the file
 # imagenet100.txt of github.com/HobbitLong/CMC, in that file's order. Used by most self-supervised
@@ -240,7 +241,7 @@ def add_data_commands(subparsers: Any) -> None:
     s.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=True,
                    help="also write retrieval/synth5k/ (revisitop layout)")
     s.add_argument("--overwrite", action="store_true", help="replace a dataset generated with other settings")
-    s.add_argument("--workers", type=int, default=_default_workers(),
+    s.add_argument("--workers", type=non_negative_int, default=_default_workers(),
                    help="generator processes (default: min(8, CPUs), 0 below 4 CPUs; 0 = this process; "
                    "the files are identical either way)")
     s.set_defaults(func=cmd_synth)
@@ -249,7 +250,7 @@ def add_data_commands(subparsers: Any) -> None:
                        description="Decode every image below DIR fully; print each bad file with the reason; "
                        "exit 1 when any is bad.")
     v.add_argument("dir", type=Path, metavar="DIR")
-    v.add_argument("--workers", type=int, default=0, help="decoding threads (default 0: this thread)")
+    v.add_argument("--workers", type=non_negative_int, default=0, help="decoding threads (default 0: this thread)")
     v.set_defaults(func=cmd_verify)
 
     i = sub.add_parser("imagenet100", help="build ImageNet-100 (CMC class list) from ImageNet-1K",

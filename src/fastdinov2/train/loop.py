@@ -1063,7 +1063,7 @@ class Trainer:
                         "world_size": self.world_size,
                         "global_size": stage.global_size,
                         "local_size": stage.local_size,
-                        "noise_max_scale": stage.noise.max_scale if stage.noise.kind != "none" else 0.0,
+                        "noise_max_scale": stage.noise.max_scale if stage.noise.kind == "gaussian" else 0.0,
                         **{k: round(v, 8) for k, v in self.schedules.at(step).items()},
                         **dict(zip(names, (float(v) for v in values), strict=True)),
                         "img_per_s": window_imgs / max(now - window_t0, 1e-9),
