@@ -15,6 +15,7 @@ def test_paper_vitb16_pair_ratio_is_near_2_25(capsys: pytest.CaptureFixture[str]
     assert main(["flops", "--config", "fastdinov2_vitb16_in1k", "--baseline", "dinov2_vitb16_in1k", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert abs(result["ratio"] - 2.25) / 2.25 < 0.10
+    assert result["differs_outside_curriculum"] == []  # a fair pair: the ratio is the curriculum's
     low, full = result["stages"]
     assert (low["global_size"], full["global_size"]) == (112, 224)
     assert 3.5 < full["gflops_per_image"] / low["gflops_per_image"] < 4.2  # ~4x fewer tokens
@@ -31,3 +32,10 @@ def test_text_output_names_stages(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["flops", "--config", "fastdinov2_tiny", "--baseline", "dinov2_tiny"]) == 0
     out = capsys.readouterr().out
     assert "low_res" in out and "full_res_noise" in out and "ratio" in out
+
+
+def test_a_pair_that_differs_outside_the_curriculum_is_flagged(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["flops", "--config", "fastdinov2_tiny", "--baseline", "dinov2_vits16_in100", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "optim.epochs" in json.loads(captured.out)["differs_outside_curriculum"]
+    assert "differ outside the curriculum" in captured.err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,9 +82,19 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     result: dict[str, Any] = {"config": args.config, **training_flops(cfg)}
     if args.baseline:
-        base = training_flops(load_config(args.baseline, args.overrides))
+        from fastdinov2.config import diff_configs
+        from fastdinov2.train.loop import RESUMABLE_KEYS
+
+        base_cfg = load_config(args.baseline, args.overrides)
+        base = training_flops(base_cfg)
         result["baseline"] = {"config": args.baseline, **base}
         result["ratio"] = base["total_gflops_per_dataset_image"] / result["total_gflops_per_dataset_image"]
+        # the ratio is the curriculum's saving only when nothing else differs (as `experiment compare` requires)
+        result["differs_outside_curriculum"] = diff_configs(base_cfg, cfg, ignore=("curriculum.", *RESUMABLE_KEYS))
+        if result["differs_outside_curriculum"]:
+            print(f"warning: {args.baseline} and {args.config} differ outside the curriculum (keys: "
+                  f"{', '.join(result['differs_outside_curriculum'])}); the ratio is not the curriculum's alone",
+                  file=sys.stderr)
     if args.json:
         print(json.dumps(result))
         return 0
