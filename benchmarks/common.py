@@ -1,7 +1,14 @@
-"""Shared helpers of the benchmark scripts: thread settings, machine description, peak FLOP/s, output.
+"""Shared helpers of the benchmark scripts: option types, thread settings, machine description, peak FLOP/s,
+output.
 
 Every benchmark prints one JSON object (the last line of stdout) after its readable lines, and writes the
 same object to ``--json-out`` when given. Benchmarks are never part of the test suite.
+
+Bad input is refused while parsing (argparse ``type=`` functions: :func:`positive_int`, :func:`non_negative_int`,
+:func:`positive_float`, :func:`positive_int_list`, :func:`size_pairs`; ``error: argument --steps: 0 is not a
+positive integer (must be >= 1)``, exit code 2), and a configuration or data error met while running
+(:class:`~fastdinov2.config.ConfigError`, :class:`~fastdinov2.data.datasets.DataError`) ends the script with
+``<script>: error: <message>`` and exit code 2 (:func:`run_benchmark`), not a traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -21,6 +29,14 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from fastdinov2.config import ConfigError
+from fastdinov2.data.datasets import DataError
+
+# the benchmarks' option types (re-exported): a bad value is refused while parsing, naming option and value
+from fastdinov2.eval.options import non_negative_int as non_negative_int
+from fastdinov2.eval.options import positive_float as positive_float
+from fastdinov2.eval.options import positive_int as positive_int
 
 #: Dense bf16 tensor-core peak (TFLOP/s, no sparsity) by device-name fragment, most specific first.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -160,16 +176,63 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], steps: int, warmup: in
     return times
 
 
+def _int_list(text: str, item: Callable[[str], int], what: str) -> list[int]:
+    items = [v.strip() for v in text.split(",")]
+    if not text.strip() or any(not v for v in items):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}")
+    try:
+        return [item(v) for v in items]
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what} ({exc})") from None
+
+
+def positive_int_list(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1 (``7,64``), as an argparse ``type=``."""
+    return _int_list(text, positive_int, "positive integers")
+
+
+def non_negative_int_list(text: str) -> list[int]:
+    """A comma-separated list of integers >= 0 (indices: ``0,1``), as an argparse ``type=``."""
+    return _int_list(text, non_negative_int, "integers >= 0")
+
+
+def size_pair(text: str) -> tuple[int, int]:
+    """``GLOBAL/LOCAL`` crop sizes in pixels, both >= 1 (``224/96``), as an argparse ``type=``."""
+    parts = text.split("/")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not GLOBAL/LOCAL sizes, e.g. 224/96")
+    try:
+        g, loc = (int(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not GLOBAL/LOCAL sizes, e.g. 224/96") from None
+    if g < 1 or loc < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: crop sizes must be positive")
+    return g, loc
+
+
+def size_pairs(text: str) -> list[tuple[int, int]]:
+    """A comma-separated list of :func:`size_pair` (``224/96,112/48``), as an argparse ``type=``."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("no sizes given; e.g. 224/96,112/48")
+    return [size_pair(v.strip()) for v in text.split(",")]
+
+
 def add_timing_args(p: argparse.ArgumentParser, steps: int, warmup: int) -> None:
     """``--steps``, ``--warmup``, ``--threads`` and ``--json-out``, as the timing benchmarks take them."""
-    p.add_argument("--steps", type=int, default=steps, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=warmup, help="untimed steps per variant first (after one check)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--steps", type=positive_int, default=steps, help="timed steps per variant (>= 1)")
+    p.add_argument("--warmup", type=non_negative_int, default=warmup,
+                   help="untimed steps per variant first (after one check; 0: none)")
+    p.add_argument("--threads", type=non_negative_int, default=None,
+                   help="torch intra-op threads (default or 0: all cores)")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
 
+
 def set_threads(threads: int | None) -> int:
-    """Pin the intra-op thread count (also exported as OMP_NUM_THREADS for child processes); returns it."""
-    n = threads if threads and threads > 0 else (os.cpu_count() or 1)
+    """Pin the intra-op thread count (also exported as OMP_NUM_THREADS for child processes); returns it.
+    ``None`` or 0: all cores."""
+    if threads is not None and threads < 0:
+        raise ValueError(f"threads: {threads} is negative (0 or None: all cores)")
+    n = threads if threads else (os.cpu_count() or 1)
     os.environ["OMP_NUM_THREADS"] = str(n)
     torch.set_num_threads(n)
     return n
@@ -231,7 +294,9 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 
 
 def summarize_ms(times_s: Sequence[float]) -> dict[str, float]:
-    """Median / min / mean / max of per-step times, in milliseconds."""
+    """Median / min / mean / max of per-step times, in milliseconds (at least one time)."""
+    if not times_s:
+        raise ValueError("summarize_ms: no times (a count of timed steps was 0)")
     ms = [t * 1e3 for t in times_s]
     return {
         "median_ms": statistics.median(ms),
@@ -257,9 +322,17 @@ def run_benchmark(
     print_readable: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
     """The common ``main`` of a benchmark: parse ``argv``, ``run(args)``, print the readable lines, then the
-    JSON line (and ``--json-out``). Returns the result."""
+    JSON line (and ``--json-out``). Returns the result.
+
+    A configuration or data error raised by ``run`` (an unknown ``--config`` preset, a bad ``KEY=VALUE``
+    override, a missing dataset) ends the script with ``<prog>: error: <message>`` on stderr and exit code 2,
+    as argparse does for a bad option, instead of a traceback."""
     args = parser.parse_args(argv)
-    out = run(args)
+    try:
+        out = run(args)
+    except (ConfigError, DataError) as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from exc
     print_readable(out)
     emit(out, args.json_out)
     return out

@@ -42,6 +42,8 @@ from common import (  # noqa: E402
     KernelOpCounter,
     add_timing_args,
     machine_info,
+    non_negative_int,
+    positive_int,
     run_benchmark,
     set_threads,
 )
@@ -111,7 +113,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--device cuda: torch sees no CUDA device")
     threads = set_threads(args.threads)
     d = DEFAULTS[device.type]
-    b, k = args.b or d["b"], args.k or d["k"]
+    b = args.b if args.b is not None else d["b"]
+    k = args.k if args.k is not None else d["k"]
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     pb = Problem(b, args.n_local, k, DTYPES[precision], device)
     variants: dict[str, Callable[[], Tensor]] = {"reference": functools.partial(reference_step, pb)}
@@ -124,7 +127,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     loadavg_start = machine_info()["loadavg_1_5_15"]
     measured = measure_variants({name: functools.partial(call, name) for name in variants}, args, device)
-    tb, tk = args.traffic_b or b, args.traffic_k or k
+    tb = args.traffic_b if args.traffic_b is not None else b
+    tk = args.traffic_k if args.traffic_k is not None else k
     traffic_dtype = DTYPES[args.traffic_precision]
     ref_traffic = reference_traffic(tb, args.n_local, tk, traffic_dtype)
     return {
@@ -151,21 +155,23 @@ def print_readable(out: dict[str, Any]) -> None:
           f"load {out['loadavg_start']} -> {m['loadavg_1_5_15']}")
     print_variants(out, width=10, digits=2)
     t = out["traffic"]
+    # the fused kernels need CUDA with Triton: where they did not run, their figure is what they would move
+    fused = ("fused" if out["fused"] else "fused kernels (not run here) would move on a GPU")
     print(f"  memory traffic at B={t['b']}, K={t['k']}, {t['precision']} logits: reference {t['reference_gb']:.2f} GB "
-          f"in {t['reference_kernel_ops']} ATen calls (counted on meta tensors), fused {t['fused_gb']:.2f} GB "
+          f"in {t['reference_kernel_ops']} ATen calls (counted on meta tensors), {fused} {t['fused_gb']:.2f} GB "
           f"(from the kernels' access pattern)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--b", type=int, default=None, help="images per step (default: 64 cuda, 16 cpu)")
-    p.add_argument("--n-local", type=int, default=8, help="local crops per image (default 8)")
-    p.add_argument("--k", type=int, default=None, help="prototypes (default: 65536 cuda, 16384 cpu)")
+    p.add_argument("--b", type=positive_int, default=None, help="images per step (default: 64 cuda, 16 cpu)")
+    p.add_argument("--n-local", type=non_negative_int, default=8, help="local crops per image (default 8; 0: none)")
+    p.add_argument("--k", type=positive_int, default=None, help="prototypes (default: 65536 cuda, 16384 cpu)")
     p.add_argument("--precision", default=None, choices=tuple(DTYPES),
                    help="the logits' dtype (default: bf16 on cuda, as under autocast; fp32 on cpu)")
-    p.add_argument("--traffic-b", type=int, default=64, help="B of the traffic count (default 64)")
-    p.add_argument("--traffic-k", type=int, default=65536, help="K of the traffic count (default 65536)")
+    p.add_argument("--traffic-b", type=positive_int, default=64, help="B of the traffic count (default 64)")
+    p.add_argument("--traffic-k", type=positive_int, default=65536, help="K of the traffic count (default 65536)")
     p.add_argument("--traffic-precision", default="bf16", choices=tuple(DTYPES),
                    help="the logits' dtype of the traffic count (default bf16, a GPU run's)")
     p.add_argument("--no-fused", action="store_true",

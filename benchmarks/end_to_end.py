@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, run_benchmark  # noqa: E402
+from common import machine_info, non_negative_int, positive_int, run_benchmark  # noqa: E402
 from fastdinov2.config import Config, load_config  # noqa: E402
 from fastdinov2.data.datasets import discover_training_images  # noqa: E402
 from fastdinov2.flops import training_flops  # noqa: E402
@@ -175,6 +175,9 @@ def stage_epoch_overrides(preset: str, epochs: float, overrides: list[str]) -> l
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    # both presets and the overrides are loaded (and so checked) before any image is written or copied
+    stage_ov = {name: stage_epoch_overrides(name, args.epochs, list(args.overrides))
+                for name in (args.fast, args.baseline)}
     if args.data_root:
         source = Path(args.data_root)
     else:
@@ -185,10 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         data_root = make_subset(source, tmp / "data", args.train_images)
         ov = run_overrides(args, data_root)
-        fast_cfg, base_cfg = (
-            load_config(name, ov + stage_epoch_overrides(name, args.epochs, list(args.overrides)))
-            for name in (args.fast, args.baseline)
-        )
+        fast_cfg, base_cfg = (load_config(name, ov + stage_ov[name]) for name in (args.fast, args.baseline))
         flops_fast, flops_base = training_flops(fast_cfg), training_flops(base_cfg)
         runs: dict[str, list[dict[str, Any]]] = {args.fast: [], args.baseline: []}
         for rep in range(args.repeats):
@@ -263,16 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="dinov2_tiny", help="its DINOv2 baseline preset")
     p.add_argument("--data-root", default=None, help="dataset (default: the embedded generated one)")
     p.add_argument("--cache-dir", default=None, help="where the embedded dataset is written (data.cache_dir)")
-    p.add_argument("--train-images", type=int, default=640, help="images of the subset trained on")
-    p.add_argument("--epochs", type=int, default=4, help="optim.epochs of both runs (stage fractions kept)")
-    p.add_argument("--repeats", type=int, default=1, help="run both this many times (alternating order)")
-    p.add_argument("--rate-warmup-steps", type=int, default=4,
+    p.add_argument("--train-images", type=positive_int, default=640, help="images of the subset trained on")
+    p.add_argument("--epochs", type=positive_int, default=4,
+                   help="optim.epochs of both runs (stage fractions kept)")
+    p.add_argument("--repeats", type=positive_int, default=1,
+                   help="run both this many times (alternating order)")
+    p.add_argument("--rate-warmup-steps", type=non_negative_int, default=4,
                    help="per-stage rates leave out the logging windows holding a stage's first N steps (graph "
                         "capture, compilation: one-off costs); the wall-clock ratio includes everything")
-    p.add_argument("--log-every", type=int, default=2)
-    p.add_argument("--num-workers", type=int, default=None, help="data.num_workers (default: the preset's)")
+    p.add_argument("--log-every", type=positive_int, default=2, help="train.log_every (steps per logged rate)")
+    p.add_argument("--num-workers", type=non_negative_int, default=None,
+                   help="data.num_workers (default: the preset's; 0: load in the trainer's process)")
     p.add_argument(
-        "--threads", type=int, default=None, help="compute.threads (default: the trainer's policy)"
+        "--threads", type=non_negative_int, default=None,
+        help="compute.threads (default or 0: the trainer's policy)"
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary runs and data")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")

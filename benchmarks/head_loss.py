@@ -55,6 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     add_timing_args,
     machine_info,
+    positive_int,
+    positive_int_list,
     run_benchmark,
     set_threads,
     summarize_ms,
@@ -67,8 +69,8 @@ from fastdinov2.losses.fused import fused_ibot_loss, fused_loss_available, maske
 from fastdinov2.models.heads import WeightNormLinear  # noqa: E402
 
 TEACHER_TEMP, STUDENT_TEMP = 0.07, 0.1
-DEFAULTS: dict[str, dict[str, Any]] = {"cuda": {"m": 3800, "k": 65536, "d": 256, "chunk_rows": "512"},
-            "cpu": {"m": 1000, "k": 16384, "d": 256, "chunk_rows": "128"}}
+DEFAULTS: dict[str, dict[str, Any]] = {"cuda": {"m": 3800, "k": 65536, "d": 256, "chunk_rows": [512]},
+            "cpu": {"m": 1000, "k": 16384, "d": 256, "chunk_rows": [128]}}
 
 
 class Problem:
@@ -165,8 +167,9 @@ def measure_variants(calls: dict[str, Callable[[], Tensor]], args: argparse.Name
     times = time_interleaved(calls, args.steps, args.warmup, device)
     peaks = {name: cuda_peak_bytes(call, device) if device.type == "cuda" else cpu_peak_bytes(call)
              for name, call in calls.items()}
-    rows = [{"variant": name, **summarize_ms(times[name]), "peak_mib": peaks[name] / 2**20, "loss": losses[name]}
-            for name in calls]
+    rows: list[dict[str, Any]] = [
+        {"variant": name, **summarize_ms(times[name]), "peak_mib": peaks[name] / 2**20, "loss": losses[name]}
+        for name in calls]
     ref, ref_loss = rows[0], rows[0]["loss"]
     return {
         "variants": rows,
@@ -193,10 +196,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--device cuda: torch sees no CUDA device")
     threads = set_threads(args.threads)
     d = DEFAULTS[device.type]
-    m, k, dim = args.m or d["m"], args.k or d["k"], args.d or d["d"]
-    chunk_rows = [int(c) for c in (args.chunk_rows or d["chunk_rows"]).split(",") if c]
-    if not chunk_rows or min(chunk_rows) < 1:
-        raise SystemExit("--chunk-rows: positive integers, comma-separated")
+    m = args.m if args.m is not None else d["m"]
+    k = args.k if args.k is not None else d["k"]
+    dim = args.d if args.d is not None else d["d"]
+    chunk_rows: list[int] = args.chunk_rows if args.chunk_rows is not None else d["chunk_rows"]
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     pb = Problem(m, k, dim, args.n_images, device)
@@ -240,11 +243,12 @@ def print_readable(out: dict[str, Any]) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--m", type=int, default=None, help="masked-token rows (default: 3800 cuda, 1000 cpu)")
-    p.add_argument("--k", type=int, default=None, help="prototypes (default: 65536 cuda, 16384 cpu)")
-    p.add_argument("--d", type=int, default=None, help="bottleneck dim (default 256)")
-    p.add_argument("--n-images", type=int, default=128, help="global crops B (the loss divisor)")
-    p.add_argument("--chunk-rows", default=None, help="comma-separated chunk sizes (default: 512 cuda, 128 cpu)")
+    p.add_argument("--m", type=positive_int, default=None, help="masked-token rows (default: 3800 cuda, 1000 cpu)")
+    p.add_argument("--k", type=positive_int, default=None, help="prototypes (default: 65536 cuda, 16384 cpu)")
+    p.add_argument("--d", type=positive_int, default=None, help="bottleneck dim (default 256)")
+    p.add_argument("--n-images", type=positive_int, default=128, help="global crops B (the loss divisor)")
+    p.add_argument("--chunk-rows", type=positive_int_list, default=None,
+                   help="comma-separated chunk sizes (default: 512 cuda, 128 cpu)")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                    help="autocast dtype (default: bf16 on cuda, fp32 on cpu, as the trainer)")
     p.add_argument("--no-fused", action="store_true",

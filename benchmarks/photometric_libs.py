@@ -60,7 +60,15 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, run_benchmark, set_threads  # noqa: E402
+from common import (  # noqa: E402
+    machine_info,
+    non_negative_int,
+    positive_int,
+    run_benchmark,
+    set_threads,
+    size_pair,
+    size_pairs,
+)
 from fastdinov2.data import photometric as ph  # noqa: E402
 from fastdinov2.data.photometric import PhotometricParams, apply_photometric  # noqa: E402
 
@@ -427,12 +435,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--device cuda: torch sees no CUDA device")
     threads = set_threads(args.threads)
     ka, missing = (None, "--no-kornia") if args.no_kornia else kornia_or_reason()
-    sizes = []
-    for s in args.sizes.split(","):
-        gs, ls = (int(v) for v in s.split("/"))
-        sizes.append((gs, ls))
-    results = [bench_size(args, gs, ls, device, ka) for gs, ls in sizes]
-    versions = {"torch": torch.__version__}
+    results = [bench_size(args, gs, ls, device, ka) for gs, ls in args.sizes]
+    versions: dict[str, str | None] = {"torch": str(torch.__version__)}
     for pkg in ("kornia", "kornia_rs"):
         try:
             versions[pkg] = importlib.metadata.version(pkg)
@@ -496,16 +500,17 @@ def _fmt(v: dict[str, list[float]]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per batch (B)")
-    p.add_argument("--local-crops", type=int, default=8, help="local crops per sample")
-    p.add_argument("--sizes", default="224/96,112/48", help="comma-separated GLOBAL/LOCAL crop sizes")
-    p.add_argument("--full", default="224/96", type=lambda s: tuple(int(v) for v in s.split("/")),
+    p.add_argument("--threads", type=non_negative_int, default=1, help="torch CPU threads (0: all cores)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch (B)")
+    p.add_argument("--local-crops", type=positive_int, default=8, help="local crops per sample")
+    p.add_argument("--sizes", type=size_pairs, default="224/96,112/48", help="comma-separated GLOBAL/LOCAL crop sizes")
+    p.add_argument("--full", default="224/96", type=size_pair,
                    help="full-resolution GLOBAL/LOCAL sizes (blur kernel and sigma scale with size / full)")
-    p.add_argument("--rounds", type=int, default=5, help="timed calls per variant (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first")
-    p.add_argument("--check-batch", type=int, default=16, help="samples of the equivalence checks")
-    p.add_argument("--check-repeats", type=int, default=4, help="independent draws per library (0: no checks)")
+    p.add_argument("--rounds", type=positive_int, default=5, help="timed calls per variant (median reported)")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed calls per variant first (0: none)")
+    p.add_argument("--check-batch", type=positive_int, default=16, help="samples of the equivalence checks")
+    p.add_argument("--check-repeats", type=non_negative_int, default=4,
+                   help="independent draws per library (0: no checks)")
     p.add_argument("--no-kornia", action="store_true", help="time ours only")
     p.add_argument("--compile", action="store_true",
                    help="also time the dense path compiled with torch.compile (inductor; compiled during warm-up)")

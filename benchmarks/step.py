@@ -62,7 +62,10 @@ from common import (  # noqa: E402
     VIEW_OPS,
     KernelOpCounter,
     machine_info,
+    non_negative_int,
     peak_tflops,
+    positive_float,
+    positive_int,
     run_benchmark,
     set_threads,
     summarize_ms,
@@ -426,14 +429,20 @@ class StepRunner:
 
 def stage_specs(cfg: Config, args: argparse.Namespace) -> list[StageSpec]:
     """The stages to time: the preset's curriculum (``--stages``), or explicit ``--sizes G/L,...``."""
-    default_b = args.batch_size or cfg.train.batch_size_per_gpu
+    default_b = args.batch_size if args.batch_size is not None else cfg.train.batch_size_per_gpu
     if args.sizes:
         specs = []
+        p = cfg.student.patch_size
         for i, item in enumerate(args.sizes.split(",")):
             try:
                 g, loc = (int(v) for v in item.split("/"))
             except ValueError:
                 raise SystemExit(f"--sizes: {item!r} is not GLOBAL/LOCAL, e.g. 112/48") from None
+            for size in (g, loc):  # the ViT cuts crops into whole patches
+                if size < p or size % p:
+                    near = " or ".join(str(v) for v in (size // p * p, size // p * p + p) if v >= p) or str(p)
+                    raise SystemExit(f"--sizes: {item!r}: {size} is not a positive multiple of the patch size "
+                                     f"{p} of {args.config} (student.patch_size); use {near}")
             specs.append(StageSpec(f"sizes{i}", g, loc, default_b))
         return specs
     stages = list(enumerate(cfg.curriculum.stages))
@@ -453,7 +462,8 @@ def stage_specs(cfg: Config, args: argparse.Namespace) -> list[StageSpec]:
             st.name,
             st.global_size,
             st.local_size,
-            args.batch_size or st.batch_size_per_gpu or cfg.train.batch_size_per_gpu,
+            args.batch_size if args.batch_size is not None
+            else st.batch_size_per_gpu or cfg.train.batch_size_per_gpu,
         )
         for _, st in stages
     ]
@@ -635,7 +645,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("--count-ops counts the eager step's calls: "
                          "not with --compile/--compile-blocks/--compile-step")
     cfg = load_config(args.config, args.overrides)
-    threads = set_threads(args.threads or trainer_threads(cfg, device))
+    threads = set_threads(args.threads or trainer_threads(cfg, device))  # 0 or None: the trainer's policy
     specs = stage_specs(cfg, args)
     skip = tuple(s for s in args.skip.split(",") if s) if args.skip else ()
     for s in skip:
@@ -754,7 +764,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "overlap_teacher": runner.teacher_stream is not None,
         "cuda_graph_capture_failures": runner.capture_failures,
         "sdpa": args.sdpa,
-        "sdpa_cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+        # whether cuDNN attention was enabled (after a capture failure it is turned off); null on the CPU
+        "sdpa_cudnn": torch.backends.cuda.cudnn_sdp_enabled() if device.type == "cuda" else None,
         "peak_tflops": peak,
         "steps": args.steps,
         "rounds": args.rounds,
@@ -862,17 +873,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="fastdinov2_tiny", help="preset name or YAML file")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--batch-size", type=int, default=None, help="per-step batch (default: the preset's)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per stage per round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the stages")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per stage first")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="per-step batch (default: the preset's)")
+    p.add_argument("--steps", type=positive_int, default=5, help="timed steps per stage per round (>= 1)")
+    p.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds over the stages (>= 1)")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps per stage first (0: none)")
     p.add_argument("--stages", default="all", help="'all' or comma-separated stage indices of the preset")
     p.add_argument("--sizes", default=None, help="time these GLOBAL/LOCAL sizes instead, e.g. 112/48,224/96")
     p.add_argument(
         "--threads",
-        type=int,
+        type=non_negative_int,
         default=None,
-        help="torch intra-op threads (default: as the trainer: cores - data.num_workers on a CPU)",
+        help="torch intra-op threads (default or 0: as the trainer: compute.threads, else cores - "
+             "data.num_workers on a CPU, else all cores)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher modules")
     p.add_argument(
@@ -914,7 +927,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--breakdown", action="store_true", help="also time each phase (synchronised) for --steps steps"
     )
     p.add_argument(
-        "--profile", type=int, default=0, metavar="N", help="torch.profiler over N steps per stage"
+        "--profile", type=non_negative_int, default=0, metavar="N",
+        help="torch.profiler over N steps per stage (0: no profile)"
     )
     p.add_argument(
         "--dtype", default="auto", choices=("auto", "fp32", "bf16"),
@@ -925,7 +939,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--count-ops", action="store_true",
         help="count the kernel-launching ATen calls of one eager step per stage (any device; not with compile)"
     )
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: by GPU name)")
+    p.add_argument("--peak-tflops", type=positive_float, default=None,
+                   help="peak for MFU (default: by GPU name)")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     return p

@@ -34,18 +34,26 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, run_benchmark  # noqa: E402
+from common import (  # noqa: E402
+    machine_info,
+    non_negative_int,
+    non_negative_int_list,
+    positive_int,
+    run_benchmark,
+)
 from fastdinov2.config import load_config  # noqa: E402
+from fastdinov2.curriculum import StagePlan  # noqa: E402
 from fastdinov2.data.collate import TrainBatch  # noqa: E402
 from fastdinov2.train.loop import Trainer  # noqa: E402
 from step import kernel_categories, split_device_events  # noqa: E402
@@ -54,6 +62,38 @@ from step import kernel_categories, split_device_events  # noqa: E402
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class _Batches:
+    """The loader's batches, with :meth:`close` shutting its worker processes down.
+
+    The loader iterator is referenced from here only, while the benchmark's functions hold this object. An
+    exception escaping them keeps their frames, and so this object, alive in its traceback (until the
+    interpreter exits); had they held the iterator itself, its workers would never be told to stop, and since
+    they ignore the first SIGTERM (the trainer's ``worker_init_fn``) the process would hang at exit, joining
+    them. :meth:`close` drops the only reference: the iterator's finaliser stops and joins the workers."""
+
+    def __init__(self, loader: Iterable[TrainBatch]) -> None:
+        self._it: Iterator[TrainBatch] | None = iter(loader)
+
+    def __iter__(self) -> _Batches:
+        return self
+
+    def __next__(self) -> TrainBatch:
+        if self._it is None:
+            raise StopIteration
+        return next(self._it)
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        # An exception raised inside the iterator keeps its own frames (and so the iterator) in the traceback:
+        # stop its workers directly then (DataLoader's iterator has no public close; _shutdown_workers is what
+        # its finaliser calls, and a second call does nothing).
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+        del it
+        gc.collect()  # in case a reference cycle holds the iterator
 
 
 class _HostClock:
@@ -141,11 +181,39 @@ def _profile(trainer: Trainer, batches: Iterator[TrainBatch], first_step: int, n
     }
 
 
+def _measure_stage(trainer: Trainer, st: StagePlan, batches: _Batches, on_device: _HostClock,
+                   args: argparse.Namespace) -> dict[str, Any]:
+    """One stage's measurements (see the module's docstring), on the loader's ``batches``."""
+    step = st.start_step
+    for _ in range(args.warmup):  # eager warm-up, CUDA-graph capture, compilation
+        trainer.train_step([next(batches)], step)
+        step += 1
+    res: dict[str, Any] = {"stage": st.name, "global_size": st.global_size, "local_size": st.local_size,
+                           "batch_size": st.batch_size_per_gpu}
+    res["loader"] = _loader_steps(trainer, batches, step, args.steps, on_device)
+    step += args.steps
+    if args.profile:
+        for _ in range(args.warmup):  # the profiler's own start-up outside the profiled steps
+            trainer.train_step([next(batches)], step)
+            step += 1
+        res["profile"] = _profile(trainer, batches, step, args.profile)
+        step += args.profile
+    held = next(batches)
+    res["same_batch_ms_per_step"] = _repeat(trainer, held, step, args.steps)
+    ready = trainer._on_device(held)
+    res["on_device_ms_per_step"] = _repeat(trainer, ready, step, args.steps, warmup=args.warmup)
+    return res
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fastdinov2_trainer_step_") as tmp:
         overrides = [*([f"data.root={args.data_root}"] if args.data_root else []),
                      "train.progress=false", "train.knn_at_end=false", *args.overrides]
         cfg = load_config(args.config, overrides)
+        n_stages = len(cfg.curriculum.stages)
+        for w in args.stages or ():
+            if w >= n_stages:
+                raise SystemExit(f"--stages: stage {w} does not exist ({args.config} has {n_stages} stages)")
         trainer = Trainer(cfg, Path(tmp) / "run")
         on_device = _HostClock()
         trainer._on_device = on_device.wrap(trainer._on_device)  # type: ignore[method-assign]
@@ -159,27 +227,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit(f"stage {st.index} '{st.name}' has {st.num_steps} steps, fewer than the {per} "
                                  f"this needs (--warmup {args.warmup}, --steps {args.steps}, --profile "
                                  f"{args.profile}); lower them or train on more images")
-            batches = iter(trainer.make_loader(st.start_step, st.start_step + per))
-            step = st.start_step
-            for _ in range(args.warmup):  # eager warm-up, CUDA-graph capture, compilation
-                trainer.train_step([next(batches)], step)
-                step += 1
-            res: dict[str, Any] = {"stage": st.name, "global_size": st.global_size, "local_size": st.local_size,
-                                   "batch_size": st.batch_size_per_gpu}
-            res["loader"] = _loader_steps(trainer, batches, step, args.steps, on_device)
-            step += args.steps
-            if args.profile:
-                for _ in range(args.warmup):  # the profiler's own start-up outside the profiled steps
-                    trainer.train_step([next(batches)], step)
-                    step += 1
-                res["profile"] = _profile(trainer, batches, step, args.profile)
-                step += args.profile
-            held = next(batches)
-            res["same_batch_ms_per_step"] = _repeat(trainer, held, step, args.steps)
-            ready = trainer._on_device(held)
-            res["on_device_ms_per_step"] = _repeat(trainer, ready, step, args.steps, warmup=args.warmup)
-            stages.append(res)
-            del batches
+            batches = _Batches(trainer.make_loader(st.start_step, st.start_step + per))
+            try:
+                stages.append(_measure_stage(trainer, st, batches, on_device, args))
+            finally:  # also when a step fails: stop the loader's workers, or the process never exits
+                batches.close()
         return {
             "benchmark": "trainer_step",
             "config": args.config,
@@ -204,7 +256,10 @@ def print_readable(out: dict[str, Any]) -> None:
               f"{ld['ms_per_step']:.1f} ms/step from the loader (host: data wait {ld['host_data_wait_ms']:.1f}, "
               f"move + colour {ld['host_on_device_ms']:.1f}, rest {ld['host_rest_ms']:.1f}); same batch "
               f"{s['same_batch_ms_per_step']:.1f}; batch already on the device {s['on_device_ms_per_step']:.1f}")
-        if "profile" in s:
+        if "profile" in s and not out["device"].startswith("cuda"):  # no device kernels to time on the CPU
+            print(f"    profile: wall {s['profile']['wall_ms_per_step']:.1f} ms/step (device busy time and "
+                  "kernels: CUDA only)")
+        elif "profile" in s:
             pr = s["profile"]
             idle = pr["device_idle_frac"]
             print(f"    profile: wall {pr['wall_ms_per_step']:.1f} ms/step, device busy "
@@ -218,11 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="fastdinov2_tiny")
     p.add_argument("--data-root", default=None, help="training images (default: the embedded dataset)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=3, help="steps before each measurement")
-    p.add_argument("--profile", type=int, default=0, metavar="N", help="torch.profiler over N loader steps")
-    p.add_argument("--stages", type=lambda v: [int(x) for x in v.split(",")], default=None,
-                   help="comma-separated stage indices (default: all)")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps per measurement (>= 1)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="steps before each measurement (0: none)")
+    p.add_argument("--profile", type=non_negative_int, default=0, metavar="N",
+                   help="torch.profiler over N loader steps (0: no profile)")
+    p.add_argument("--stages", type=non_negative_int_list, default=None,
+                   help="comma-separated stage indices, e.g. 0,1 (default: all)")
     p.add_argument("--json-out", default=None)
     p.add_argument("overrides", nargs="*", help="config key=value overrides")
     return p

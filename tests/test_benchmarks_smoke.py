@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +115,7 @@ def test_step_benchmark_runs_both_stages(step_mod: ModuleType, tmp_path: Path) -
         ]
     )
     assert [s["global_size"] for s in out["stages"]] == [32, 64]
+    assert out["sdpa_cudnn"] is None  # a CUDA setting: not recorded on the CPU
     assert out["ratio"]["flops"] > 2.0  # 4x the tokens at full resolution, minus the CLS token and heads
     assert json.loads((tmp_path / "s.json").read_text())["ratio"] == out["ratio"]
     with pytest.raises(SystemExit, match="--skip"):
@@ -184,7 +186,9 @@ def test_trainer_step_benchmark_splits_host_and_loader(tmp_path: Path, capsys: p
         ld["host_ms_per_step"])
     assert stage["same_batch_ms_per_step"] > 0 and stage["on_device_ms_per_step"] > 0
     assert stage["profile"]["steps"] == 1 and stage["profile"]["wall_ms_per_step"] > 0
-    assert "full_res_noise" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "full_res_noise" in printed
+    assert "kernels: CUDA only" in printed and "by kind" not in printed  # no GPU figures on the CPU
     assert json.loads((tmp_path / "t.json").read_text())["stages"][0]["loader"] == ld
     with pytest.raises(SystemExit, match="fewer than"):
         ts.main(["--steps", "100000", "--stages", "0", "train.batch_size_per_gpu=4", "data.num_workers=0"])
@@ -201,7 +205,7 @@ def test_head_loss_benchmark(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "h.json").read_text())["variants"] == out["variants"]
 
 
-def test_dino_loss_benchmark(tmp_path: Path) -> None:
+def test_dino_loss_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dl = _load("dino_loss")
     out = dl.main(["--device", "cpu", "--threads", "1", "--b", "3", "--n-local", "2", "--k", "64", "--traffic-b", "4",
                    "--traffic-k", "1024", "--steps", "1", "--warmup", "0", "--json-out", str(tmp_path / "d.json")])
@@ -213,6 +217,7 @@ def test_dino_loss_benchmark(tmp_path: Path) -> None:
     assert t["reference_gb"] > 5 * rows_fp32_gb and 0 < t["fused_gb"] < t["reference_gb"] / 2
     assert "aten::_log_softmax" in t["reference_gb_by_op"]
     assert json.loads((tmp_path / "d.json").read_text())["traffic"] == t
+    assert "fused kernels (not run here) would move on a GPU" in capsys.readouterr().out
 
 
 def test_data_pipeline_benchmark(tmp_path: Path) -> None:
@@ -385,3 +390,145 @@ def test_compile_step_matches_eager_step(step_mod: ModuleType, backend: str, com
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(eager.model.dino_loss.center, compiled.model.dino_loss.center)
     torch.testing.assert_close(eager.model.ibot_loss.center, compiled.model.ibot_loss.center)
+
+
+# ------------------------------------------------------------------------------ refusals of bad input
+_MODULES: dict[str, ModuleType] = {}
+
+
+def _cached(name: str) -> ModuleType:
+    if name not in _MODULES:
+        _MODULES[name] = _load(name)
+    return _MODULES[name]
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("trainer_step", ["--steps", "0"], "argument --steps: 0 is not a positive integer"),
+    ("trainer_step", ["--warmup", "-1"], "argument --warmup: -1 is negative"),
+    ("trainer_step", ["--profile", "-1"], "argument --profile: -1 is negative"),
+    ("trainer_step", ["--stages", "x"], "argument --stages: 'x' is not a comma-separated list"),
+    ("step", ["--steps", "0"], "argument --steps: 0 is not a positive integer"),
+    ("step", ["--rounds", "0"], "argument --rounds: 0 is not a positive integer"),
+    ("step", ["--batch-size", "0"], "argument --batch-size: 0 is not a positive integer"),
+    ("step", ["--threads", "-1"], "argument --threads: -1 is negative"),
+    ("step", ["--profile", "-2"], "argument --profile: -2 is negative"),
+    ("step", ["--peak-tflops", "0"], "argument --peak-tflops: 0 is not a positive number"),
+    ("dino_loss", ["--steps", "0"], "argument --steps: 0 is not a positive integer"),
+    ("dino_loss", ["--b", "0"], "argument --b: 0 is not a positive integer"),
+    ("dino_loss", ["--k", "0"], "argument --k: 0 is not a positive integer"),
+    ("dino_loss", ["--n-local", "-1"], "argument --n-local: -1 is negative"),
+    ("dino_loss", ["--traffic-b", "0"], "argument --traffic-b: 0 is not a positive integer"),
+    ("dino_loss", ["--threads", "-1"], "argument --threads: -1 is negative"),
+    ("head_loss", ["--steps", "0"], "argument --steps: 0 is not a positive integer"),
+    ("head_loss", ["--m", "0"], "argument --m: 0 is not a positive integer"),
+    ("head_loss", ["--n-images", "0"], "argument --n-images: 0 is not a positive integer"),
+    ("head_loss", ["--chunk-rows", "abc"], "argument --chunk-rows: 'abc' is not a comma-separated list"),
+    ("head_loss", ["--chunk-rows", "7,0"], "argument --chunk-rows: '7,0' is not a comma-separated list"),
+    ("data_pipeline", ["--n-images", "0"], "argument --n-images: 0 is not a positive integer"),
+    ("data_pipeline", ["--rounds", "0"], "argument --rounds: 0 is not a positive integer"),
+    ("data_pipeline", ["--batch-size", "0"], "argument --batch-size: 0 is not a positive integer"),
+    ("data_pipeline", ["--photometric-threads", "-1"], "argument --photometric-threads: -1 is negative"),
+    ("data_pipeline", ["--image-size", "16x16"], "argument --image-size: 16x16: each side must be at least 18"),
+    ("data_pipeline", ["--image-size", "big"], "argument --image-size: 'big' is not WIDTHxHEIGHT"),
+    ("end_to_end", ["--repeats", "0"], "argument --repeats: 0 is not a positive integer"),
+    ("end_to_end", ["--train-images", "0"], "argument --train-images: 0 is not a positive integer"),
+    ("end_to_end", ["--epochs", "0"], "argument --epochs: 0 is not a positive integer"),
+    ("end_to_end", ["--num-workers", "-1"], "argument --num-workers: -1 is negative"),
+    ("end_to_end", ["--threads", "-1"], "argument --threads: -1 is negative"),
+    ("photometric_libs", ["--rounds", "0"], "argument --rounds: 0 is not a positive integer"),
+    ("photometric_libs", ["--local-crops", "0"], "argument --local-crops: 0 is not a positive integer"),
+    ("photometric_libs", ["--sizes", "32"], "argument --sizes: '32' is not GLOBAL/LOCAL"),
+    ("photometric_libs", ["--full", "0/16"], "argument --full: '0/16': crop sizes must be positive"),
+])
+def test_benchmark_options_refuse_bad_values(script: str, argv: list[str], message: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Counts and sizes are checked while parsing: exit code 2 and a message naming the option and value."""
+    with pytest.raises(SystemExit) as exc:
+        _cached(script).build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_benchmark_options_keep_zero_where_documented() -> None:
+    """0 stays valid where it means something: no warm-up, no profile, all cores / the trainer's threads, no
+    local crops, no checks; the defaults are the documented ones."""
+    args = _cached("step").build_parser().parse_args(["--warmup", "0", "--profile", "0", "--threads", "0"])
+    assert (args.warmup, args.profile, args.threads, args.batch_size) == (0, 0, 0, None)
+    args = _cached("dino_loss").build_parser().parse_args(["--n-local", "0", "--warmup", "0"])
+    assert (args.n_local, args.warmup, args.b, args.k) == (0, 0, None, None)
+    assert _cached("head_loss").build_parser().parse_args(["--chunk-rows", "7, 64"]).chunk_rows == [7, 64]
+    assert _cached("trainer_step").build_parser().parse_args(["--stages", "0,1"]).stages == [0, 1]
+    args = _cached("photometric_libs").build_parser().parse_args(["--check-repeats", "0"])
+    assert (args.check_repeats, args.sizes, args.full) == (0, [(224, 96), (112, 48)], (224, 96))
+    args = _cached("data_pipeline").build_parser().parse_args(["--image-size", "18X20"])
+    assert args.image_size == (18, 20) and _cached("data_pipeline").build_parser().parse_args([]).image_size == "auto"
+
+
+def test_benchmark_common_refuses_empty_and_negative() -> None:
+    common = _cached("common")
+    with pytest.raises(ValueError, match="no times"):
+        common.summarize_ms([])
+    with pytest.raises(ValueError, match="negative"):
+        common.set_threads(-1)
+    with pytest.raises(ValueError, match="smaller than 18 px"):
+        _cached("data_pipeline").write_jpegs(Path("unused"), 1, 16, 16)
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("step", ["--config", "nope"], "error: unknown preset 'nope'"),
+    ("step", ["foo.bar=1"], "error: override foo.bar: unknown key"),
+    ("data_pipeline", ["--config", "nope"], "error: unknown preset 'nope'"),
+    ("data_pipeline", ["foo.bar=1"], "error: override foo.bar: unknown key"),
+    ("end_to_end", ["--fast", "nope"], "error: unknown preset 'nope'"),  # before any image is written or copied
+    ("end_to_end", ["foo.bar=1"], "error: override foo.bar: unknown key"),
+    ("trainer_step", ["--config", "nope"], "error: unknown preset 'nope'"),
+])
+def test_benchmark_config_errors_exit_2(script: str, argv: list[str], message: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad preset or override ends the script with one ``error:`` line and exit code 2, not a traceback."""
+    with pytest.raises(SystemExit) as exc:
+        _cached(script).main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_benchmark_stage_and_size_checks(step_mod: ModuleType) -> None:
+    """Stages that do not exist and crop sizes that are not whole patches are refused before any model is
+    built (the tiny preset: 2 stages, patch size 8)."""
+    with pytest.raises(SystemExit, match=r"--stages: stage 7 does not exist \(fastdinov2_tiny has 2 stages\)"):
+        _cached("trainer_step").main(["--stages", "7"])
+    with pytest.raises(SystemExit, match=r"--stages: stage 7 does not exist"):
+        step_mod.main(["--stages", "7", *TINY])
+    with pytest.raises(SystemExit, match="60 is not a positive multiple of the patch size 8.*use 56 or 64"):
+        step_mod.main(["--sizes", "60/30", *TINY])
+    with pytest.raises(SystemExit, match="30 is not a positive multiple of the patch size 8.*use 24 or 32"):
+        step_mod.main(["--sizes", "64/30", *TINY])
+
+
+def test_data_pipeline_decode_has_an_untimed_first_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_decode calls the decoder once before timing (its one-off start-up is not in the figure)."""
+    from fastdinov2.config import load_config
+
+    dp = _cached("data_pipeline")
+    calls: list[Path] = []
+    monkeypatch.setattr(dp, "decode_image", lambda path, *_: calls.append(path))
+    dp.bench_decode(load_config("fastdinov2_tiny", TINY), [Path("a.jpg"), Path("b.jpg")], 0, rounds=2)
+    assert calls == [Path("a.jpg")] + [Path("a.jpg"), Path("b.jpg")] * 2
+
+
+def test_trainer_step_stops_loader_workers_when_a_step_fails(tmp_path: Path) -> None:
+    """An exception escaping the measurement (here a division by zero: --steps 0, which parsing refuses, forced
+    into the arguments) must not leave the loader's worker running: they ignore the first SIGTERM, so the
+    process used to hang at exit joining them. Run in a subprocess, which has to end promptly."""
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(BENCH)!r})\n"
+        "import trainer_step as ts\n"
+        "args = ts.build_parser().parse_args(['--stages', '0', '--warmup', '0', 'data.num_workers=1',\n"
+        "                                     'train.batch_size_per_gpu=4', 'compute.threads=1'])\n"
+        "args.steps = 0\n"
+        "ts.run(args)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1 and "ZeroDivisionError" in proc.stderr, proc.stderr[-2000:]

@@ -1030,9 +1030,12 @@ class Trainer:
             progress = tqdm(total=end_step, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
         window_t0, wait_time, window_imgs = time.perf_counter(), 0.0, 0
         preemption = dist_utils.FlagAgreement()
-        with _PreemptionFlag(self.state):
+        # closing the batch generator drops the loader's iterator, whose workers then stop, on any way out:
+        # they ignore a first SIGTERM (preemption), so none may be left to interpreter exit to terminate
+        batches = self._batches(loader)
+        with _PreemptionFlag(self.state), contextlib.closing(batches):
             t_wait = time.perf_counter()
-            for step, micro in zip(range(start, end_step), self._batches(loader), strict=False):
+            for step, micro in zip(range(start, end_step), batches, strict=False):
                 wait_time += time.perf_counter() - t_wait
                 stage = cur.stage_at(step)
                 if cfg.curriculum.switch_mode == "restart" and step == stage.start_step and stage.index > 0:
