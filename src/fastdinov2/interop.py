@@ -529,11 +529,13 @@ def _when(stamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
 
 
-def _read_dir(d: Path, strict: bool) -> tuple[StateDict, dict[str, Any] | None, str]:
+def _resolve_dir(d: Path) -> tuple[Path, str | None]:
+    """The weights file a checkpoint or run directory is read from, and a note to print when a run's newest
+    checkpoint is preferred to its (stale) export."""
     if (d / "model.pt").is_file():
         if not (d / "COMMITTED").exists():
             raise BackboneLoadError(f"{d}: checkpoint has no COMMITTED marker, so it was not completely written")
-        return _read_torch_file(d / "model.pt", strict)
+        return d / "model.pt", None
     from fastdinov2.train.checkpoint import list_checkpoints
 
     # the newest by data position (a run continued on more processes names later checkpoints with smaller steps)
@@ -544,14 +546,35 @@ def _read_dir(d: Path, strict: bool) -> tuple[StateDict, dict[str, Any] | None, 
             stamp = _commit_time(committed[-1])
             # a run continued past the end it was exported at (1 s: file times come from a coarser clock)
             if stamp > export.stat().st_mtime + 1.0:
-                print(f"[fastdinov2] {committed[-1]} (committed {_when(stamp)}) is newer than {export} (written "
-                      f"{_when(export.stat().st_mtime)}): loading the checkpoint", file=sys.stderr)
-                return _read_torch_file(committed[-1] / "model.pt", strict)
-        return _read_safetensors(export, strict)
+                return committed[-1] / "model.pt", (
+                    f"[fastdinov2] {committed[-1]} (committed {_when(stamp)}) is newer than {export} (written "
+                    f"{_when(export.stat().st_mtime)}): loading the checkpoint")
+        return export, None
     if committed:
-        return _read_torch_file(committed[-1] / "model.pt", strict)
+        return committed[-1] / "model.pt", None
     raise BackboneLoadError(f"{d}: not a run or checkpoint directory: found no teacher_backbone.safetensors, no "
                           "committed checkpoints/step_*/model.pt and no model.pt + COMMITTED")
+
+
+def _resolve(path: str | os.PathLike[str]) -> tuple[Path, str | None]:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory")
+    if p.is_dir():
+        return _resolve_dir(p)
+    if p.suffix == ".json":
+        st = p.with_suffix(".safetensors")
+        if not st.is_file():
+            raise BackboneLoadError(f"{p}: an export description without its weights {st.name}")
+        return st, None
+    return p, None
+
+
+def resolve_backbone_file(path: str | os.PathLike[str]) -> Path:
+    """The file :func:`read_backbone_weights` reads for ``path`` (module docstring): a checkpoint directory's
+    ``model.pt``; a run directory's export, or its newest committed checkpoint (the newer of the two); an
+    export's ``.safetensors`` for its ``.json``; any other file itself."""
+    return _resolve(path)[0]
 
 
 def read_backbone_weights(path: str | os.PathLike[str], strict: bool = True
@@ -559,18 +582,12 @@ def read_backbone_weights(path: str | os.PathLike[str], strict: bool = True
     """Read any supported file or directory into ``(state dict in our layout, config or None, source)``.
 
     ``config`` is the stored constructor config (our exports and checkpoints), else None. ``source`` is the
-    file actually read, for messages. ``strict=False`` drops (with a warning) keys that are not backbone keys.
+    file actually read (:func:`resolve_backbone_file`), for messages. ``strict=False`` drops (with a warning)
+    keys that are not backbone keys.
     """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or directory")
-    if p.is_dir():
-        return _read_dir(p, strict)
-    if p.suffix == ".json":
-        st = p.with_suffix(".safetensors")
-        if not st.is_file():
-            raise BackboneLoadError(f"{p}: an export description without its weights {st.name}")
-        p = st
+    p, note = _resolve(path)
+    if note is not None:
+        print(note, file=sys.stderr)
     if p.suffix == ".safetensors":
         return _read_safetensors(p, strict)
     return _read_torch_file(p, strict)

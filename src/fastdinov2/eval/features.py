@@ -182,30 +182,19 @@ def dataset_file_list(dataset: Any) -> list[tuple[str, int]]:
 def checkpoint_weight_files(checkpoint: str | Path) -> list[Path]:
     """The file(s) :func:`fastdinov2.interop.read_backbone_weights` reads for ``checkpoint``, weights first.
 
-    Mirrors interop's resolution order: a directory with ``model.pt`` (a checkpoint directory) -> that file;
-    a run directory -> ``teacher_backbone.safetensors`` (+ its ``.json``), else the ``model.pt`` of its newest
-    committed checkpoint (by data position, :func:`fastdinov2.train.checkpoint.list_checkpoints`); an export
-    ``X.json`` or ``X.safetensors`` -> ``X.safetensors`` (+ ``X.json`` when present); any other file -> itself.
-    Everything else in a run directory (eval outputs, logs, older checkpoints) is not read, so it is not listed.
+    That file is :func:`fastdinov2.interop.resolve_backbone_file`'s; an export ``X.safetensors`` comes with its
+    ``X.json`` when present. Everything else in a run directory (eval outputs, logs, older checkpoints) is not
+    read, so it is not listed.
     """
+    from fastdinov2.interop import BackboneLoadError, resolve_backbone_file
+
     p = Path(checkpoint)
     if not p.exists():
         raise EvalError(f"checkpoint {p} does not exist")
-    if p.is_dir():
-        if (p / "model.pt").is_file():
-            return [p / "model.pt"]
-        if (p / "teacher_backbone.safetensors").is_file():
-            p = p / "teacher_backbone.safetensors"
-        else:
-            from fastdinov2.train.checkpoint import list_checkpoints
-
-            committed = [sub for _, sub in list_checkpoints(p / "checkpoints") if (sub / "model.pt").is_file()]
-            if not committed:
-                raise EvalError(f"checkpoint {p} is not a run or checkpoint directory: no "
-                                "teacher_backbone.safetensors, no committed checkpoints/step_*/model.pt")
-            return [committed[-1] / "model.pt"]
-    if p.suffix == ".json":
-        p = p.with_suffix(".safetensors")
+    try:
+        p = resolve_backbone_file(p)
+    except BackboneLoadError as exc:
+        raise EvalError(f"checkpoint {exc}") from exc
     if p.suffix == ".safetensors":
         sidecar = p.with_suffix(".json")
         return [p, sidecar] if sidecar.is_file() else [p]
